@@ -1,0 +1,162 @@
+"""Algorithms: speedups that act on events, and declare, as data, what they do.
+
+An algorithm subclasses :class:`Algorithm`, sets ``name`` (its registry name) and returns a
+:class:`Declaration` from :meth:`Algorithm.declare`::
+
+    class LabelSmoothing(Algorithm):
+        name = "label_smoothing"
+
+        def declare(self) -> Declaration:
+            return Declaration(
+                events={Event.BEFORE_LOSS: Access(reads={"batch.targets"},
+                                                  writes={"batch.targets"})},
+                data_kinds={"image", "sequence"},
+            )
+
+        def apply(self, event, state, logger):
+            state.batch["targets"] = smooth_labels(state.batch["targets"], ...)
+
+The engine uses declarations to order algorithms at each event, to find conflicts before
+training, and to dispatch each event only to the algorithms that declared it.
+
+**Functional twins.** Every algorithm's module also exports a plain function doing the same
+math on tensors or modules (``smooth_labels(targets, num_classes, alpha)``), usable in any
+PyTorch loop; the Algorithm class is a thin scheduler around it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from speedup.event import Event
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
+
+__all__ = ["Access", "Algorithm", "Declaration", "STATE_FIELDS", "check_field"]
+
+#: The state fields an algorithm may declare. ``batch.<key>`` names any batch key.
+STATE_FIELDS: dict[str, str] = {
+    "batch": "the whole batch dict (any key)",
+    "outputs": "model outputs of the current (micro)batch",
+    "loss": "the current microbatch's loss",
+    "model.modules": "the module structure (surgery: replacing or adding modules)",
+    "model.weights": "parameter and buffer values",
+    "model.grads": "parameter .grad tensors",
+    "model.mode": "train/eval mode, requires_grad flags",
+    "optimizer": "the optimizer object or its param groups",
+    "lr": "learning rates in the optimizer's param groups",
+    "scheduler": "the LR schedulers",
+    "dataloader": "the train dataloader or its dataset",
+    "timestamp": "the training time counters",
+    "max_duration": "the run length",
+    "eval_metrics": "finished evaluation metrics",
+    "stop": "the stop-training flag",
+    "precision": "the autocast precision",
+}
+
+
+def check_field(name: str) -> str:
+    """Return ``name`` if it is a known state field, else raise ValueError listing them."""
+    if name in STATE_FIELDS or (name.startswith("batch.") and len(name) > len("batch.")):
+        return name
+    allowed = ", ".join(sorted(STATE_FIELDS)) + ", batch.<key>"
+    raise ValueError(f"unknown state field {name!r}; allowed: {allowed}")
+
+
+@dataclass(frozen=True)
+class Access:
+    """What an algorithm reads and writes at one event."""
+
+    reads: frozenset[str] = frozenset()
+    writes: frozenset[str] = frozenset()
+
+    def __init__(self, reads: Iterable[str] = (), writes: Iterable[str] = ()) -> None:
+        object.__setattr__(self, "reads", frozenset(check_field(f) for f in reads))
+        object.__setattr__(self, "writes", frozenset(check_field(f) for f in writes))
+
+
+def _writes_overlap(a: frozenset[str], b: frozenset[str]) -> set[str]:
+    """Fields written by both; ``batch`` overlaps every ``batch.<key>``."""
+    common = set(a & b)
+    for x, y in ((a, b), (b, a)):
+        if "batch" in x:
+            common |= {f for f in y if f.startswith("batch.")}
+    return common
+
+
+@dataclass(frozen=True)
+class Declaration:
+    """What an algorithm does, as data the engine can plan with.
+
+    ``events`` maps each event the algorithm acts on to the fields it reads and writes there.
+    ``runs_before``/``runs_after`` name other algorithms (by registry name) that, when both are
+    present, must come later/earlier at every event they share. ``incompatible_with`` names
+    algorithms that must never be combined with this one. ``model_kinds``/``data_kinds`` limit
+    where it applies (``None`` means anywhere); the engine checks them against the model's
+    ``kind`` and the data's ``kind``.
+    """
+
+    events: Mapping[Event, Access] = field(default_factory=dict)
+    runs_before: frozenset[str] = frozenset()
+    runs_after: frozenset[str] = frozenset()
+    incompatible_with: frozenset[str] = frozenset()
+    model_kinds: frozenset[str] | None = None
+    data_kinds: frozenset[str] | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("runs_before", "runs_after", "incompatible_with"):
+            object.__setattr__(self, key, frozenset(getattr(self, key)))
+        for key in ("model_kinds", "data_kinds"):
+            value = getattr(self, key)
+            if value is not None:
+                object.__setattr__(self, key, frozenset(value))
+        object.__setattr__(self, "events", {Event(e): a for e, a in dict(self.events).items()})
+
+    def writes_at(self, event: Event) -> frozenset[str]:
+        access = self.events.get(event)
+        return access.writes if access else frozenset()
+
+
+class Algorithm:
+    """Base class of every speedup. Subclasses set ``name`` and implement ``declare``/``apply``.
+
+    ``match`` is asked only at events the algorithm declared; it returns False to skip a
+    firing (e.g. outside the algorithm's schedule). ``state_dict``/``load_state_dict`` carry
+    whatever the algorithm needs for an exact resume (tensors and plain containers only).
+    """
+
+    name: ClassVar[str] = ""
+
+    def declare(self) -> Declaration:
+        raise NotImplementedError(f"{type(self).__name__} must declare what it does")
+
+    def match(self, event: Event, state: State) -> bool:
+        return True
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+def _algorithm_registry():  # built lazily so importing the core stays cheap
+    from speedup.registry import Registry
+
+    return Registry("algorithm", group="speedup.algorithms")
+
+
+#: Algorithms by name. Built-ins and plugins alike register through the entry-point group
+#: ``speedup.algorithms`` (see pyproject.toml); tests and notebooks may also call
+#: ``ALGORITHMS.register(name)(cls)``.
+ALGORITHMS = _algorithm_registry()

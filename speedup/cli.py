@@ -1,0 +1,246 @@
+"""The ``speedup`` command line: run, plan, list, describe.
+
+Imports are deferred to the command that needs them, so ``speedup --help`` stays fast.
+Bad input exits with code 2 and one message naming the key and file; ``--debug`` adds the
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Callable
+
+__all__ = ["main"]
+
+LISTABLE = ("algorithms", "recipes", "models", "datasets", "callbacks", "optimizers", "schedules")
+
+
+def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="a shipped recipe name (see `speedup list recipes`) or a path")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="overrides; ~key deletes a key"
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="shrink to a few CPU steps on tiny data, end to end"
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="speedup",
+        description="Composable training speedups for PyTorch: run recipes, plan compositions.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = sub.add_parser("run", help="train a recipe and write a run directory")
+    _add_recipe_args(run)
+    plan = sub.add_parser("plan", help="print the per-event algorithm order and conflicts")
+    _add_recipe_args(plan)
+    listing = sub.add_parser("list", help="list registered components")
+    listing.add_argument("what", nargs="?", choices=LISTABLE, help="one kind (default: all)")
+    describe = sub.add_parser("describe", help="an algorithm's method card and declaration")
+    describe.add_argument("name", help="an algorithm, model, dataset or recipe name")
+    for command in (run, plan, listing, describe):
+        command.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
+    return parser
+
+
+def _first_line(obj: object) -> str:
+    doc = (getattr(obj, "__doc__", None) or "").strip()
+    return doc.splitlines()[0] if doc else ""
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    kinds = [args.what] if args.what else list(LISTABLE)
+    for kind in kinds:
+        rows = _listing(kind)
+        print(f"{kind}:")
+        if not rows:
+            print("  (none)")
+        width = max((len(n) for n, _ in rows), default=0)
+        for name, summary in rows:
+            print(f"  {name.ljust(width)}  {summary}".rstrip())
+    return 0
+
+
+def _listing(kind: str) -> list[tuple[str, str]]:
+    if kind == "recipes":
+        from speedup.config import recipe_names, resolve_recipe
+
+        rows = []
+        for name in recipe_names():
+            text = resolve_recipe(name).read_text(encoding="utf-8")
+            first = next((ln[1:].strip() for ln in text.splitlines() if ln.startswith("#")), "")
+            rows.append((name, first))
+        return rows
+    if kind == "optimizers":
+        from speedup.optim import optimizer_names
+
+        return [(n, "") for n in optimizer_names()]
+    if kind == "schedules":
+        from speedup.optim import SCHEDULES
+
+        return [(n, "") for n in SCHEDULES]
+    registry = _registry(kind)
+    return [(n, _first_line(registry.get(n))) for n in registry.names()]
+
+
+def _registry(kind: str):  # noqa: ANN202
+    if kind == "algorithms":
+        from speedup.algorithm import ALGORITHMS
+
+        return ALGORITHMS
+    if kind == "callbacks":
+        from speedup.callback import CALLBACKS
+
+        return CALLBACKS
+    if kind == "models":
+        from speedup.models import MODELS
+
+        return MODELS
+    from speedup.data import DATASETS
+
+    return DATASETS
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    import inspect
+
+    from speedup.registry import UnknownNameError
+
+    for kind in ("algorithms", "callbacks", "models", "datasets"):
+        registry = _registry(kind)
+        if args.name in registry:
+            item = registry.get(args.name)
+            print(f"{args.name} ({kind[:-1]}): {getattr(item, '__qualname__', item)}")
+            print()
+            print(inspect.cleandoc(item.__doc__ or "(no description)"))
+            target = item.__init__ if isinstance(item, type) else item
+            print()
+            print(f"arguments: {inspect.signature(target)}")
+            if kind == "algorithms":
+                print()
+                print(_format_declaration(item()))
+            return 0
+    from speedup.config import recipe_names, resolve_recipe
+
+    if args.name in recipe_names():
+        print(resolve_recipe(args.name).read_text(encoding="utf-8"))
+        return 0
+    names = sorted(
+        {n for k in ("algorithms", "callbacks", "models", "datasets") for n in _registry(k)}
+        | set(recipe_names())
+    )
+    from speedup.registry import suggest
+
+    raise UnknownNameError(f"unknown name {args.name!r}{suggest(args.name, names)}; known: "
+                           f"{', '.join(names)}")
+
+
+def _format_declaration(algorithm: object) -> str:
+    decl = algorithm.declare()  # type: ignore[attr-defined]
+    lines = ["declaration:"]
+    for event, access in decl.events.items():
+        reads = ", ".join(sorted(access.reads)) or "-"
+        writes = ", ".join(sorted(access.writes)) or "-"
+        lines.append(f"  {event.name}: reads {reads}; writes {writes}")
+    for label, value in (
+        ("runs_before", decl.runs_before),
+        ("runs_after", decl.runs_after),
+        ("incompatible_with", decl.incompatible_with),
+        ("model_kinds", decl.model_kinds),
+        ("data_kinds", decl.data_kinds),
+    ):
+        shown = ", ".join(sorted(value)) if value is not None else "any"
+        lines.append(f"  {label}: {shown or '-'}")
+    return "\n".join(lines)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from speedup.config import load_config
+    from speedup.run import plan_config
+
+    cfg = load_config(args.recipe, args.overrides, smoke=args.smoke)
+    plan, declarations = plan_config(cfg)
+    print(f"plan for {cfg.recipe} (model {cfg.model.name}, data {cfg.data.name})")
+    print(plan.format(declarations))
+    return 1 if plan.conflicts else 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from speedup.config import load_config
+    from speedup.engine import PlanError
+    from speedup.run import plan_config, run_config
+
+    cfg = load_config(args.recipe, args.overrides, smoke=args.smoke)
+    plan, _ = plan_config(cfg)
+    if plan.conflicts:  # before any data is loaded
+        raise PlanError(plan.conflicts)
+    summary = run_config(cfg)
+    print(_format_summary(summary))
+    return 0
+
+
+def _format_summary(summary: dict) -> str:
+    metrics = "  ".join(f"{k}={v:.4f}" for k, v in summary["metrics"].items())
+    return "\n".join(
+        [
+            f"recipe {summary['recipe']}  seed {summary['seed']}  steps {summary['steps']}  "
+            f"epochs {summary['epochs']}",
+            f"train time {summary['train_time_s']:.1f}s  eval time {summary['eval_time_s']:.1f}s",
+            f"final eval: {metrics or '(no eval data)'}",
+            f"run dir: {summary['run_dir']}",
+        ]
+    )
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": cmd_run,
+    "plan": cmd_plan,
+    "list": cmd_list,
+    "describe": cmd_describe,
+}
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input: reported in one line with exit code 2."""
+    from speedup.config import ConfigError
+    from speedup.data import DataPathError
+    from speedup.engine import PlanError
+    from speedup.registry import UnknownNameError
+
+    return (ConfigError, DataPathError, PlanError, UnknownNameError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    # Overrides may sit on either side of flags (`run r --smoke a=1`): collect the strays.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e or e.startswith("~") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if isinstance(err, _user_errors()):
+            if args.debug:
+                traceback.print_exc()
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,467 @@
+"""Recipes: YAML files validated against a structured schema before anything trains.
+
+A recipe is a YAML file (shipped ones are found by name) that may ``extends:`` another; the
+command line adds ``key=value`` overrides (``~key`` deletes a key). Layers merge in order
+(base recipe, child recipe, ``smoke:`` section under ``--smoke``, command line), and every
+problem is reported as a :class:`ConfigError` naming the key, the file it came from and what
+is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from speedup.registry import UnknownNameError, suggest
+from speedup.time import Time, TimeUnit
+
+__all__ = [
+    "ConfigError",
+    "RunConfig",
+    "DATA_LOADER_KEYS",
+    "check_arguments",
+    "config_hash",
+    "load_config",
+    "recipe_names",
+    "resolve_recipe",
+]
+
+COMMAND_LINE = "the command line"
+
+
+class ConfigError(ValueError):
+    """Bad input in a recipe or override; the message names the key and its source."""
+
+
+@dataclass
+class RunConfig:
+    """The schema of a recipe. Component sections (model, data, optimizer, scheduler,
+    algorithms, callbacks) hold ``name`` plus that component's own arguments, which are
+    checked against its signature."""
+
+    description: str = ""
+    model: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    optimizer: dict[str, Any] = field(default_factory=lambda: {"name": "sgd", "lr": 0.1})
+    scheduler: dict[str, Any] = field(default_factory=lambda: {"name": "constant"})
+    algorithms: dict[str, Any] = field(default_factory=dict)
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    max_duration: str = "1ep"
+    eval_interval: str = "1ep"
+    log_interval: str = "10ba"
+    seed: int = 17
+    microbatch_size: int | None = None
+    precision: str = "fp32"
+    device: str = "auto"
+    deterministic: bool = False
+    compile: bool = False
+    scale_schedule_ratio: float = 1.0
+    run_dir: str | None = None
+    progress_bar: bool = True
+    smoke: dict[str, Any] = field(default_factory=dict)
+
+
+#: Keys of the ``data`` section that configure the loaders, not the dataset builder.
+DATA_LOADER_KEYS: dict[str, type] = {
+    "name": str,
+    "batch_size": int,
+    "eval_batch_size": int,
+    "num_workers": int,
+    "train_samples": int,
+    "eval_samples": int,
+}
+
+_PRECISIONS = ("fp32", "bf16", "fp16")
+_COMPONENT_SECTIONS = ("model", "data", "optimizer", "scheduler")
+_TOP_KEYS = [f.name for f in fields(RunConfig)]
+
+# -- finding recipes ------------------------------------------------------------------------
+
+
+def _recipe_dir() -> Path:
+    return Path(str(resources.files("speedup.recipes")))
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in _recipe_dir().glob("*.yaml"))
+
+
+def resolve_recipe(name_or_path: str, relative_to: Path | None = None) -> Path:
+    """A path to an existing YAML file, or the name of a shipped recipe."""
+    candidates = [Path(name_or_path)]
+    if relative_to is not None:
+        candidates.insert(0, relative_to / name_or_path)
+    for candidate in candidates:
+        if candidate.suffix in (".yaml", ".yml") and candidate.is_file():
+            return candidate.resolve()
+    shipped = _recipe_dir() / f"{Path(name_or_path).stem}.yaml"
+    if "/" not in name_or_path and shipped.is_file():
+        return shipped
+    names = recipe_names()
+    raise ConfigError(
+        f"unknown recipe {name_or_path!r}{suggest(name_or_path, names)}: not a YAML file and "
+        f"not a shipped recipe; shipped recipes: {', '.join(names)}"
+    )
+
+
+# -- loading layers -------------------------------------------------------------------------
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _recipe_layers(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[str, dict]]:
+    """The recipe and its ``extends:`` ancestors, base first."""
+    if path in chain:
+        cycle = " -> ".join(p.name for p in (*chain, path))
+        raise ConfigError(f"{path}: extends: cycle {cycle}")
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    layers: list[tuple[str, dict]] = []
+    if parent is not None:
+        if not isinstance(parent, str):
+            raise ConfigError(f"{path}: extends: must be a recipe name or path, got {parent!r}")
+        try:
+            parent_path = resolve_recipe(parent, relative_to=path.parent)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: extends: {err}") from None
+        layers = _recipe_layers(parent_path, (*chain, path))
+    return [*layers, (str(path), data)]
+
+
+def _parse_overrides(overrides: list[str]) -> tuple[list[str], dict[str, Any]]:
+    deletions, assignments = [], []
+    for item in overrides:
+        if item.startswith("~"):
+            deletions.append(item[1:])
+        elif "=" not in item:
+            raise ConfigError(f"{COMMAND_LINE}: override {item!r} must be key=value (or ~key)")
+        else:
+            assignments.append(item)
+    try:
+        values = OmegaConf.to_container(OmegaConf.from_dotlist(assignments))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{COMMAND_LINE}: cannot parse overrides: {err}") from None
+    return deletions, values  # type: ignore[return-value]
+
+
+def _flat_keys(data: Any, prefix: str = "") -> list[str]:
+    if not isinstance(data, dict):
+        return []
+    keys = []
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        keys.append(dotted)
+        keys.extend(_flat_keys(value, dotted + "."))
+    return keys
+
+
+def _delete(container: dict, dotted: str) -> None:
+    *parents, last = dotted.split(".")
+    node = container
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+        if node is None:
+            raise ConfigError(f"{COMMAND_LINE}: ~{dotted}: no such key to delete")
+    if not isinstance(node, dict) or last not in node:
+        raise ConfigError(f"{COMMAND_LINE}: ~{dotted}: no such key to delete")
+    del node[last]
+
+
+def _merge_layer(base: DictConfig, layer: dict, source: str) -> DictConfig:
+    for key in layer:
+        if key not in _TOP_KEYS:
+            raise ConfigError(
+                f"{source}: unknown key {key!r}{suggest(str(key), _TOP_KEYS)}; "
+                f"allowed top-level keys: {', '.join(_TOP_KEYS)}"
+            )
+    for section in _COMPONENT_SECTIONS:
+        # Naming a different component replaces the section: sgd's momentum must not leak
+        # into an inherited adamw.
+        new = layer.get(section)
+        if isinstance(new, dict) and "name" in new and base[section].get("name") != new["name"]:
+            base = base.copy()
+            kept = {k: v for k, v in base[section].items() if k in DATA_LOADER_KEYS}
+            base[section] = kept if section == "data" else {}
+    try:
+        return OmegaConf.merge(base, layer)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        expected = _expected_type(key)
+        raise ConfigError(
+            f"{source}: {key}: wrong type ({_short(err)}){expected}"
+        ) from None
+
+
+def _expected_type(key: str) -> str:
+    for f in fields(RunConfig):
+        if f.name == key:
+            return f"; expected {getattr(f.type, '__name__', f.type)}"
+    return ""
+
+
+def _short(err: Exception) -> str:
+    return str(err).splitlines()[0]
+
+
+# -- semantic checks ------------------------------------------------------------------------
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    """A lenient runtime check for the annotation shapes builders use."""
+    if annotation is inspect.Parameter.empty or annotation is Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if origin in (list, tuple, typing.Sequence) or annotation in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True
+
+
+def check_arguments(
+    fn: Any, args: dict[str, Any], section: str, source: str, skip: tuple[str, ...] = ()
+) -> None:
+    """Check ``args`` against ``fn``'s signature: unknown names and wrong types are errors."""
+    target = fn.__init__ if isinstance(fn, type) else fn
+    signature = inspect.signature(target)
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:  # unresolvable annotations: check names only
+        hints = {}
+    params = {
+        n: p
+        for n, p in signature.parameters.items()
+        if n not in ("self", *skip) and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
+    takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values())
+    for key, value in args.items():
+        if key not in params:
+            if takes_kwargs:
+                continue
+            allowed = ", ".join(params) or "(no arguments)"
+            raise ConfigError(
+                f"{source}: {section}.{key}: unknown key{suggest(key, list(params))}; "
+                f"allowed: {allowed}"
+            )
+        annotation = hints.get(key, params[key].annotation)
+        if not _type_ok(value, annotation):
+            shown = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+            raise ConfigError(
+                f"{source}: {section}.{key}: wrong type: got {value!r}, expected {shown}"
+            )
+    missing = [
+        n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in args
+    ]
+    if missing:
+        raise ConfigError(f"{source}: {section}: missing required key(s) {', '.join(missing)}")
+
+
+def _check_duration(cfg: DictConfig, key: str, origin: dict[str, str], allow_dur: bool) -> None:
+    try:
+        value = Time.parse(str(cfg[key]))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{origin.get(key, 'recipe')}: {key}: {err}") from None
+    if not allow_dur and value.unit == TimeUnit.DURATION:
+        raise ConfigError(f"{origin.get(key, 'recipe')}: {key}: cannot be in dur")
+    if key == "max_duration" and value.value <= 0:
+        raise ConfigError(f"{origin.get(key, 'recipe')}: {key}: must be > 0, got {value}")
+
+
+def _validate(cfg: DictConfig, origin: dict[str, str]) -> None:
+    from speedup.algorithm import ALGORITHMS
+    from speedup.callback import CALLBACKS
+    from speedup.data import DATASETS
+    from speedup.models import MODELS
+    from speedup.optim import SCHEDULES, optimizer_arguments, optimizer_class, schedule_arguments
+
+    def src(key: str) -> str:
+        while key and key not in origin:
+            key = key.rpartition(".")[0]
+        return origin.get(key, "recipe")
+
+    _check_duration(cfg, "max_duration", origin, allow_dur=False)
+    _check_duration(cfg, "eval_interval", origin, allow_dur=True)
+    _check_duration(cfg, "log_interval", origin, allow_dur=True)
+    if cfg.precision not in _PRECISIONS:
+        raise ConfigError(
+            f"{src('precision')}: precision: {cfg.precision!r} is not allowed; "
+            f"allowed: {', '.join(_PRECISIONS)}"
+        )
+    if cfg.scale_schedule_ratio <= 0:
+        raise ConfigError(f"{src('scale_schedule_ratio')}: scale_schedule_ratio: must be > 0")
+    if cfg.microbatch_size is not None and cfg.microbatch_size <= 0:
+        raise ConfigError(f"{src('microbatch_size')}: microbatch_size: must be > 0")
+
+    def component(section: str, registry: Any, reserved: dict[str, type] | None = None) -> None:
+        spec = OmegaConf.to_container(cfg[section])
+        if "name" not in spec:
+            raise ConfigError(f"{src(section)}: {section}.name: missing; available: "
+                              f"{', '.join(registry.names())}")
+        try:
+            builder = registry.get(spec["name"])
+        except UnknownNameError as err:
+            raise ConfigError(f"{src(section + '.name')}: {section}.name: {err}") from None
+        args = {k: v for k, v in spec.items() if k != "name" and k not in (reserved or {})}
+        for key, kind in (reserved or {}).items():
+            if key in spec and spec[key] is not None and not _type_ok(spec[key], kind):
+                raise ConfigError(
+                    f"{src(f'{section}.{key}')}: {section}.{key}: wrong type: got "
+                    f"{spec[key]!r}, expected {kind.__name__}"
+                )
+        skip = ("info",) if section == "model" else ()
+        check_arguments(builder, args, section, src(section), skip=skip)
+
+    component("model", MODELS)
+    component("data", DATASETS, DATA_LOADER_KEYS)
+    if cfg.data.get("batch_size") is None:
+        raise ConfigError(f"{src('data')}: data.batch_size: missing (an int)")
+    for key in ("batch_size", "eval_batch_size", "train_samples", "eval_samples"):
+        value = cfg.data.get(key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{src('data.' + key)}: data.{key}: must be > 0, got {value}")
+
+    optimizer = OmegaConf.to_container(cfg.optimizer)
+    try:
+        cls = optimizer_class(str(optimizer.get("name", "")))
+    except ValueError as err:
+        raise ConfigError(f"{src('optimizer.name')}: optimizer.name: {err}") from None
+    for key in optimizer:
+        if key != "name" and key not in optimizer_arguments(cls):
+            allowed = optimizer_arguments(cls)
+            raise ConfigError(
+                f"{src('optimizer.' + key)}: optimizer.{key}: not an argument of "
+                f"{cls.__name__}{suggest(key, allowed)}; allowed: {', '.join(allowed)}"
+            )
+
+    scheduler = OmegaConf.to_container(cfg.scheduler)
+    name = scheduler.get("name", "constant")
+    if name not in SCHEDULES:
+        raise ConfigError(
+            f"{src('scheduler.name')}: scheduler.name: unknown schedule {name!r}"
+            f"{suggest(str(name), list(SCHEDULES))}; available: {', '.join(SCHEDULES)}"
+        )
+    allowed = ["name", "warmup", "scale_warmup", *schedule_arguments(name)]
+    for key, value in scheduler.items():
+        if key not in allowed:
+            raise ConfigError(
+                f"{src('scheduler.' + key)}: scheduler.{key}: unknown key"
+                f"{suggest(key, allowed)}; allowed for {name}: {', '.join(allowed)}"
+            )
+        times = value if key == "milestones" else [value]
+        if key in ("warmup", "step_size", "milestones"):
+            for t in times:
+                try:
+                    Time.parse(str(t))
+                except ValueError as err:
+                    raise ConfigError(f"{src('scheduler.' + key)}: scheduler.{key}: {err}") from None
+
+    for section, registry in (("algorithms", ALGORITHMS), ("callbacks", CALLBACKS)):
+        for name, args in OmegaConf.to_container(cfg[section]).items():
+            try:
+                cls = registry.get(name)
+            except UnknownNameError as err:
+                raise ConfigError(f"{src(f'{section}.{name}')}: {section}: {err}") from None
+            if args is not None and not isinstance(args, dict):
+                raise ConfigError(
+                    f"{src(f'{section}.{name}')}: {section}.{name}: expected a mapping of "
+                    f"arguments (or {{}} for defaults), got {args!r}"
+                )
+            check_arguments(cls, args or {}, f"{section}.{name}", src(f"{section}.{name}"))
+
+
+# -- the entry point ------------------------------------------------------------------------
+
+
+def load_config(
+    recipe: str, overrides: list[str] | None = None, smoke: bool = False
+) -> DictConfig:
+    """Load, merge and validate a recipe; raises ConfigError on any problem."""
+    path = resolve_recipe(recipe)
+    layers = _recipe_layers(path)
+    deletions, cli = _parse_overrides(list(overrides or []))
+    if smoke:
+        smoke_layer: dict[str, Any] = {}
+        for _, data in layers:
+            smoke_layer = _deep_merge(smoke_layer, data.get("smoke") or {})
+        layers.append(("the recipe's smoke: section", _deep_merge(_SMOKE_DEFAULTS, smoke_layer)))
+    layers.append((COMMAND_LINE, cli))
+    cfg = OmegaConf.structured(RunConfig)
+    origin: dict[str, str] = {}
+    for source, data in layers:
+        cfg = _merge_layer(cfg, data, source)
+        origin.update(dict.fromkeys(_flat_keys(data), source))
+    if deletions:
+        container = OmegaConf.to_container(cfg)
+        for dotted in deletions:
+            _delete(container, dotted)
+        cfg = _merge_layer(OmegaConf.structured(RunConfig), container, COMMAND_LINE)
+    OmegaConf.set_struct(cfg, False)
+    if smoke and cfg.precision == "fp16":  # fp16 needs CUDA; smoke runs on the CPU
+        cfg.precision = "bf16"
+    cfg.recipe = path.stem
+    cfg.smoke_mode = smoke
+    _validate(cfg, origin)
+    return cfg
+
+
+#: What ``--smoke`` does to any recipe before its own ``smoke:`` section: a few batches on
+#: small data on the CPU, so a full-scale recipe can be checked end to end in seconds.
+_SMOKE_DEFAULTS: dict[str, Any] = {
+    "max_duration": "4ba",
+    "eval_interval": "0ba",
+    "log_interval": "1ba",
+    "device": "cpu",
+    "compile": False,
+    "data": {"batch_size": 8, "eval_batch_size": 16, "train_samples": 64, "eval_samples": 32,
+             "num_workers": 0},
+}
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """A short hash of the resolved config, the run's identity (run_dir excluded)."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("run_dir", "progress_bar", "smoke"):
+        data.pop(key, None)
+    text = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]

@@ -1,0 +1,116 @@
+"""Dataloaders: a fast in-memory batch loader, and the bridge to torch's DataLoader."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = ["DataInfo", "DataSplits", "TensorBatchLoader", "build_dataloaders"]
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a model builder needs to know about the data."""
+
+    kind: str  # "image", "signal", "text": algorithms declare the data kinds they apply to
+    input_shape: tuple[int, ...]
+    num_classes: int | None = None
+    tokens_per_sample: int | None = None
+
+
+@dataclass
+class DataSplits:
+    """A dataset's train and eval splits: dicts of equal-length tensors, or torch Datasets."""
+
+    train: dict[str, torch.Tensor] | Dataset
+    eval: dict[str, torch.Tensor] | Dataset | None
+    info: DataInfo
+
+
+class TensorBatchLoader:
+    """Batches from tensors already in memory, by slicing: no per-sample collation.
+
+    Shuffling draws a permutation from a generator seeded by ``(seed, epoch)``, so the order of
+    any epoch is reproducible without replaying earlier epochs; call ``set_epoch`` before
+    iterating, as with a DistributedSampler.
+    """
+
+    def __init__(
+        self,
+        tensors: dict[str, torch.Tensor],
+        batch_size: int,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        seed: int = 0,
+    ) -> None:
+        lengths = {len(t) for t in tensors.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"tensors have different lengths: {sorted(lengths)}")
+        self.tensors = tensors
+        self.num_samples = lengths.pop()
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.num_samples, self.batch_size)
+        return full if self.drop_last or rest == 0 else full + 1
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.num_samples, generator=generator)
+        else:
+            order = None
+        for i in range(len(self)):
+            start = i * self.batch_size
+            stop = min(start + self.batch_size, self.num_samples)
+            if order is None:
+                yield {k: t[start:stop] for k, t in self.tensors.items()}
+            else:
+                index = order[start:stop]
+                yield {k: t[index] for k, t in self.tensors.items()}
+
+
+def _loader(
+    split: Any, batch_size: int, shuffle: bool, drop_last: bool, seed: int, num_workers: int
+) -> Any:
+    if isinstance(split, dict):
+        return TensorBatchLoader(split, batch_size, shuffle, drop_last, seed)
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        split,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+        generator=generator,
+    )
+
+
+def build_dataloaders(
+    splits: DataSplits,
+    batch_size: int,
+    eval_batch_size: int | None = None,
+    seed: int = 0,
+    num_workers: int = 0,
+    drop_last: bool = True,
+) -> tuple[Any, Any]:
+    """Train loader (shuffled, seeded) and eval loader (in order) for ``splits``."""
+    train = _loader(splits.train, batch_size, True, drop_last, seed, num_workers)
+    eval_loader = None
+    if splits.eval is not None:
+        size = eval_batch_size or batch_size
+        eval_loader = _loader(splits.eval, size, False, False, seed, num_workers)
+    return train, eval_loader

@@ -1,0 +1,300 @@
+"""The engine: turns declarations into a per-event plan, then dispatches events by it.
+
+At fit start the engine builds a :class:`Plan`. For each event, the algorithms that declared it
+are ordered so every ``runs_before``/``runs_after`` constraint holds; ties keep recipe order,
+reversed at ``after_*`` events so that paired before/after hooks nest (A, B ... B, A). The plan
+also lists every conflict:
+
+* two algorithms write one field at one event and neither is ordered before the other;
+* a declared incompatibility between two present algorithms;
+* an algorithm whose ``model_kinds``/``data_kinds`` exclude this model or data;
+* an ordering cycle, or an ordering constraint naming an algorithm that is not registered.
+
+Conflicts are errors by default (:class:`PlanError`). At run time each event goes only to the
+algorithms planned for it, then to callbacks that hook it, then to loggers.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from speedup.algorithm import Algorithm, Declaration, _writes_overlap
+from speedup.callback import Callback
+from speedup.event import Event
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
+
+__all__ = ["Conflict", "Engine", "Plan", "PlanError", "build_plan"]
+
+
+@dataclass(frozen=True)
+class Conflict:
+    kind: str  # "write-write", "incompatible", "not-applicable", "cycle", "unknown-name"
+    algorithms: tuple[str, ...]
+    event: Event | None = None
+    field: str | None = None
+    message: str = ""
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class PlanError(ValueError):
+    """The algorithms cannot be composed; the message lists every conflict."""
+
+    def __init__(self, conflicts: Sequence[Conflict]) -> None:
+        self.conflicts = list(conflicts)
+        lines = "\n".join(f"  - {c}" for c in self.conflicts)
+        super().__init__(f"{len(self.conflicts)} composition conflict(s):\n{lines}")
+
+
+@dataclass
+class Plan:
+    """Per-event order of algorithm names, and the conflicts found."""
+
+    order: dict[Event, list[str]] = field(default_factory=dict)
+    conflicts: list[Conflict] = field(default_factory=list)
+
+    def format(self, declarations: dict[str, Declaration] | None = None) -> str:
+        """A human-readable table, as ``speedup plan`` prints it."""
+        lines = []
+        for event in Event:
+            names = self.order.get(event)
+            if not names:
+                continue
+            lines.append(f"{event.name}:")
+            for i, name in enumerate(names, 1):
+                access = declarations[name].events[event] if declarations else None
+                detail = ""
+                if access is not None:
+                    reads = ",".join(sorted(access.reads)) or "-"
+                    writes = ",".join(sorted(access.writes)) or "-"
+                    detail = f"  reads {reads}  writes {writes}"
+                lines.append(f"  {i}. {name}{detail}")
+        if not lines:
+            lines.append("(no algorithms)")
+        lines.append("")
+        if self.conflicts:
+            lines.append(f"CONFLICTS ({len(self.conflicts)}):")
+            lines.extend(f"  - {c}" for c in self.conflicts)
+        else:
+            lines.append("no conflicts")
+        return "\n".join(lines)
+
+
+def _ordered_pairs(names: list[str], decls: dict[str, Declaration]) -> set[tuple[str, str]]:
+    """Declared (earlier, later) pairs among the present algorithms."""
+    present = set(names)
+    pairs = set()
+    for name in names:
+        for other in decls[name].runs_before & present:
+            pairs.add((name, other))
+        for other in decls[name].runs_after & present:
+            pairs.add((other, name))
+    return pairs
+
+
+def _order_event(
+    names: list[str], pairs: set[tuple[str, str]], reverse_ties: bool
+) -> tuple[list[str], bool]:
+    """Kahn's topological sort with recipe position as the tie-break. Returns (order, cyclic)."""
+    position = {n: (-i if reverse_ties else i) for i, n in enumerate(names)}
+    after = {n: [] for n in names}
+    indegree = dict.fromkeys(names, 0)
+    for earlier, later in pairs:
+        if earlier in after and later in after:
+            after[earlier].append(later)
+            indegree[later] += 1
+    ready = [(position[n], n) for n in names if indegree[n] == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        _, name = heapq.heappop(ready)
+        order.append(name)
+        for nxt in after[name]:
+            indegree[nxt] -= 1
+            if indegree[nxt] == 0:
+                heapq.heappush(ready, (position[nxt], nxt))
+    if len(order) < len(names):  # a cycle: keep going with recipe order so a plan still prints
+        order += [n for n in names if n not in order]
+        return order, True
+    return order, False
+
+
+def _reachable(pairs: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Transitive closure: A before B before C orders A before C."""
+    closure = set(pairs)
+    changed = True
+    while changed:
+        changed = False
+        for a, b in list(closure):
+            for c, d in list(closure):
+                if b == c and (a, d) not in closure:
+                    closure.add((a, d))
+                    changed = True
+    return closure
+
+
+def build_plan(
+    declarations: dict[str, Declaration],
+    model_kind: str | None = None,
+    data_kind: str | None = None,
+    known_names: set[str] | None = None,
+) -> Plan:
+    """Plan the algorithms ``declarations`` (name -> Declaration, in recipe order)."""
+    names = list(declarations)
+    plan = Plan()
+    pairs = _ordered_pairs(names, declarations)
+    closure = _reachable(pairs)
+    seen_incompatible = set()
+    for name in names:
+        decl = declarations[name]
+        for other in sorted(decl.incompatible_with & set(names)):
+            key = frozenset((name, other))
+            if key not in seen_incompatible:
+                seen_incompatible.add(key)
+                plan.conflicts.append(
+                    Conflict(
+                        "incompatible",
+                        (name, other),
+                        message=f"{name} and {other} are declared incompatible",
+                    )
+                )
+        checks = (("model", model_kind, decl.model_kinds), ("data", data_kind, decl.data_kinds))
+        for what, actual, allowed in checks:
+            if actual is not None and allowed is not None and actual not in allowed:
+                plan.conflicts.append(
+                    Conflict(
+                        "not-applicable",
+                        (name,),
+                        message=f"{name} does not apply to {what} kind {actual!r} "
+                        f"(it applies to: {', '.join(sorted(allowed))})",
+                    )
+                )
+        if known_names is not None:
+            for other in sorted((decl.runs_before | decl.runs_after) - known_names):
+                plan.conflicts.append(
+                    Conflict(
+                        "unknown-name",
+                        (name, other),
+                        message=f"{name} declares an order relative to {other!r}, "
+                        "which is not a registered algorithm",
+                    )
+                )
+    for event in Event:
+        present = [n for n in names if event in declarations[n].events]
+        if not present:
+            continue
+        order, cyclic = _order_event(present, pairs, reverse_ties=event.is_after)
+        plan.order[event] = order
+        if cyclic:
+            plan.conflicts.append(
+                Conflict(
+                    "cycle",
+                    tuple(present),
+                    event,
+                    message=f"at {event.name}: runs_before/runs_after form a cycle among "
+                    f"{', '.join(present)}",
+                )
+            )
+        for i, a in enumerate(present):
+            for b in present[i + 1 :]:
+                if (a, b) in closure or (b, a) in closure:
+                    continue
+                common = _writes_overlap(
+                    declarations[a].writes_at(event), declarations[b].writes_at(event)
+                )
+                for field_name in sorted(common):
+                    plan.conflicts.append(
+                        Conflict(
+                            "write-write",
+                            (a, b),
+                            event,
+                            field_name,
+                            message=f"{a} and {b} both write {field_name} at {event.name} "
+                            f"with no declared order: add runs_before/runs_after to one of them",
+                        )
+                    )
+    return plan
+
+
+class Engine:
+    """Dispatches events to planned algorithms, then callbacks, then loggers.
+
+    ``trace=True`` records every (event, name) call in ``self.trace``, algorithms and
+    callbacks alike, for debugging and for the event-order tests.
+    """
+
+    def __init__(
+        self,
+        state: State,
+        logger: Logger,
+        algorithms: Sequence[Algorithm] = (),
+        callbacks: Sequence[Callback] = (),
+        trace: bool = False,
+    ) -> None:
+        self.state = state
+        self.logger = logger
+        self.algorithms = list(algorithms)
+        self.callbacks = list(callbacks)
+        self.tracing = trace
+        self.trace: list[tuple[str, str]] = []
+        self.plan = Plan()
+        self._dispatch: dict[Event, list[tuple[str, Any, Any]]] = {}
+
+    def declarations(self) -> dict[str, Declaration]:
+        names = [a.name for a in self.algorithms]
+        duplicates = {n for n in names if names.count(n) > 1}
+        if duplicates:
+            raise PlanError(
+                [
+                    Conflict("duplicate", (n,), message=f"algorithm {n} is listed twice")
+                    for n in sorted(duplicates)
+                ]
+            )
+        return {a.name: a.declare() for a in self.algorithms}
+
+    def compile(
+        self,
+        model_kind: str | None = None,
+        data_kind: str | None = None,
+        strict: bool = True,
+    ) -> Plan:
+        """Build the plan and the dispatch tables. Raises PlanError on conflicts if strict."""
+        self.plan = build_plan(self.declarations(), model_kind, data_kind)
+        if self.plan.conflicts and strict:
+            raise PlanError(self.plan.conflicts)
+        by_name = {a.name: a for a in self.algorithms}
+        self._dispatch = {}
+        for event in Event:
+            targets: list[tuple[str, Any, Any]] = [
+                (name, by_name[name].match, by_name[name].apply)
+                for name in self.plan.order.get(event, [])
+            ]
+            for callback in self.callbacks:
+                hook = callback.hooks().get(event)
+                if hook is not None:
+                    targets.append((type(callback).__name__, None, hook))
+            if targets:
+                self._dispatch[event] = targets
+        return self.plan
+
+    def run(self, event: Event) -> None:
+        targets = self._dispatch.get(event)
+        if not targets:
+            return
+        state, logger = self.state, self.logger
+        for name, match, apply in targets:
+            if match is None:  # a callback hook
+                if self.tracing:
+                    self.trace.append((event.value, name))
+                apply(state, logger)
+            elif match(event, state):
+                if self.tracing:
+                    self.trace.append((event.value, name))
+                apply(event, state, logger)

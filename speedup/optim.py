@@ -1,0 +1,189 @@
+"""Optimizers by name (torch.optim, then torch-optimizer) and LR schedules written in Time.
+
+A schedule is a pure function of the training time: the multiplier at a step depends only on
+``state.timestamp`` and ``max_duration``, so resuming restores it exactly. The scale-schedule
+ratio (SSR, Composer's "scale_schedule_ratio") stretches the run and every milestone by the
+same factor: with ratio r, ``lr_r(t) = lr_1(t / r)``. Warmup is not stretched unless
+``scale_warmup`` is set, as in Composer.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from speedup.registry import suggest
+from speedup.time import Time, TimeUnit
+
+if TYPE_CHECKING:
+    from speedup.state import State
+
+__all__ = [
+    "build_optimizer",
+    "build_scheduler",
+    "optimizer_class",
+    "optimizer_names",
+    "SCHEDULES",
+    "schedule_factor",
+]
+
+
+def _torch_optimizers() -> dict[str, type]:
+    classes = {}
+    for name in dir(torch.optim):
+        obj = getattr(torch.optim, name)
+        if isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer):
+            if obj is not torch.optim.Optimizer:
+                classes[name.lower()] = obj
+    return classes
+
+
+def _torch_optimizer_names() -> list[str]:
+    try:
+        import torch_optimizer
+    except ImportError:  # optional at run time; declared as a dependency
+        return []
+    return sorted(torch_optimizer._NAME_OPTIM_MAP)  # the package's own name table
+
+
+def optimizer_names() -> list[str]:
+    return sorted(set(_torch_optimizers()) | set(_torch_optimizer_names()))
+
+
+def optimizer_class(name: str) -> type:
+    """The optimizer class named ``name`` (case-insensitive): torch.optim first."""
+    key = name.lower()
+    torch_classes = _torch_optimizers()
+    if key in torch_classes:
+        return torch_classes[key]
+    if key in _torch_optimizer_names():
+        import torch_optimizer
+
+        return torch_optimizer.get(key)
+    names = optimizer_names()
+    raise ValueError(f"unknown optimizer {name!r}{suggest(key, names)}; available: {names}")
+
+
+def optimizer_arguments(cls: type) -> list[str]:
+    return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "params")]
+
+
+def build_optimizer(params: Iterable[Any], spec: dict[str, Any]) -> torch.optim.Optimizer:
+    """``spec`` is ``{"name": "sgd", "lr": 0.1, "momentum": 0.9, ...}``."""
+    spec = dict(spec)
+    cls = optimizer_class(spec.pop("name"))
+    allowed = optimizer_arguments(cls)
+    for key in spec:
+        if key not in allowed:
+            raise ValueError(
+                f"optimizer.{key}: not an argument of {cls.__name__}{suggest(key, allowed)}; "
+                f"allowed: {', '.join(allowed)}"
+            )
+    return cls(params, **spec)
+
+
+def _warmup_factor(step: float, warmup: float) -> float:
+    return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+
+
+def _constant(frac: float, step: float) -> float:
+    return 1.0
+
+
+def _linear(frac: float, step: float, start_factor: float = 1.0, end_factor: float = 0.0) -> float:
+    return start_factor + (end_factor - start_factor) * frac
+
+
+def _cosine(frac: float, step: float, alpha_f: float = 0.0) -> float:
+    return alpha_f + (1 - alpha_f) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+#: name -> (factor function, the Time-valued arguments it takes)
+SCHEDULES: dict[str, tuple[Callable[..., float], tuple[str, ...]]] = {
+    "constant": (_constant, ()),
+    "linear": (_linear, ()),
+    "cosine": (_cosine, ()),
+    "step": (None, ("step_size",)),  # type: ignore[dict-item]
+    "multistep": (None, ("milestones",)),  # type: ignore[dict-item]
+}
+
+
+def schedule_arguments(name: str) -> list[str]:
+    if name == "step":
+        return ["step_size", "gamma"]
+    if name == "multistep":
+        return ["milestones", "gamma"]
+    fn = SCHEDULES[name][0]
+    return [p for p in inspect.signature(fn).parameters if p not in ("frac", "step")]
+
+
+class _Schedule:
+    """The LR multiplier as a function of the state's timestamp."""
+
+    def __init__(self, spec: dict[str, Any], state: State, ratio: float) -> None:
+        spec = dict(spec)
+        self.name = spec.pop("name", "constant")
+        if self.name not in SCHEDULES:
+            raise ValueError(
+                f"scheduler.name: unknown schedule {self.name!r}{suggest(self.name, list(SCHEDULES))}"
+                f"; available: {', '.join(SCHEDULES)}"
+            )
+        converter = state.converter
+        assert converter is not None, "the Trainer sets state.converter before schedules"
+        allowed = schedule_arguments(self.name) + ["warmup", "scale_warmup"]
+        for key in spec:
+            if key not in allowed:
+                raise ValueError(
+                    f"scheduler.{key}: not an argument of the {self.name} schedule"
+                    f"{suggest(key, allowed)}; allowed: {', '.join(allowed)}"
+                )
+
+        def batches(value: Any, stretch: bool = True) -> float:
+            # max_duration is already scaled by the ratio, so 'dur' times stretch with it.
+            time = Time.parse(value)
+            factor = ratio if stretch and time.unit != TimeUnit.DURATION else 1.0
+            return converter.to_batches(time) * factor
+
+        self.state = state
+        self.warmup = batches(spec.pop("warmup", "0ba"), stretch=spec.pop("scale_warmup", False))
+        self.gamma = float(spec.pop("gamma", 0.1))
+        if self.name == "step":
+            self.step_size = batches(spec.pop("step_size", "1ep"))
+        if self.name == "multistep":
+            self.milestones = sorted(batches(m) for m in spec.pop("milestones", []))
+        self.kwargs = spec
+        md = state.max_duration
+        self.total = None if md.unit == TimeUnit.SECOND else converter.to_batches(md)
+
+    def __call__(self, _: int) -> float:
+        step = float(self.state.timestamp.batch)
+        frac = self.state.elapsed_fraction
+        warm = _warmup_factor(step, self.warmup)
+        if self.name == "step":
+            return warm * self.gamma ** math.floor(step / self.step_size)
+        if self.name == "multistep":
+            return warm * self.gamma ** sum(step >= m for m in self.milestones)
+        if self.warmup > 0:
+            if step < self.warmup:
+                return warm
+            if self.total is not None:  # decay over the post-warmup part, ending at its floor
+                frac = min(1.0, (step - self.warmup) / max(1.0, self.total - self.warmup))
+        return warm * SCHEDULES[self.name][0](frac, step, **self.kwargs)
+
+
+def schedule_factor(spec: dict[str, Any], state: State, ratio: float = 1.0) -> _Schedule:
+    """The multiplier function for ``spec``; exposed for tests and plots."""
+    return _Schedule(spec, state, ratio)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, spec: dict[str, Any] | None, state: State, ratio: float = 1.0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR stepped once per batch, its multiplier read from the timestamp."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _Schedule(spec or {"name": "constant"}, state, ratio)
+    )

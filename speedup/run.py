@@ -1,0 +1,185 @@
+"""From a validated recipe to a finished run directory.
+
+``run_recipe("quickstart", ["seed=3"])`` is what ``speedup run quickstart seed=3`` does. The
+run directory (default ``runs/<recipe>-<hash of the resolved config>``) receives
+``config.yaml``, ``metrics.jsonl`` and, at the end, ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from speedup.config import DATA_LOADER_KEYS, config_hash, load_config
+from speedup.loggers import JSONLLogger, LoggerDestination, ProgressBar
+
+__all__ = ["build_trainer", "plan_config", "run_config", "run_recipe", "default_run_dir", "environment"]
+
+
+def default_run_dir(cfg: DictConfig) -> Path:
+    return Path("runs") / f"{cfg.recipe}-{config_hash(cfg)}"
+
+
+def environment() -> dict[str, Any]:
+    """Library versions and hardware, stored with every result."""
+    from speedup import __version__
+
+    info = {
+        "speedup": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _subset(split: Any, limit: int | None) -> Any:
+    if limit is None or split is None:
+        return split
+    if isinstance(split, dict):
+        return {k: v[:limit] for k, v in split.items()}
+    from torch.utils.data import Subset
+
+    return Subset(split, range(min(limit, len(split))))
+
+
+def build_trainer(cfg: DictConfig, loggers: list[LoggerDestination] = (), trace: bool = False):
+    """Data, model, algorithms, callbacks and a Trainer, all from the config."""
+    from speedup.algorithm import ALGORITHMS
+    from speedup.callback import CALLBACKS
+    from speedup.data import DATASETS, build_dataloaders
+    from speedup.models import build_model
+    from speedup.trainer import Trainer, seed_everything
+
+    seed_everything(cfg.seed, cfg.deterministic)  # before any weight is initialised
+    data = OmegaConf.to_container(cfg.data)
+    dataset_args = {k: v for k, v in data.items() if k not in DATA_LOADER_KEYS}
+    splits = DATASETS.get(data["name"])(**dataset_args)
+    splits.train = _subset(splits.train, data.get("train_samples"))
+    splits.eval = _subset(splits.eval, data.get("eval_samples"))
+    train_loader, eval_loader = build_dataloaders(
+        splits,
+        batch_size=data["batch_size"],
+        eval_batch_size=data.get("eval_batch_size"),
+        seed=cfg.seed,
+        num_workers=data.get("num_workers") or 0,
+    )
+    model_args = OmegaConf.to_container(cfg.model)
+    model = build_model(model_args.pop("name"), splits.info, **model_args)
+    algorithms = [
+        ALGORITHMS.get(name)(**(args or {}))
+        for name, args in OmegaConf.to_container(cfg.algorithms).items()
+    ]
+    callbacks = [
+        CALLBACKS.get(name)(**(args or {}))
+        for name, args in OmegaConf.to_container(cfg.callbacks).items()
+    ]
+    return Trainer(
+        model,
+        train_loader,
+        cfg.max_duration,
+        eval_dataloader=eval_loader,
+        optimizer=OmegaConf.to_container(cfg.optimizer),
+        scheduler=OmegaConf.to_container(cfg.scheduler),
+        algorithms=algorithms,
+        callbacks=callbacks,
+        loggers=list(loggers),
+        eval_interval=cfg.eval_interval,
+        log_interval=cfg.log_interval,
+        microbatch_size=cfg.microbatch_size,
+        precision=cfg.precision,
+        device=cfg.device,
+        seed=cfg.seed,
+        deterministic=cfg.deterministic,
+        compile=cfg.compile,
+        scale_schedule_ratio=cfg.scale_schedule_ratio,
+        data_kind=splits.info.kind,
+        tokens_per_sample=splits.info.tokens_per_sample,
+        trace=trace,
+    )
+
+
+def plan_config(cfg: DictConfig):
+    """The engine's plan for the recipe's algorithms, without building data or model."""
+    from speedup.algorithm import ALGORITHMS
+    from speedup.data import DATASETS
+    from speedup.engine import build_plan
+    from speedup.models import MODELS
+
+    algorithms = [
+        ALGORITHMS.get(name)(**(args or {}))
+        for name, args in OmegaConf.to_container(cfg.algorithms).items()
+    ]
+    declarations = {a.name: a.declare() for a in algorithms}
+    plan = build_plan(
+        declarations,
+        model_kind=getattr(MODELS.get(cfg.model.name), "kind", None),
+        data_kind=getattr(DATASETS.get(cfg.data.name), "kind", None),
+        known_names=set(ALGORITHMS.names()),
+    )
+    return plan, declarations
+
+
+def run_config(cfg: DictConfig) -> dict[str, Any]:
+    """Train the validated config; write the run directory; return the summary."""
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
+    metrics_path = run_dir / "metrics.jsonl"
+    loggers: list[LoggerDestination] = [JSONLLogger(metrics_path)]
+    if cfg.progress_bar:
+        loggers.append(ProgressBar())
+    trainer = build_trainer(cfg, loggers)  # bad data paths fail here, before any file is written
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+    metrics_path.unlink(missing_ok=True)  # a rerun of the same config starts a fresh log
+    trainer.logger.log_hyperparameters(OmegaConf.to_container(cfg, resolve=True))
+    metrics = trainer.fit()
+    ts = trainer.state.timestamp
+    summary = {
+        "recipe": cfg.recipe,
+        "seed": cfg.seed,
+        "run_dir": str(run_dir),
+        "config_hash": config_hash(cfg),
+        "steps": ts.batch,
+        "epochs": ts.epoch,
+        "samples": ts.sample,
+        "tokens": ts.token,
+        "train_time_s": round(ts.train_time_s, 4),
+        "eval_time_s": round(ts.eval_time_s, 4),
+        "metrics": metrics,
+        "stopped_early": trainer.state.stop_requested,
+        "stop_reason": trainer.state.stop_reason,
+        "device": str(trainer.state.device),
+        "environment": environment(),
+    }
+    tmp = run_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(run_dir / "summary.json")
+    return summary
+
+
+def run_recipe(
+    recipe: str, overrides: list[str] | None = None, smoke: bool = False
+) -> dict[str, Any]:
+    return run_config(load_config(recipe, overrides, smoke=smoke))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m speedup.run RECIPE [key=value ...]``: the same as ``speedup run``."""
+    from speedup.cli import main as cli_main
+
+    return cli_main(["run", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

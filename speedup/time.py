@@ -1,0 +1,222 @@
+"""Time: every schedule in speedup is written in these units.
+
+``Time(90, "ep")``, ``Time.parse("500ba")``, ``"0.3dur"``, ``"2e9tok"``. Units:
+
+========  ===========================================================
+``ep``    epochs
+``ba``    batches (optimizer steps)
+``sp``    samples
+``tok``   tokens (language models: samples x sequence length)
+``dur``   a fraction of the run's ``max_duration`` (``1dur`` = the whole run)
+``sec``   seconds of *training* wall-clock (evaluation excluded)
+========  ===========================================================
+
+A :class:`TimeConverter`, built from the dataloader length and batch size, converts
+between units; a :class:`Timestamp` counts all of them as training proceeds.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+from enum import Enum
+from typing import Any
+
+__all__ = ["TimeUnit", "Time", "TimeConverter", "Timestamp"]
+
+
+class TimeUnit(str, Enum):
+    EPOCH = "ep"
+    BATCH = "ba"
+    SAMPLE = "sp"
+    TOKEN = "tok"
+    DURATION = "dur"
+    SECOND = "sec"
+
+
+_UNITS = ", ".join(u.value for u in TimeUnit)
+_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-z]+)\s*$")
+_INTEGRAL = {TimeUnit.EPOCH, TimeUnit.BATCH, TimeUnit.SAMPLE, TimeUnit.TOKEN}
+
+
+@dataclass(frozen=True, order=False)
+class Time:
+    """A non-negative amount of training time in one unit."""
+
+    value: float
+    unit: TimeUnit
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "unit", TimeUnit(self.unit))
+        if not isinstance(self.value, (int, float)) or isinstance(self.value, bool):
+            raise TypeError(f"Time value must be a number, got {self.value!r}")
+        if math.isnan(self.value) or self.value < 0:
+            raise ValueError(f"Time must be non-negative, got {self.value}{self.unit.value}")
+        if self.unit in _INTEGRAL and float(self.value).is_integer():
+            object.__setattr__(self, "value", int(self.value))
+
+    @classmethod
+    def parse(cls, text: str | Time) -> Time:
+        """Parse ``"90ep"``, ``"500ba"``, ``"0.3dur"``, ``"2e9tok"``; a Time passes through."""
+        if isinstance(text, Time):
+            return text
+        if not isinstance(text, str):
+            raise TypeError(f"expected a duration string such as '10ep', got {text!r}")
+        if text.strip().startswith("-"):
+            raise ValueError(f"duration {text!r} is negative; durations are >= 0")
+        match = _PATTERN.match(text)
+        if not match:
+            raise ValueError(
+                f"malformed duration {text!r}: expected <number><unit>, e.g. '10ep', "
+                f"'500ba', '0.25dur'; units: {_UNITS}"
+            )
+        number, unit = match.groups()
+        if unit not in {u.value for u in TimeUnit}:
+            raise ValueError(f"unknown time unit {unit!r} in {text!r}; units: {_UNITS}")
+        value = float(number)
+        if TimeUnit(unit) in _INTEGRAL and not value.is_integer():
+            raise ValueError(f"{text!r}: {unit} must be a whole number")
+        return cls(value, TimeUnit(unit))
+
+    def __str__(self) -> str:
+        return f"{self.value:g}{self.unit.value}"
+
+    def _same_unit(self, other: object) -> Time:
+        if not isinstance(other, Time):
+            return NotImplemented  # type: ignore[return-value]
+        if other.unit != self.unit:
+            raise ValueError(f"cannot combine {self} and {other}: convert to one unit first")
+        return other
+
+    def __add__(self, other: Time) -> Time:
+        other = self._same_unit(other)
+        return Time(self.value + other.value, self.unit)
+
+    def __sub__(self, other: Time) -> Time:
+        other = self._same_unit(other)
+        return Time(self.value - other.value, self.unit)
+
+    def __mul__(self, factor: float) -> Time:
+        if not isinstance(factor, (int, float)):
+            return NotImplemented
+        return Time(self.value * factor, self.unit)
+
+    __rmul__ = __mul__
+
+    def __lt__(self, other: Time) -> bool:
+        return self.value < self._same_unit(other).value
+
+    def __le__(self, other: Time) -> bool:
+        return self.value <= self._same_unit(other).value
+
+    def __gt__(self, other: Time) -> bool:
+        return self.value > self._same_unit(other).value
+
+    def __ge__(self, other: Time) -> bool:
+        return self.value >= self._same_unit(other).value
+
+
+@dataclass(frozen=True)
+class TimeConverter:
+    """Converts Times between units for one run.
+
+    ``batches_per_epoch`` is the train dataloader's length, ``samples_per_batch`` the global
+    batch size; ``tokens_per_sample`` is the sequence length for language models (None where
+    tokens are not counted); ``max_duration`` resolves ``dur``.
+    """
+
+    batches_per_epoch: int
+    samples_per_batch: int
+    tokens_per_sample: int | None = None
+    max_duration: Time | None = None
+
+    def _per_batch(self, unit: TimeUnit) -> float:
+        if unit == TimeUnit.BATCH:
+            return 1.0
+        if unit == TimeUnit.EPOCH:
+            return 1.0 / self.batches_per_epoch
+        if unit == TimeUnit.SAMPLE:
+            return float(self.samples_per_batch)
+        if unit == TimeUnit.TOKEN:
+            if not self.tokens_per_sample:
+                raise ValueError("tokens are not counted for this data (not a sequence dataset)")
+            return float(self.samples_per_batch * self.tokens_per_sample)
+        raise ValueError(f"{unit.value} has no fixed rate per batch")
+
+    def _resolve_duration(self, time: Time) -> Time:
+        if time.unit != TimeUnit.DURATION:
+            return time
+        if self.max_duration is None:
+            raise ValueError(f"{time} needs max_duration to resolve")
+        if self.max_duration.unit == TimeUnit.DURATION:
+            raise ValueError("max_duration cannot itself be in dur")
+        return Time(time.value * self.max_duration.value, self.max_duration.unit)
+
+    def convert(self, time: Time | str, unit: TimeUnit | str) -> Time:
+        """Express ``time`` in ``unit`` (seconds convert only to and from ``dur``)."""
+        time, unit = Time.parse(time), TimeUnit(unit)
+        if unit == TimeUnit.DURATION:
+            if self.max_duration is None:
+                raise ValueError("converting to dur needs max_duration")
+            total = self.convert(self.max_duration, time.unit)
+            return Time(time.value / total.value, TimeUnit.DURATION)
+        time = self._resolve_duration(time)
+        if time.unit == unit:
+            return time
+        if TimeUnit.SECOND in (time.unit, unit):
+            raise ValueError(f"cannot convert {time} to {unit.value}: wall-clock has no step rate")
+        value = time.value / self._per_batch(time.unit) * self._per_batch(unit)
+        if unit in _INTEGRAL:  # absorb float error: 0.3 * 100 batches is 30, not 29.999...
+            value = round(value, 6)
+        return Time(value, unit)
+
+    def to_batches(self, time: Time | str) -> float:
+        return float(self.convert(time, TimeUnit.BATCH).value)
+
+
+@dataclass
+class Timestamp:
+    """Where training is, in every unit at once, plus wall-clock.
+
+    ``train_time_s`` counts training only: evaluation runs with the training clock paused
+    and is counted in ``eval_time_s``.
+    """
+
+    epoch: int = 0
+    batch: int = 0
+    sample: int = 0
+    token: int = 0
+    batch_in_epoch: int = 0
+    sample_in_epoch: int = 0
+    train_time_s: float = 0.0
+    eval_time_s: float = 0.0
+
+    def get(self, unit: TimeUnit | str) -> float:
+        unit = TimeUnit(unit)
+        return {
+            TimeUnit.EPOCH: self.epoch,
+            TimeUnit.BATCH: self.batch,
+            TimeUnit.SAMPLE: self.sample,
+            TimeUnit.TOKEN: self.token,
+            TimeUnit.SECOND: self.train_time_s,
+        }[unit]
+
+    def to_next_batch(self, samples: int, tokens: int = 0) -> None:
+        self.batch += 1
+        self.batch_in_epoch += 1
+        self.sample += samples
+        self.sample_in_epoch += samples
+        self.token += tokens
+
+    def to_next_epoch(self) -> None:
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        self.sample_in_epoch = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)

@@ -1,0 +1,337 @@
+"""The Trainer: one training loop that fires the events of :mod:`speedup.event`.
+
+Everything optional (speedups, logging, progress, checkpoints) lives in algorithms and
+callbacks; the loop below only trains, evaluates and keeps time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from speedup.algorithm import Algorithm
+from speedup.callback import Callback
+from speedup.engine import Engine
+from speedup.event import Event
+from speedup.loggers import Logger, LoggerDestination
+from speedup.models.base import Model
+from speedup.optim import build_optimizer, build_scheduler
+from speedup.state import State
+from speedup.time import Time, TimeConverter, TimeUnit
+
+__all__ = ["Trainer", "seed_everything", "select_device", "PRECISIONS"]
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed python, numpy and torch (all devices); optionally make kernels deterministic."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then Apple MPS, then the CPU."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+class Interval:
+    """Fires each time training crosses a multiple of ``every`` (0 disables it).
+
+    Epoch intervals are checked at epoch ends, all others at batch ends; ``dur`` resolves
+    against max_duration.
+    """
+
+    def __init__(self, every: Time | str, converter: TimeConverter) -> None:
+        every = Time.parse(every)
+        if every.unit == TimeUnit.DURATION:
+            every = converter.convert(every, converter.max_duration.unit)
+        if every.unit in (TimeUnit.SAMPLE, TimeUnit.TOKEN):
+            every = converter.convert(every, TimeUnit.BATCH)
+        self.unit, self.every = every.unit, float(every.value)
+        self._next = 0.0
+
+    def start(self, timestamp: Any) -> None:
+        """Align to the first multiple after ``timestamp`` (a fresh or resumed fit)."""
+        if self.every > 0:
+            self._next = (timestamp.get(self.unit) // self.every + 1) * self.every
+
+    def due(self, timestamp: Any, at_epoch_end: bool) -> bool:
+        if self.every <= 0 or at_epoch_end != (self.unit == TimeUnit.EPOCH):
+            return False
+        now = timestamp.get(self.unit)
+        if now + 1e-9 < self._next:
+            return False
+        self._next = (now // self.every + 1) * self.every
+        return True
+
+
+class Trainer:
+    """Trains a :class:`~speedup.models.Model` with algorithms and callbacks.
+
+    ``optimizer`` is a spec (``{"name": "adamw", "lr": 1e-3}``) or a function
+    ``params -> Optimizer``; it is built after the INIT event so that model surgery is seen by
+    the param groups. ``scheduler`` is a schedule spec in Time (see :mod:`speedup.optim`).
+    ``microbatch_size`` splits each batch for gradient accumulation. ``eval_interval`` is a
+    Time (``"1ep"``, ``"100ba"``, ``"0.25dur"``); evaluation always runs at the end.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        train_dataloader: Any,
+        max_duration: Time | str,
+        *,
+        eval_dataloader: Any = None,
+        optimizer: dict[str, Any] | Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: dict[str, Any] | None = None,
+        algorithms: Sequence[Algorithm] = (),
+        callbacks: Sequence[Callback] = (),
+        loggers: Sequence[LoggerDestination] = (),
+        eval_interval: Time | str = "1ep",
+        log_interval: Time | str = "10ba",
+        microbatch_size: int | None = None,
+        precision: str = "fp32",
+        device: str | torch.device = "auto",
+        seed: int = 0,
+        deterministic: bool = False,
+        compile: bool = False,
+        scale_schedule_ratio: float = 1.0,
+        data_kind: str | None = None,
+        tokens_per_sample: int | None = None,
+        trace: bool = False,
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r}: allowed {', '.join(PRECISIONS)}")
+        seed_everything(seed, deterministic)
+        device = device if isinstance(device, torch.device) else select_device(device)
+        if precision == "fp16" and device.type != "cuda":
+            raise ValueError("precision fp16 needs a CUDA device (GradScaler); use bf16 on CPU")
+        if scale_schedule_ratio <= 0:
+            raise ValueError(f"scale_schedule_ratio must be > 0, got {scale_schedule_ratio}")
+        max_duration = Time.parse(max_duration)
+        if max_duration.unit == TimeUnit.DURATION:
+            raise ValueError("max_duration cannot be in dur (it defines dur)")
+        max_duration = max_duration * scale_schedule_ratio
+        batch_size = getattr(train_dataloader, "batch_size", None) or 1
+        self.converter = TimeConverter(len(train_dataloader), batch_size, tokens_per_sample, max_duration)
+        self.state = state = State(
+            model=model,
+            max_duration=max_duration,
+            seed=seed,
+            device=device,
+            precision=precision,
+            train_dataloader=train_dataloader,
+            eval_dataloader=eval_dataloader,
+            converter=self.converter,
+            algorithms=list(algorithms),
+            callbacks=list(callbacks),
+        )
+        self.logger = Logger(list(loggers))
+        self.logger.state = state
+        hooks: list[Callback] = [*callbacks, *loggers]
+        self.engine = Engine(state, self.logger, algorithms, hooks, trace=trace)
+        self.engine.compile(model_kind=getattr(model, "kind", None), data_kind=data_kind)
+        self.microbatch_size = microbatch_size
+        self.eval_interval = Interval(eval_interval, self.converter)
+        self.log_interval = Interval(log_interval, self.converter)
+
+        self.engine.run(Event.INIT)
+        model.to(device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if callable(optimizer):
+            state.optimizer = optimizer(params)
+        else:
+            state.optimizer = build_optimizer(params, optimizer or {"name": "sgd", "lr": 0.1})
+        state.schedulers = [build_scheduler(state.optimizer, scheduler, state, scale_schedule_ratio)]
+        if precision == "fp16":
+            state.scaler = torch.amp.GradScaler("cuda")
+        self.engine.run(Event.AFTER_LOAD)
+        if compile:
+            model.compile()
+        self._autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self._evaluated_at: int | None = None
+        self._clock: float | None = None
+
+    # -- time -------------------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        """Move training wall-clock into the timestamp (eval is kept out by pausing)."""
+        now = time.perf_counter()
+        if self._clock is not None:
+            self.state.timestamp.train_time_s += now - self._clock
+        self._clock = now
+
+    def _done(self) -> bool:
+        s = self.state
+        return s.stop_requested or s.timestamp.get(s.max_duration.unit) >= s.max_duration.value
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self._autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.state.device.type, dtype=self._autocast_dtype)
+
+    # -- data -------------------------------------------------------------------------------
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        device = self.state.device
+        if device.type == "cpu":
+            return batch
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+    def _microbatches(self, batch: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
+        size = self.microbatch_size
+        rows = self.state.batch_size()
+        if not size or size >= rows:
+            yield batch
+            return
+        for start in range(0, rows, size):
+            yield {k: v[start : start + size] for k, v in batch.items()}
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, float]:
+        """Train to max_duration (or until stop_training()); returns the final eval metrics."""
+        s, run = self.state, self.engine.run
+        loader = s.train_dataloader
+        run(Event.FIT_START)
+        s.model.train()
+        self.eval_interval.start(s.timestamp)
+        self.log_interval.start(s.timestamp)
+        try:
+            self._clock = time.perf_counter()
+            while not self._done():
+                if hasattr(loader, "set_epoch"):
+                    loader.set_epoch(s.timestamp.epoch)
+                elif hasattr(getattr(loader, "sampler", None), "set_epoch"):
+                    loader.sampler.set_epoch(s.timestamp.epoch)
+                run(Event.EPOCH_START)
+                batches = iter(loader)
+                while s.timestamp.batch_in_epoch < len(loader) and not self._done():
+                    run(Event.BEFORE_DATALOADER)
+                    s.batch = self._to_device(next(batches))
+                    run(Event.AFTER_DATALOADER)
+                    run(Event.BATCH_START)
+                    self._train_batch()
+                    run(Event.BATCH_END)
+                    if self.log_interval.due(s.timestamp, at_epoch_end=False):
+                        self._log_train()
+                    if self.eval_interval.due(s.timestamp, at_epoch_end=False):
+                        self.eval()
+                    run(Event.BATCH_CHECKPOINT)
+                if s.timestamp.batch_in_epoch >= len(loader):
+                    s.timestamp.to_next_epoch()
+                    run(Event.EPOCH_END)
+                    if self.eval_interval.due(s.timestamp, at_epoch_end=True):
+                        self.eval()
+                    run(Event.EPOCH_CHECKPOINT)
+            if self._evaluated_at != s.timestamp.batch:
+                self.eval()
+            run(Event.FIT_END)
+        finally:
+            self._clock = None
+            for hook in [*s.callbacks, *self.logger.destinations]:
+                hook.close()
+        return dict(s.eval_metrics)
+
+    def _train_batch(self) -> None:
+        s, run = self.state, self.engine.run
+        run(Event.BEFORE_TRAIN_BATCH)
+        full_batch, rows = s.batch, s.batch_size()
+        batch_loss = torch.zeros((), device=s.device)
+        for microbatch in self._microbatches(full_batch):
+            s.batch = microbatch
+            run(Event.BEFORE_FORWARD)
+            with self._autocast():
+                s.outputs = s.model(s.batch)
+            run(Event.AFTER_FORWARD)
+            run(Event.BEFORE_LOSS)
+            with self._autocast():
+                s.loss = s.model.loss(s.outputs, s.batch)
+            run(Event.AFTER_LOSS)
+            run(Event.BEFORE_BACKWARD)
+            # Each microbatch loss is a mean; weighting by its share of the batch makes the
+            # accumulated gradient equal the full batch's.
+            scaled = s.loss * (s.batch_size() / rows)
+            (s.scaler.scale(scaled) if s.scaler else scaled).backward()
+            batch_loss += scaled.detach().float()
+            run(Event.AFTER_BACKWARD)
+        s.batch = full_batch
+        s.train_metrics["loss"] = batch_loss
+        if s.scaler:
+            s.scaler.unscale_(s.optimizer)
+        run(Event.AFTER_TRAIN_BATCH)
+        if s.scaler:
+            s.scaler.step(s.optimizer)
+            s.scaler.update()
+        else:
+            s.optimizer.step()
+        s.optimizer.zero_grad(set_to_none=True)
+        tokens = full_batch["input_ids"].numel() if "input_ids" in full_batch else 0
+        s.timestamp.to_next_batch(rows, tokens)
+        for scheduler in s.schedulers:
+            scheduler.step()
+        self._tick()
+
+    def _log_train(self) -> None:
+        s = self.state
+        metrics = {"loss/train": float(s.train_metrics["loss"])}
+        metrics["lr"] = s.optimizer.param_groups[0]["lr"]
+        if s.timestamp.train_time_s > 0:
+            metrics["throughput/samples_per_s"] = s.timestamp.sample / s.timestamp.train_time_s
+        self.logger.log_metrics(metrics)
+
+    @torch.no_grad()
+    def eval(self) -> dict[str, float]:
+        """Evaluate on the eval dataloader with the training clock paused."""
+        s, run = self.state, self.engine.run
+        if s.eval_dataloader is None:
+            return {}
+        training = self._clock is not None
+        if training:
+            self._tick()
+        started = time.perf_counter()
+        train_batch = s.batch
+        run(Event.EVAL_START)
+        s.model.eval()
+        totals: dict[str, list] = {}
+        for batch in s.eval_dataloader:
+            s.batch = self._to_device(batch)
+            run(Event.EVAL_BATCH_START)
+            run(Event.EVAL_BEFORE_FORWARD)
+            with self._autocast():
+                s.outputs = s.model.eval_forward(s.batch)
+            run(Event.EVAL_AFTER_FORWARD)
+            for name, (value, count) in s.model.metrics(s.outputs, s.batch).items():
+                total = totals.setdefault(name, [0.0, 0])
+                total[0] = total[0] + value
+                total[1] += count
+            run(Event.EVAL_BATCH_END)
+        s.eval_metrics = {name: float(v) / max(n, 1) for name, (v, n) in totals.items()}
+        self.logger.log_metrics({f"eval/{k}": v for k, v in s.eval_metrics.items()})
+        run(Event.EVAL_END)
+        s.model.train()
+        s.batch = train_batch
+        self._evaluated_at = s.timestamp.batch
+        s.timestamp.eval_time_s += time.perf_counter() - started
+        if training:
+            self._clock = time.perf_counter()
+        return dict(s.eval_metrics)

@@ -18,7 +18,9 @@ LISTABLE = ("algorithms", "recipes", "models", "datasets", "callbacks", "optimiz
 
 
 def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="a shipped recipe name (see `speedup list recipes`) or a path")
+    parser.add_argument(
+        "recipe", help="a shipped recipe name (see `speedup list recipes`) or a path"
+    )
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="overrides; ~key deletes a key"
     )
@@ -137,8 +139,9 @@ def cmd_describe(args: argparse.Namespace) -> int:
     )
     from speedup.registry import suggest
 
-    raise UnknownNameError(f"unknown name {args.name!r}{suggest(args.name, names)}; known: "
-                           f"{', '.join(names)}")
+    raise UnknownNameError(
+        f"unknown name {args.name!r}{suggest(args.name, names)}; known: {', '.join(names)}"
+    )
 
 
 def _format_declaration(algorithm: object) -> str:

@@ -69,6 +69,7 @@ class RunConfig:
     scale_schedule_ratio: float = 1.0
     run_dir: str | None = None
     progress_bar: bool = True
+    trace: bool = False
     smoke: dict[str, Any] = field(default_factory=dict)
 
 
@@ -208,9 +209,7 @@ def _merge_layer(base: DictConfig, layer: dict, source: str) -> DictConfig:
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
         expected = _expected_type(key)
-        raise ConfigError(
-            f"{source}: {key}: wrong type ({_short(err)}){expected}"
-        ) from None
+        raise ConfigError(f"{source}: {key}: wrong type ({_short(err)}){expected}") from None
 
 
 def _expected_type(key: str) -> str:
@@ -326,8 +325,9 @@ def _validate(cfg: DictConfig, origin: dict[str, str]) -> None:
     def component(section: str, registry: Any, reserved: dict[str, type] | None = None) -> None:
         spec = OmegaConf.to_container(cfg[section])
         if "name" not in spec:
-            raise ConfigError(f"{src(section)}: {section}.name: missing; available: "
-                              f"{', '.join(registry.names())}")
+            raise ConfigError(
+                f"{src(section)}: {section}.name: missing; available: {', '.join(registry.names())}"
+            )
         try:
             builder = registry.get(spec["name"])
         except UnknownNameError as err:
@@ -384,7 +384,9 @@ def _validate(cfg: DictConfig, origin: dict[str, str]) -> None:
                 try:
                     Time.parse(str(t))
                 except ValueError as err:
-                    raise ConfigError(f"{src('scheduler.' + key)}: scheduler.{key}: {err}") from None
+                    raise ConfigError(
+                        f"{src('scheduler.' + key)}: scheduler.{key}: {err}"
+                    ) from None
 
     for section, registry in (("algorithms", ALGORITHMS), ("callbacks", CALLBACKS)):
         for name, args in OmegaConf.to_container(cfg[section]).items():
@@ -403,9 +405,7 @@ def _validate(cfg: DictConfig, origin: dict[str, str]) -> None:
 # -- the entry point ------------------------------------------------------------------------
 
 
-def load_config(
-    recipe: str, overrides: list[str] | None = None, smoke: bool = False
-) -> DictConfig:
+def load_config(recipe: str, overrides: list[str] | None = None, smoke: bool = False) -> DictConfig:
     """Load, merge and validate a recipe; raises ConfigError on any problem."""
     path = resolve_recipe(recipe)
     layers = _recipe_layers(path)
@@ -443,8 +443,13 @@ _SMOKE_DEFAULTS: dict[str, Any] = {
     "log_interval": "1ba",
     "device": "cpu",
     "compile": False,
-    "data": {"batch_size": 8, "eval_batch_size": 16, "train_samples": 64, "eval_samples": 32,
-             "num_workers": 0},
+    "data": {
+        "batch_size": 8,
+        "eval_batch_size": 16,
+        "train_samples": 64,
+        "eval_samples": 32,
+        "num_workers": 0,
+    },
 }
 
 
@@ -461,7 +466,7 @@ def _deep_merge(base: dict, extra: dict) -> dict:
 def config_hash(cfg: DictConfig) -> str:
     """A short hash of the resolved config, the run's identity (run_dir excluded)."""
     data = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("run_dir", "progress_bar", "smoke"):
+    for key in ("run_dir", "progress_bar", "trace", "smoke"):
         data.pop(key, None)
     text = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:8]

@@ -129,8 +129,8 @@ class _Schedule:
         self.name = spec.pop("name", "constant")
         if self.name not in SCHEDULES:
             raise ValueError(
-                f"scheduler.name: unknown schedule {self.name!r}{suggest(self.name, list(SCHEDULES))}"
-                f"; available: {', '.join(SCHEDULES)}"
+                f"scheduler.name: unknown schedule {self.name!r}"
+                f"{suggest(self.name, list(SCHEDULES))}; available: {', '.join(SCHEDULES)}"
             )
         converter = state.converter
         assert converter is not None, "the Trainer sets state.converter before schedules"

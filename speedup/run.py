@@ -20,7 +20,14 @@ from omegaconf import DictConfig, OmegaConf
 from speedup.config import DATA_LOADER_KEYS, config_hash, load_config
 from speedup.loggers import JSONLLogger, LoggerDestination, ProgressBar
 
-__all__ = ["build_trainer", "plan_config", "run_config", "run_recipe", "default_run_dir", "environment"]
+__all__ = [
+    "build_trainer",
+    "plan_config",
+    "run_config",
+    "run_recipe",
+    "default_run_dir",
+    "environment",
+]
 
 
 def default_run_dir(cfg: DictConfig) -> Path:
@@ -138,12 +145,16 @@ def run_config(cfg: DictConfig) -> dict[str, Any]:
     loggers: list[LoggerDestination] = [JSONLLogger(metrics_path)]
     if cfg.progress_bar:
         loggers.append(ProgressBar())
-    trainer = build_trainer(cfg, loggers)  # bad data paths fail here, before any file is written
+    # Bad data paths fail here, before any file is written.
+    trainer = build_trainer(cfg, loggers, trace=cfg.trace)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
     metrics_path.unlink(missing_ok=True)  # a rerun of the same config starts a fresh log
     trainer.logger.log_hyperparameters(OmegaConf.to_container(cfg, resolve=True))
     metrics = trainer.fit()
+    if cfg.trace:  # the engine's (event, algorithm/callback) calls, in order
+        lines = (json.dumps({"event": e, "by": who}) for e, who in trainer.engine.trace)
+        (run_dir / "trace.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     ts = trainer.state.timestamp
     summary = {
         "recipe": cfg.recipe,

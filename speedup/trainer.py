@@ -132,7 +132,9 @@ class Trainer:
             raise ValueError("max_duration cannot be in dur (it defines dur)")
         max_duration = max_duration * scale_schedule_ratio
         batch_size = getattr(train_dataloader, "batch_size", None) or 1
-        self.converter = TimeConverter(len(train_dataloader), batch_size, tokens_per_sample, max_duration)
+        self.converter = TimeConverter(
+            len(train_dataloader), batch_size, tokens_per_sample, max_duration
+        )
         self.state = state = State(
             model=model,
             max_duration=max_duration,
@@ -161,7 +163,10 @@ class Trainer:
             state.optimizer = optimizer(params)
         else:
             state.optimizer = build_optimizer(params, optimizer or {"name": "sgd", "lr": 0.1})
-        state.schedulers = [build_scheduler(state.optimizer, scheduler, state, scale_schedule_ratio)]
+        if scheduler and (scheduler.get("name", "constant") != "constant" or "warmup" in scheduler):
+            state.schedulers = [
+                build_scheduler(state.optimizer, scheduler, state, scale_schedule_ratio)
+            ]
         if precision == "fp16":
             state.scaler = torch.amp.GradScaler("cuda")
         self.engine.run(Event.AFTER_LOAD)
@@ -256,7 +261,7 @@ class Trainer:
         s, run = self.state, self.engine.run
         run(Event.BEFORE_TRAIN_BATCH)
         full_batch, rows = s.batch, s.batch_size()
-        batch_loss = torch.zeros((), device=s.device)
+        batch_loss = None
         for microbatch in self._microbatches(full_batch):
             s.batch = microbatch
             run(Event.BEFORE_FORWARD)
@@ -270,9 +275,11 @@ class Trainer:
             run(Event.BEFORE_BACKWARD)
             # Each microbatch loss is a mean; weighting by its share of the batch makes the
             # accumulated gradient equal the full batch's.
-            scaled = s.loss * (s.batch_size() / rows)
+            share = s.batch_size() / rows
+            scaled = s.loss if share == 1 else s.loss * share
             (s.scaler.scale(scaled) if s.scaler else scaled).backward()
-            batch_loss += scaled.detach().float()
+            detached = scaled.detach()
+            batch_loss = detached if batch_loss is None else batch_loss + detached
             run(Event.AFTER_BACKWARD)
         s.batch = full_batch
         s.train_metrics["loss"] = batch_loss

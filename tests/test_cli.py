@@ -22,8 +22,9 @@ class TargetWriter(Algorithm):
         self.strength = strength
 
     def declare(self):
-        return Declaration({Event.BEFORE_LOSS: Access(reads={"batch.targets"},
-                                                      writes={"batch.targets"})})
+        return Declaration(
+            {Event.BEFORE_LOSS: Access(reads={"batch.targets"}, writes={"batch.targets"})}
+        )
 
     def apply(self, event, state, logger):
         state.batch["targets"] = state.batch["targets"].clone()
@@ -111,8 +112,13 @@ def test_unknown_algorithm(capsys, tmp_path):
 
 @pytest.mark.parametrize(
     "value, needle",
-    [("-3ep", "negative"), ("3epochs", "unknown time unit"), ("ten", "malformed"),
-     ("0.5dur", "cannot be in dur"), ("0ba", "must be > 0")],
+    [
+        ("-3ep", "negative"),
+        ("3epochs", "unknown time unit"),
+        ("ten", "malformed"),
+        ("0.5dur", "cannot be in dur"),
+        ("0ba", "must be > 0"),
+    ],
 )
 def test_bad_duration(capsys, value, needle):
     code, _, err = run_cli(capsys, "run", "quickstart", f"max_duration={value}")
@@ -121,8 +127,9 @@ def test_bad_duration(capsys, value, needle):
 
 def test_missing_data_path_fails_before_any_file_is_written(capsys, tmp_path):
     run_dir = tmp_path / "run"
-    code, _, err = run_cli(capsys, "run", "quickstart", "data.path=/nonexistent/mnist1d_data.pkl",
-                           f"run_dir={run_dir}")
+    code, _, err = run_cli(
+        capsys, "run", "quickstart", "data.path=/nonexistent/mnist1d_data.pkl", f"run_dir={run_dir}"
+    )
     assert_user_error(code, err, "data.path", "/nonexistent/mnist1d_data.pkl", "put")
     assert not run_dir.exists()
 
@@ -136,8 +143,14 @@ def test_extends_cycle(capsys, tmp_path):
 
 def test_conflicting_algorithms_fail_before_training(capsys, tmp_path):
     run_dir = tmp_path / "run"
-    code, _, err = run_cli(capsys, "run", "quickstart", f"run_dir={run_dir}",
-                           "algorithms.test_target_writer={}", "algorithms.test_unordered_writer={}")
+    code, _, err = run_cli(
+        capsys,
+        "run",
+        "quickstart",
+        f"run_dir={run_dir}",
+        "algorithms.test_target_writer={}",
+        "algorithms.test_unordered_writer={}",
+    )
     assert code == 2 and "Traceback" not in err
     assert "test_target_writer and test_unordered_writer both write batch.targets" in err
     assert not run_dir.exists()
@@ -149,14 +162,24 @@ def test_debug_shows_the_traceback(capsys):
 
 
 def test_plan_orders_and_reports(capsys):
-    code, out, _ = run_cli(capsys, "plan", "quickstart", "algorithms.test_other_target_writer={}",
-                           "algorithms.test_target_writer={}")
+    code, out, _ = run_cli(
+        capsys,
+        "plan",
+        "quickstart",
+        "algorithms.test_other_target_writer={}",
+        "algorithms.test_target_writer={}",
+    )
     assert code == 0
-    block = out[out.index("BEFORE_LOSS:"):]
+    block = out[out.index("BEFORE_LOSS:") :]
     assert block.index("test_target_writer") < block.index("test_other_target_writer")
     assert "no conflicts" in out
-    code, out, _ = run_cli(capsys, "plan", "quickstart", "algorithms.test_target_writer={}",
-                           "algorithms.test_unordered_writer={}")
+    code, out, _ = run_cli(
+        capsys,
+        "plan",
+        "quickstart",
+        "algorithms.test_target_writer={}",
+        "algorithms.test_unordered_writer={}",
+    )
     assert code == 1
     assert "CONFLICTS (1)" in out and "both write batch.targets at BEFORE_LOSS" in out
 
@@ -176,8 +199,15 @@ def test_list_and_describe(capsys):
 
 def test_smoke_run_writes_the_run_directory(capsys, tmp_path):
     run_dir = tmp_path / "run"
-    code, out, _ = run_cli(capsys, "run", "quickstart", "--smoke", f"run_dir={run_dir}",
-                           "progress_bar=false", "algorithms.test_target_writer={}")
+    code, out, _ = run_cli(
+        capsys,
+        "run",
+        "quickstart",
+        "--smoke",
+        f"run_dir={run_dir}",
+        "progress_bar=false",
+        "algorithms.test_target_writer={}",
+    )
     assert code == 0
     assert f"run dir: {run_dir}" in out
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -192,12 +222,14 @@ def test_smoke_run_writes_the_run_directory(capsys, tmp_path):
 
 
 def test_console_script_and_module_entry_points():
-    result = subprocess.run([sys.executable, "-m", "speedup", "run", "nope"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "speedup", "run", "nope"], capture_output=True, text=True
+    )
     assert result.returncode == 2 and "unknown recipe 'nope'" in result.stderr
     assert "Traceback" not in result.stderr
-    help_text = subprocess.run([sys.executable, "-m", "speedup", "--help"],
-                               capture_output=True, text=True)
+    help_text = subprocess.run(
+        [sys.executable, "-m", "speedup", "--help"], capture_output=True, text=True
+    )
     assert help_text.returncode == 0
     for command in ("run", "plan", "list", "describe"):
         assert command in help_text.stdout

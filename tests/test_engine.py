@@ -31,7 +31,9 @@ def test_order_follows_runs_before_and_after_not_recipe_order():
 
 
 def test_ties_keep_recipe_order_and_reverse_at_after_events():
-    plan = build_plan({"x": decl({B: Access(), AL: Access()}), "y": decl({B: Access(), AL: Access()})})
+    plan = build_plan(
+        {"x": decl({B: Access(), AL: Access()}), "y": decl({B: Access(), AL: Access()})}
+    )
     assert plan.order[B] == ["x", "y"]
     assert plan.order[AL] == ["y", "x"]  # before/after hooks nest
 
@@ -80,9 +82,7 @@ def test_writes_at_different_events_do_not_conflict():
 
 
 def test_declared_incompatibility_reported_once():
-    plan = build_plan(
-        {"a": decl(incompatible_with={"b"}), "b": decl(incompatible_with={"a"})}
-    )
+    plan = build_plan({"a": decl(incompatible_with={"b"}), "b": decl(incompatible_with={"a"})})
     assert [(c.kind, c.algorithms) for c in plan.conflicts] == [("incompatible", ("a", "b"))]
 
 

@@ -10,10 +10,19 @@ from speedup.event import Event
 from speedup.trainer import Trainer
 
 E = Event
-MICRO = [E.BEFORE_FORWARD, E.AFTER_FORWARD, E.BEFORE_LOSS, E.AFTER_LOSS,
-         E.BEFORE_BACKWARD, E.AFTER_BACKWARD]
-EVAL = [E.EVAL_START, *[E.EVAL_BATCH_START, E.EVAL_BEFORE_FORWARD, E.EVAL_AFTER_FORWARD,
-                        E.EVAL_BATCH_END] * 2, E.EVAL_END]
+MICRO = [
+    E.BEFORE_FORWARD,
+    E.AFTER_FORWARD,
+    E.BEFORE_LOSS,
+    E.AFTER_LOSS,
+    E.BEFORE_BACKWARD,
+    E.AFTER_BACKWARD,
+]
+EVAL = [
+    E.EVAL_START,
+    *[E.EVAL_BATCH_START, E.EVAL_BEFORE_FORWARD, E.EVAL_AFTER_FORWARD, E.EVAL_BATCH_END] * 2,
+    E.EVAL_END,
+]
 
 
 class EveryEvent(Algorithm):
@@ -88,8 +97,14 @@ def test_event_order_and_counts_of_a_real_run():
 def test_epoch_eval_interval_fires_after_epoch_end():
     train, evaluation = loaders(make_blobs(n=64), batch_size=16)
     recorder = RecordAll()
-    Trainer(tiny_model(), train, "2ep", eval_dataloader=evaluation, callbacks=[recorder],
-            eval_interval="1ep").fit()
+    Trainer(
+        tiny_model(),
+        train,
+        "2ep",
+        eval_dataloader=evaluation,
+        callbacks=[recorder],
+        eval_interval="1ep",
+    ).fit()
     events = recorder.events
     ends = [i for i, e in enumerate(events) if e == E.EPOCH_END]
     assert all(events[i + 1] == E.EVAL_START for i in ends)
@@ -103,8 +118,7 @@ def test_stop_training_ends_after_current_batch():
                 state.stop_training("enough")
 
     train, evaluation = loaders(make_blobs(n=64), batch_size=16)
-    trainer = Trainer(tiny_model(), train, "10ep", eval_dataloader=evaluation,
-                      callbacks=[StopAt()])
+    trainer = Trainer(tiny_model(), train, "10ep", eval_dataloader=evaluation, callbacks=[StopAt()])
     trainer.fit()
     assert trainer.state.timestamp.batch == 3
     assert trainer.state.stop_reason == "enough"

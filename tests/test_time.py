@@ -43,8 +43,12 @@ def test_arithmetic_and_comparison():
 
 
 def test_conversion():
-    conv = TimeConverter(batches_per_epoch=100, samples_per_batch=32, tokens_per_sample=128,
-                         max_duration=Time.parse("10ep"))
+    conv = TimeConverter(
+        batches_per_epoch=100,
+        samples_per_batch=32,
+        tokens_per_sample=128,
+        max_duration=Time.parse("10ep"),
+    )
     assert conv.convert("2ep", "ba") == Time(200, "ba")
     assert conv.convert("320sp", "ba") == Time(10, "ba")
     assert conv.convert("50ba", "ep") == Time(0.5, "ep")

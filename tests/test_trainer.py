@@ -31,8 +31,13 @@ class LRTap(Callback):
 def test_learns_separable_data():
     data = make_blobs(n=256)
     train, evaluation = loaders(data, batch_size=32)
-    trainer = Trainer(tiny_model(), train, "15ep", eval_dataloader=evaluation,
-                      optimizer={"name": "adam", "lr": 0.01})
+    trainer = Trainer(
+        tiny_model(),
+        train,
+        "15ep",
+        eval_dataloader=evaluation,
+        optimizer={"name": "adam", "lr": 0.01},
+    )
     metrics = trainer.fit()
     assert metrics["accuracy"] > 0.95
     assert metrics["loss"] < 0.3
@@ -67,9 +72,16 @@ def _final_weights(seed, deterministic=False):
     train, evaluation = loaders(data, batch_size=16, seed=seed)
     torch.manual_seed(seed)
     model = tiny_model(seed=seed)
-    Trainer(model, train, "3ep", eval_dataloader=evaluation, seed=seed,
-            deterministic=deterministic, optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.9},
-            microbatch_size=8).fit()
+    Trainer(
+        model,
+        train,
+        "3ep",
+        eval_dataloader=evaluation,
+        seed=seed,
+        deterministic=deterministic,
+        optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.9},
+        microbatch_size=8,
+    ).fit()
     return [p.detach().clone() for p in model.parameters()]
 
 
@@ -83,8 +95,15 @@ def test_same_seed_gives_bit_identical_weights():
 def _lrs(scheduler, duration, ratio=1.0, n=64, batch_size=8):
     tap = LRTap()
     train, _ = loaders(make_blobs(n=n), batch_size=batch_size)
-    Trainer(tiny_model(), train, duration, optimizer={"name": "sgd", "lr": 1.0},
-            scheduler=scheduler, callbacks=[tap], scale_schedule_ratio=ratio).fit()
+    Trainer(
+        tiny_model(),
+        train,
+        duration,
+        optimizer={"name": "sgd", "lr": 1.0},
+        scheduler=scheduler,
+        callbacks=[tap],
+        scale_schedule_ratio=ratio,
+    ).fit()
     return tap.lrs
 
 
@@ -96,7 +115,9 @@ def test_scale_schedule_ratio_stretches_cosine_exactly():
         assert stretched[2 * t] == pytest.approx(lr, abs=1e-12)
     halved = _lrs({"name": "cosine", "alpha_f": 0.1}, "6ep", ratio=0.5)  # 24 batches
     assert len(halved) == 24
-    assert halved[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(23 / 24 * torch.pi)).item()))
+    assert halved[-1] == pytest.approx(
+        0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(23 / 24 * torch.pi)).item())
+    )
 
 
 def test_schedule_shapes():
@@ -117,8 +138,10 @@ def test_schedule_shapes():
 
 def test_optimizers_by_name_from_torch_and_torch_optimizer():
     train, _ = loaders(make_blobs(n=32), batch_size=16)
-    for spec, cls_name in (({"name": "AdamW", "lr": 1e-3, "betas": [0.9, 0.95]}, "AdamW"),
-                           ({"name": "lamb", "lr": 1e-3}, "Lamb")):
+    for spec, cls_name in (
+        ({"name": "AdamW", "lr": 1e-3, "betas": [0.9, 0.95]}, "AdamW"),
+        ({"name": "lamb", "lr": 1e-3}, "Lamb"),
+    ):
         trainer = Trainer(tiny_model(), train, "1ba", optimizer=spec)
         assert type(trainer.state.optimizer).__name__ == cls_name
     with pytest.raises(ValueError, match="optimizer.momentun.*did you mean 'momentum'"):
@@ -134,8 +157,9 @@ def test_bf16_autocast_on_cpu():
 
     tap = DtypeTap()
     train, evaluation = loaders(make_blobs(n=32), batch_size=16)
-    trainer = Trainer(tiny_model(), train, "2ba", eval_dataloader=evaluation, precision="bf16",
-                      callbacks=[tap])
+    trainer = Trainer(
+        tiny_model(), train, "2ba", eval_dataloader=evaluation, precision="bf16", callbacks=[tap]
+    )
     metrics = trainer.fit()
     assert tap.dtype == torch.bfloat16
     assert next(trainer.state.model.parameters()).dtype == torch.float32  # master weights
@@ -154,8 +178,14 @@ def test_eval_time_is_excluded_from_training_time():
             time.sleep(0.3)
 
     train, evaluation = loaders(make_blobs(n=32), batch_size=16)
-    trainer = Trainer(tiny_model(), train, "4ba", eval_dataloader=evaluation,
-                      eval_interval="1ba", callbacks=[SlowEval()])
+    trainer = Trainer(
+        tiny_model(),
+        train,
+        "4ba",
+        eval_dataloader=evaluation,
+        eval_interval="1ba",
+        callbacks=[SlowEval()],
+    )
     trainer.fit()
     ts = trainer.state.timestamp
     assert ts.eval_time_s >= 4 * 0.3
@@ -177,7 +207,13 @@ def test_wall_clock_duration_stops_training():
 @pytest.mark.slow
 def test_torch_compile_trains():
     train, evaluation = loaders(make_blobs(n=64), batch_size=16)
-    trainer = Trainer(tiny_model(), train, "2ep", eval_dataloader=evaluation, compile=True,
-                      optimizer={"name": "adam", "lr": 0.01})
+    trainer = Trainer(
+        tiny_model(),
+        train,
+        "2ep",
+        eval_dataloader=evaluation,
+        compile=True,
+        optimizer={"name": "adam", "lr": 0.01},
+    )
     metrics = trainer.fit()
     assert metrics["accuracy"] > 0.5

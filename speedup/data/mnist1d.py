@@ -17,7 +17,7 @@ Rendering of one sample (all randomness from ``numpy.random.default_rng(seed)``)
       -> random shear (linear trend)
       -> random circular shift
       -> linear resampling to ``length`` points
-      -> iid gaussian noise
+      -> random constant offset and iid gaussian noise
 
 Only elementwise float64 arithmetic is used after drawing random numbers (no BLAS, no
 transcendental functions), so identical arguments give bit-identical tensors on any
@@ -69,19 +69,19 @@ TEMPLATES: np.ndarray = np.array(
 )
 TEMPLATES.setflags(write=False)
 
-# Augmentation magnitudes (tuned so that a small CNN reaches ~90-95% test accuracy,
-# a 2-hidden-layer MLP ~60-80% and logistic regression ~30-45%; see tests).
+# Augmentation magnitudes, tuned so that (4000 train / 1000 test, length 40, noise 1) the
+# Conv1dNet reaches ~93% test accuracy, a 2-hidden-layer MLP ~65% and logistic regression
+# ~34% (compare 94% / 68% / 32% reported for the original MNIST-1D); see tests.
 _CANVAS = 64  # resolution of the intermediate canvas
-_WIDTH_RANGE = (0.35, 0.65)  # digit width as a fraction of the canvas
+_WIDTH_RANGE = (0.25, 0.45)  # digit width as a fraction of the canvas (the rest is padding)
 _AMP_RANGE = (0.7, 1.3)  # amplitude scale
-_SHEAR = 1.0  # max |slope| of the added linear trend across the canvas
-_CORR_NOISE = 0.25  # std of smooth noise (times ``noise``)
-_CORR_PASSES = 3  # [1, 2, 1] / 4 filter passes (binomial kernel of width 7)
+_SHEAR = 2.0  # max |slope| of the added linear trend across the canvas
+_CORR_NOISE = 0.06  # std of smooth noise (times ``noise``)
+_CORR_PASSES = 1  # passes of the [1, 2, 1] / 4 filter that correlates the smooth noise
 _IID_NOISE = 0.05  # std of per-point noise (times ``noise``)
-_BIAS = 0.0  # max |constant offset| added to the whole sequence
+_OFFSET = 0.1  # max |constant offset| added to the whole sequence
 
 _DEFAULT_NOISE = 1.0
-_TMPL_OVERRIDE = None
 _VERSION = 1  # bump when the generator changes, invalidates caches
 
 
@@ -111,9 +111,7 @@ def _circular_interp(canvas: np.ndarray, positions: np.ndarray) -> np.ndarray:
     return canvas[rows, i0] * (1.0 - frac) + canvas[rows, i1] * frac
 
 
-def _render(
-    rng: np.random.Generator, labels: np.ndarray, length: int, noise: float
-) -> np.ndarray:
+def _render(rng: np.random.Generator, labels: np.ndarray, length: int, noise: float) -> np.ndarray:
     n = labels.shape[0]
     canvas = _CANVAS
     k = TEMPLATES.shape[1]
@@ -123,7 +121,7 @@ def _render(
     amp = rng.uniform(*_AMP_RANGE, size=n)
     slope = rng.uniform(-_SHEAR, _SHEAR, size=n)
     shift = rng.integers(0, canvas, size=n)
-    bias = rng.uniform(-_BIAS, _BIAS, size=n)
+    dc = rng.uniform(-_OFFSET, _OFFSET, size=n)
     corr = rng.standard_normal((n, canvas))
     iid = rng.standard_normal((n, length))
 
@@ -134,7 +132,7 @@ def _render(
     pos = np.clip(u, 0.0, 1.0) * (k - 1)
     i0 = np.minimum(np.floor(pos).astype(np.int64), k - 2)
     frac = pos - i0
-    tmpl = _TMPL_OVERRIDE[labels] if _TMPL_OVERRIDE is not None else TEMPLATES[labels]
+    tmpl = TEMPLATES[labels]
     rows = np.arange(n)[:, None]
     x = tmpl[rows, i0] * (1.0 - frac) + tmpl[rows, i0 + 1] * frac
     x = np.where(inside, x, 0.0) * amp[:, None]
@@ -146,7 +144,7 @@ def _render(
     grid = (np.arange(length) + 0.5) * (canvas / length) - 0.5
     x = _circular_interp(x, grid[None, :] - shift[:, None].astype(np.float64))
 
-    return x + bias[:, None] + (noise * _IID_NOISE) * iid
+    return x + dc[:, None] + (noise * _IID_NOISE) * iid
 
 
 def generate_mnist1d(

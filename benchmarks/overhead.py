@@ -1,0 +1,150 @@
+"""What the Trainer costs over a hand-written PyTorch loop.
+
+The same model, data and optimizer are trained by a plain loop and by the Trainer, alternating
+(plain, trainer, plain, trainer, ...) in one process so that machine noise hits both alike; the
+medians of the per-step times are compared. Two models:
+
+* a small CNN whose plain step takes milliseconds: the ratio trainer/plain (target <= 1.02
+  with no algorithms, <= 1.03 with four no-op algorithms registered on every event);
+* a tiny MLP whose step is so cheap that the framework's fixed per-step cost dominates:
+  reported in microseconds per step (target <= 30 us).
+
+Run: ``python -m speedup.benchmarks.overhead [--repeats N] [--steps N]``. The last line is
+machine-readable: ``mlp_overhead_us=<float> cnn_ratio=<float> cnn_ratio_noop4=<float>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from speedup.algorithm import Access, Algorithm, Declaration
+from speedup.data import TensorBatchLoader
+from speedup.event import Event
+from speedup.models import Classifier
+from speedup.models.nets import MLP, SmallCNN2d
+from speedup.trainer import Trainer
+
+
+class NoOp(Algorithm):
+    """Declares every event and does nothing: the engine's dispatch cost, isolated."""
+
+    def __init__(self, index: int) -> None:
+        self.name = f"noop{index}"
+
+    def declare(self) -> Declaration:
+        return Declaration({event: Access() for event in Event})
+
+    def apply(self, event: Event, state: object, logger: object) -> None:
+        return None
+
+
+def _data(shape: tuple[int, ...], samples: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "inputs": torch.randn(samples, *shape, generator=g),
+        "targets": torch.randint(0, 10, (samples,), generator=g),
+    }
+
+
+def plain_loop(net: nn.Module, loader: TensorBatchLoader, steps: int) -> float:
+    """Seconds per step of the loop a user would write by hand."""
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    net.train()
+    done = 0
+    start = time.perf_counter()
+    while done < steps:
+        for batch in loader:
+            loss = F.cross_entropy(net(batch["inputs"]), batch["targets"])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done += 1
+            if done == steps:
+                break
+    return (time.perf_counter() - start) / steps
+
+
+def trainer_loop(net: nn.Module, loader: TensorBatchLoader, steps: int, noops: int) -> float:
+    trainer = Trainer(
+        Classifier(net, 10),
+        loader,
+        f"{steps}ba",
+        optimizer={"name": "sgd", "lr": 0.01, "momentum": 0.9},
+        algorithms=[NoOp(i) for i in range(noops)],
+        log_interval="0ba",
+        device="cpu",
+    )
+    start = time.perf_counter()
+    trainer.fit()
+    return (time.perf_counter() - start) / steps
+
+
+def compare(
+    make_net: Callable[[], nn.Module],
+    data: dict[str, torch.Tensor],
+    batch_size: int,
+    steps: int,
+    repeats: int,
+    noops: int,
+) -> tuple[float, float]:
+    """Median seconds per step (plain, trainer), interleaved, first pair discarded as warm-up."""
+    plain, framework = [], []
+    for repeat in range(repeats + 1):
+        loader = TensorBatchLoader(data, batch_size, shuffle=True, drop_last=True)
+        torch.manual_seed(repeat)
+        p = plain_loop(make_net(), loader, steps)
+        torch.manual_seed(repeat)
+        t = trainer_loop(make_net(), loader, steps, noops)
+        if repeat:  # the first pair warms allocator and caches
+            plain.append(p)
+            framework.append(t)
+    return statistics.median(plain), statistics.median(framework)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--mlp-steps", type=int, default=400)
+    parser.add_argument("--cnn-steps", type=int, default=30)
+    args = parser.parse_args(argv)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{args.repeats} interleaved repeats (medians)"
+    )
+
+    mlp_data = _data((32,), 4096)
+    plain, framework = compare(
+        lambda: MLP(32, 10, (64,)), mlp_data, 32, args.mlp_steps, args.repeats, noops=0
+    )
+    mlp_overhead_us = (framework - plain) * 1e6
+    print(
+        f"mlp  plain {plain * 1e6:8.1f} us/step  trainer {framework * 1e6:8.1f} us/step  "
+        f"overhead {mlp_overhead_us:+.1f} us/step (target <= 30)"
+    )
+
+    cnn_data = _data((3, 32, 32), 1024)
+
+    def cnn() -> nn.Module:
+        return SmallCNN2d(3, 10, channels=8)
+
+    results = {"mlp_overhead_us": mlp_overhead_us}
+    for noops, key, target in ((0, "cnn_ratio", 1.02), (4, "cnn_ratio_noop4", 1.03)):
+        plain, framework = compare(cnn, cnn_data, 32, args.cnn_steps, args.repeats, noops)
+        results[key] = framework / plain
+        print(
+            f"cnn  plain {plain * 1e3:8.2f} ms/step  trainer {framework * 1e3:8.2f} ms/step  "
+            f"ratio {results[key]:.4f} with {noops} no-op algorithms (target <= {target})"
+        )
+    print(" ".join(f"{k}={v:.4f}" for k, v in results.items()))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -261,8 +261,10 @@ class Trainer:
         s, run = self.state, self.engine.run
         run(Event.BEFORE_TRAIN_BATCH)
         full_batch, rows = s.batch, s.batch_size()
+        microbatches = list(self._microbatches(full_batch))
+        total_weight = s.model.loss_weight(full_batch) if len(microbatches) > 1 else None
         batch_loss = None
-        for microbatch in self._microbatches(full_batch):
+        for microbatch in microbatches:
             s.batch = microbatch
             run(Event.BEFORE_FORWARD)
             with self._autocast():
@@ -273,10 +275,12 @@ class Trainer:
                 s.loss = s.model.loss(s.outputs, s.batch)
             run(Event.AFTER_LOSS)
             run(Event.BEFORE_BACKWARD)
-            # Each microbatch loss is a mean; weighting by its share of the batch makes the
-            # accumulated gradient equal the full batch's.
-            share = s.batch_size() / rows
-            scaled = s.loss if share == 1 else s.loss * share
+            # Each microbatch loss is a mean; weighting it by its share of the batch's loss
+            # elements (samples, or label tokens) makes the accumulated gradient the batch's.
+            if total_weight is None:
+                scaled = s.loss
+            else:
+                scaled = s.loss * (s.model.loss_weight(s.batch) / total_weight)
             (s.scaler.scale(scaled) if s.scaler else scaled).backward()
             detached = scaled.detach()
             batch_loss = detached if batch_loss is None else batch_loss + detached
@@ -332,7 +336,8 @@ class Trainer:
                 total[0] = total[0] + value
                 total[1] += count
             run(Event.EVAL_BATCH_END)
-        s.eval_metrics = {name: float(v) / max(n, 1) for name, (v, n) in totals.items()}
+        averages = {name: float(v) / max(float(n), 1.0) for name, (v, n) in totals.items()}
+        s.eval_metrics = s.model.finalize_metrics(averages)
         self.logger.log_metrics({f"eval/{k}": v for k, v in s.eval_metrics.items()})
         run(Event.EVAL_END)
         s.model.train()

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 __all__ = ["DataInfo", "DataSplits", "TensorBatchLoader", "build_dataloaders"]
 
@@ -29,6 +29,11 @@ class DataSplits:
     train: dict[str, torch.Tensor] | Dataset
     eval: dict[str, torch.Tensor] | Dataset | None
     info: DataInfo
+    #: Applied to each collated training batch on the host (e.g. MLM masking); it must draw
+    #: randomness from torch's global RNG so seeding and resume make it reproducible.
+    train_transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    #: Applied to each eval batch (e.g. uint8 -> normalised float); must be deterministic.
+    eval_transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
 
 
 class TensorBatchLoader:
@@ -46,6 +51,7 @@ class TensorBatchLoader:
         shuffle: bool = False,
         drop_last: bool = False,
         seed: int = 0,
+        transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
     ) -> None:
         lengths = {len(t) for t in tensors.values()}
         if len(lengths) != 1:
@@ -56,6 +62,7 @@ class TensorBatchLoader:
         self.shuffle = shuffle
         self.drop_last = drop_last
         self.seed = seed
+        self.transform = transform
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -75,17 +82,34 @@ class TensorBatchLoader:
             start = i * self.batch_size
             stop = min(start + self.batch_size, self.num_samples)
             if order is None:
-                yield {k: t[start:stop] for k, t in self.tensors.items()}
+                batch = {k: t[start:stop] for k, t in self.tensors.items()}
             else:
                 index = order[start:stop]
-                yield {k: t[index] for k, t in self.tensors.items()}
+                batch = {k: t[index] for k, t in self.tensors.items()}
+            yield batch if self.transform is None else self.transform(batch)
+
+
+class _CollateThen:
+    """Default collation followed by a batch transform (picklable, for worker processes)."""
+
+    def __init__(self, transform: Callable[[dict], dict]) -> None:
+        self.transform = transform
+
+    def __call__(self, samples: list) -> dict:
+        return self.transform(default_collate(samples))
 
 
 def _loader(
-    split: Any, batch_size: int, shuffle: bool, drop_last: bool, seed: int, num_workers: int
+    split: Any,
+    batch_size: int,
+    shuffle: bool,
+    drop_last: bool,
+    seed: int,
+    num_workers: int,
+    transform: Callable[[dict], dict] | None = None,
 ) -> Any:
     if isinstance(split, dict):
-        return TensorBatchLoader(split, batch_size, shuffle, drop_last, seed)
+        return TensorBatchLoader(split, batch_size, shuffle, drop_last, seed, transform)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         split,
@@ -96,6 +120,7 @@ def _loader(
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
         generator=generator,
+        collate_fn=_CollateThen(transform) if transform else None,
     )
 
 
@@ -108,9 +133,13 @@ def build_dataloaders(
     drop_last: bool = True,
 ) -> tuple[Any, Any]:
     """Train loader (shuffled, seeded) and eval loader (in order) for ``splits``."""
-    train = _loader(splits.train, batch_size, True, drop_last, seed, num_workers)
+    train = _loader(
+        splits.train, batch_size, True, drop_last, seed, num_workers, splits.train_transform
+    )
     eval_loader = None
     if splits.eval is not None:
         size = eval_batch_size or batch_size
-        eval_loader = _loader(splits.eval, size, False, False, seed, num_workers)
+        eval_loader = _loader(
+            splits.eval, size, False, False, seed, num_workers, splits.eval_transform
+        )
     return train, eval_loader

@@ -36,6 +36,16 @@ class Model(nn.Module):
     def eval_forward(self, batch: dict[str, torch.Tensor]) -> Any:
         return self(batch)
 
+    def loss_weight(self, batch: dict[str, torch.Tensor]) -> int | torch.Tensor:
+        """How many elements ``loss`` averages over in ``batch`` (samples here; label tokens
+        for language models). Gradient accumulation weights each microbatch's mean loss by
+        its share of the batch's total, so accumulated gradients equal the full batch's."""
+        return _rows(batch)
+
+    def finalize_metrics(self, averages: dict[str, float]) -> dict[str, float]:
+        """Metrics derived from the accumulated averages (e.g. perplexity from loss)."""
+        return averages
+
 
 def _rows(batch: dict[str, torch.Tensor]) -> int:
     return int(next(iter(batch.values())).shape[0])
@@ -69,5 +79,11 @@ class Classifier(Model):
             targets = targets.argmax(-1)
         n = int(targets.shape[0])
         loss_sum = F.cross_entropy(outputs.float(), targets, reduction="sum")
-        correct = (outputs.argmax(-1) == targets).sum()
-        return {"accuracy": (correct.float(), n), "loss": (loss_sum.detach(), n)}
+        metrics = {"loss": (loss_sum.detach(), n)}
+        k = min(5, outputs.shape[-1])
+        top = outputs.topk(k, dim=-1).indices
+        hits = top == targets.unsqueeze(-1)
+        metrics["accuracy"] = (hits[:, 0].sum().float(), n)
+        if self.num_classes > 5:
+            metrics["top5_accuracy"] = (hits.any(-1).sum().float(), n)
+        return metrics

@@ -47,6 +47,7 @@ STATE_FIELDS: dict[str, str] = {
     "model.weights": "parameter and buffer values",
     "model.grads": "parameter .grad tensors",
     "model.mode": "train/eval mode, requires_grad flags",
+    "masks": "pruning masks (state.masks) and when they last changed",
     "optimizer": "the optimizer object or its param groups",
     "lr": "learning rates in the optimizer's param groups",
     "scheduler": "the LR schedulers",
@@ -139,6 +140,11 @@ class Algorithm:
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         raise NotImplementedError
+
+    def check_composition(self, algorithms: Mapping[str, Algorithm]) -> list[str]:
+        """Problems with this algorithm's arguments given the others present (e.g. a rewind
+        point after the pruning time). Each message becomes a plan conflict."""
+        return []
 
     def state_dict(self) -> dict[str, Any]:
         return {}

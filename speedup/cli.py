@@ -118,12 +118,16 @@ def cmd_describe(args: argparse.Namespace) -> int:
         registry = _registry(kind)
         if args.name in registry:
             item = registry.get(args.name)
-            print(f"{args.name} ({kind[:-1]}): {getattr(item, '__qualname__', item)}")
+            print(f"{args.name} ({kind[:-1]}): {item.__module__}.{item.__qualname__}")
             print()
             print(inspect.cleandoc(item.__doc__ or "(no description)"))
-            target = item.__init__ if isinstance(item, type) else item
+            card = sys.modules[item.__module__].__doc__
+            if kind == "algorithms" and card:  # the module docstring is the method card
+                print()
+                print(inspect.cleandoc(card))
             print()
-            print(f"arguments: {inspect.signature(target)}")
+            print("arguments:")
+            print(_format_arguments(item))
             if kind == "algorithms":
                 print()
                 print(_format_declaration(item()))
@@ -142,6 +146,21 @@ def cmd_describe(args: argparse.Namespace) -> int:
     raise UnknownNameError(
         f"unknown name {args.name!r}{suggest(args.name, names)}; known: {', '.join(names)}"
     )
+
+
+def _format_arguments(item: object) -> str:
+    import inspect
+
+    target = item.__init__ if isinstance(item, type) else item
+    lines = []
+    for name, param in inspect.signature(target).parameters.items():
+        if name in ("self", "info") or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        annotation = param.annotation
+        shown = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+        default = "" if param.default is param.empty else f" = {param.default!r}"
+        lines.append(f"  {name}: {shown}{default}" if shown else f"  {name}{default}")
+    return "\n".join(lines) or "  (none)"
 
 
 def _format_declaration(algorithm: object) -> str:

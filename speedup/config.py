@@ -400,6 +400,10 @@ def _validate(cfg: DictConfig, origin: dict[str, str]) -> None:
                     f"arguments (or {{}} for defaults), got {args!r}"
                 )
             check_arguments(cls, args or {}, f"{section}.{name}", src(f"{section}.{name}"))
+            try:  # constructors check values (ranges, enums) beyond types
+                cls(**(args or {}))
+            except (ValueError, TypeError) as err:
+                raise ConfigError(f"{src(f'{section}.{name}')}: {section}.{name}: {err}") from None
 
 
 # -- the entry point ------------------------------------------------------------------------

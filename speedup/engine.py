@@ -8,7 +8,11 @@ also lists every conflict:
 * two algorithms write one field at one event and neither is ordered before the other;
 * a declared incompatibility between two present algorithms;
 * an algorithm whose ``model_kinds``/``data_kinds`` exclude this model or data;
-* an ordering cycle, or an ordering constraint naming an algorithm that is not registered.
+* an ordering cycle;
+* a problem an algorithm finds in its arguments given the others (``check_composition``).
+
+An ordering constraint naming an algorithm that is not registered is only a warning: it may
+name a plugin that is not installed.
 
 Conflicts are errors by default (:class:`PlanError`). At run time each event goes only to the
 algorithms planned for it, then to callbacks that hook it, then to loggers.
@@ -34,7 +38,7 @@ __all__ = ["Conflict", "Engine", "Plan", "PlanError", "build_plan"]
 
 @dataclass(frozen=True)
 class Conflict:
-    kind: str  # "write-write", "incompatible", "not-applicable", "cycle", "unknown-name"
+    kind: str  # write-write, incompatible, not-applicable, cycle, unknown-name, invalid
     algorithms: tuple[str, ...]
     event: Event | None = None
     field: str | None = None
@@ -59,6 +63,7 @@ class Plan:
 
     order: dict[Event, list[str]] = field(default_factory=dict)
     conflicts: list[Conflict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def format(self, declarations: dict[str, Declaration] | None = None) -> str:
         """A human-readable table, as ``speedup plan`` prints it."""
@@ -79,6 +84,7 @@ class Plan:
         if not lines:
             lines.append("(no algorithms)")
         lines.append("")
+        lines.extend(f"warning: {w}" for w in self.warnings)
         if self.conflicts:
             lines.append(f"CONFLICTS ({len(self.conflicts)}):")
             lines.extend(f"  - {c}" for c in self.conflicts)
@@ -145,10 +151,19 @@ def build_plan(
     model_kind: str | None = None,
     data_kind: str | None = None,
     known_names: set[str] | None = None,
+    algorithms: Sequence[Algorithm] = (),
 ) -> Plan:
-    """Plan the algorithms ``declarations`` (name -> Declaration, in recipe order)."""
+    """Plan the algorithms ``declarations`` (name -> Declaration, in recipe order).
+
+    ``algorithms`` (the instances), when given, are also asked ``check_composition``."""
     names = list(declarations)
     plan = Plan()
+    by_name = {a.name: a for a in algorithms}
+    for algorithm in algorithms:
+        for problem in algorithm.check_composition(by_name):
+            plan.conflicts.append(
+                Conflict("invalid", (algorithm.name,), message=f"{algorithm.name}: {problem}")
+            )
     pairs = _ordered_pairs(names, declarations)
     closure = _reachable(pairs)
     seen_incompatible = set()
@@ -176,15 +191,11 @@ def build_plan(
                         f"(it applies to: {', '.join(sorted(allowed))})",
                     )
                 )
-        if known_names is not None:
+        if known_names is not None:  # a typo, or a plugin that is not installed: not fatal
             for other in sorted((decl.runs_before | decl.runs_after) - known_names):
-                plan.conflicts.append(
-                    Conflict(
-                        "unknown-name",
-                        (name, other),
-                        message=f"{name} declares an order relative to {other!r}, "
-                        "which is not a registered algorithm",
-                    )
+                plan.warnings.append(
+                    f"{name} declares an order relative to {other!r}, "
+                    "which is not a registered algorithm"
                 )
     for event in Event:
         present = [n for n in names if event in declarations[n].events]
@@ -266,7 +277,9 @@ class Engine:
         strict: bool = True,
     ) -> Plan:
         """Build the plan and the dispatch tables. Raises PlanError on conflicts if strict."""
-        self.plan = build_plan(self.declarations(), model_kind, data_kind)
+        self.plan = build_plan(
+            self.declarations(), model_kind, data_kind, algorithms=self.algorithms
+        )
         if self.plan.conflicts and strict:
             raise PlanError(self.plan.conflicts)
         by_name = {a.name: a for a in self.algorithms}

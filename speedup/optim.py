@@ -160,8 +160,15 @@ class _Schedule:
         self.total = None if md.unit == TimeUnit.SECOND else converter.to_batches(md)
 
     def __call__(self, _: int) -> float:
-        step = float(self.state.timestamp.batch)
-        frac = self.state.elapsed_fraction
+        return self.factor_at(self.state.timestamp.batch)
+
+    def factor_at(self, batch: float) -> float:
+        """The multiplier at a given batch count (LR rewinding replays earlier values)."""
+        step = float(batch)
+        if self.total is not None:
+            frac = min(1.0, step / self.total) if self.total else 1.0
+        else:  # a wall-clock run: only the elapsed fraction is known
+            frac = self.state.elapsed_fraction
         warm = _warmup_factor(step, self.warmup)
         if self.name == "step":
             return warm * self.gamma ** math.floor(step / self.step_size)

@@ -134,6 +134,7 @@ def plan_config(cfg: DictConfig):
         model_kind=getattr(MODELS.get(cfg.model.name), "kind", None),
         data_kind=getattr(DATASETS.get(cfg.data.name), "kind", None),
         known_names=set(ALGORITHMS.names()),
+        algorithms=algorithms,
     )
     return plan, declarations
 

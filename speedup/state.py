@@ -45,6 +45,11 @@ class State:
     callbacks: list[Callback] = field(default_factory=list)
     eval_metrics: dict[str, float] = field(default_factory=dict)
     train_metrics: dict[str, float] = field(default_factory=dict)
+    #: Surviving-weight masks by parameter name (bool tensors), written by pruning algorithms
+    #: and read by those that must respect sparsity (rewinding, weight averaging).
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: The batch count at which ``masks`` last changed (None: never).
+    masks_updated_at: int | None = None
     stop_requested: bool = False
     stop_reason: str = ""
 

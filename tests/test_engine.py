@@ -104,9 +104,29 @@ def test_cycle_is_a_conflict():
     assert [c.kind for c in plan.conflicts] == ["cycle"]
 
 
-def test_unknown_order_name_is_reported_when_names_are_known():
+def test_unknown_order_name_is_a_warning_when_names_are_known():
     plan = build_plan({"a": decl(runs_after={"nonexistent"})}, known_names={"a"})
-    assert [c.kind for c in plan.conflicts] == ["unknown-name"]
+    assert plan.conflicts == []
+    assert plan.warnings == [
+        "a declares an order relative to 'nonexistent', which is not a registered algorithm"
+    ]
+    assert "warning: a declares" in plan.format()
+
+
+def test_check_composition_problems_become_conflicts():
+    class Picky(Algorithm):
+        name = "picky"
+
+        def declare(self):
+            return Declaration()
+
+        def check_composition(self, algorithms):
+            return [f"needs a partner, got {sorted(algorithms)}"]
+
+    plan = build_plan({"picky": decl()}, algorithms=[Picky()])
+    assert [(c.kind, str(c)) for c in plan.conflicts] == [
+        ("invalid", "picky: needs a partner, got ['picky']")
+    ]
 
 
 def test_unknown_state_field_is_rejected_at_declaration():

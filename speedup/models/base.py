@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Model", "Classifier", "soft_cross_entropy"]
+__all__ = ["Model", "Classifier", "infer_kind", "soft_cross_entropy"]
 
 Metrics = dict[str, tuple[torch.Tensor, int]]
 
@@ -51,6 +51,16 @@ def _rows(batch: dict[str, torch.Tensor]) -> int:
     return int(next(iter(batch.values())).shape[0])
 
 
+def infer_kind(net: nn.Module) -> str:
+    """``cnn`` if the net convolves, ``mlp`` if it is only linear layers, else ``generic``."""
+    modules = list(net.modules())
+    if any(isinstance(m, nn.modules.conv._ConvNd) for m in modules):
+        return "cnn"
+    if any(isinstance(m, nn.Linear) for m in modules):
+        return "mlp"
+    return "generic"
+
+
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy that takes class indices or per-class probabilities (smoothed or mixed)."""
     if targets.dtype.is_floating_point and targets.shape == logits.shape:
@@ -61,11 +71,11 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 class Classifier(Model):
     """Wraps any ``nn.Module`` mapping ``batch["inputs"]`` to class logits."""
 
-    def __init__(self, net: nn.Module, num_classes: int, kind: str = "vision") -> None:
+    def __init__(self, net: nn.Module, num_classes: int, kind: str | None = None) -> None:
         super().__init__()
         self.net = net
         self.num_classes = num_classes
-        self.kind = kind
+        self.kind = kind or infer_kind(net)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.net(batch["inputs"])

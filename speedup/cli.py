@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="print the per-event algorithm order and conflicts")
     _add_recipe_args(plan)
     listing = sub.add_parser("list", help="list registered components")
-    listing.add_argument("what", nargs="?", choices=LISTABLE, help="one kind (default: all)")
+    listing.add_argument("what", nargs="*", choices=LISTABLE, help="kinds to list (default: all)")
     describe = sub.add_parser("describe", help="an algorithm's method card and declaration")
     describe.add_argument("name", help="an algorithm, model, dataset or recipe name")
     for command in (run, plan, listing, describe):
@@ -57,7 +57,7 @@ def _first_line(obj: object) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    kinds = [args.what] if args.what else list(LISTABLE)
+    kinds = list(args.what) or list(LISTABLE)
     for kind in kinds:
         rows = _listing(kind)
         print(f"{kind}:")
@@ -255,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `speedup list | head`: the reader left; not an error
+        sys.stderr.close()
+        return 0
     except Exception as err:
         if isinstance(err, _user_errors()):
             if args.debug:

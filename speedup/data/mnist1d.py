@@ -19,9 +19,11 @@ Rendering of one sample (all randomness from ``numpy.random.default_rng(seed)``)
       -> linear resampling to ``length`` points
       -> random constant offset and iid gaussian noise
 
-Only elementwise float64 arithmetic is used after drawing random numbers (no BLAS, no
-transcendental functions), so identical arguments give bit-identical tensors on any
-machine.
+Only elementwise float64 arithmetic is used after drawing the random numbers (no BLAS
+reductions, no vectorised transcendental functions), so identical arguments give
+bit-identical tensors on any machine, for a given NumPy random-stream version (NumPy
+keeps ``default_rng`` streams stable in practice but does not promise it across major
+versions).
 """
 
 from __future__ import annotations
@@ -225,9 +227,12 @@ def load_mnist1d(
             loaded = torch.load(path, map_location="cpu", weights_only=True)
             if (
                 isinstance(loaded, dict)
-                and loaded.get("inputs") is not None
-                and loaded.get("targets") is not None
+                and isinstance(loaded.get("inputs"), torch.Tensor)
+                and isinstance(loaded.get("targets"), torch.Tensor)
+                and loaded["inputs"].dtype == torch.float32
+                and loaded["targets"].dtype == torch.int64
                 and loaded["inputs"].shape == (settings["num_samples"], 1, settings["length"])
+                and loaded["targets"].shape == (settings["num_samples"],)
             ):
                 data = {"inputs": loaded["inputs"], "targets": loaded["targets"]}
         except Exception:  # corrupt or foreign file: regenerate and overwrite
@@ -270,15 +275,17 @@ def load_mnist1d_file(
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(
-            f"MNIST-1D pickle not found: {str(p)!r}. Download mnist1d_data.pkl from the "
+            f"MNIST-1D pickle not found: '{p}'. Download mnist1d_data.pkl from the "
             "original MNIST-1D project, or use load_mnist1d() to generate data locally."
         )
     # Unpickling executes code from the file: this is a trusted, user-supplied file.
     with open(p, "rb") as f:
         raw = pickle.load(f)
+    if not isinstance(raw, dict):
+        raise ValueError(f"'{p}' does not hold a dict, so it is not an MNIST-1D pickle")
     missing = [k for k in ("x", "y", "x_test", "y_test") if k not in raw]
     if missing:
-        raise KeyError(f"{str(p)!r} lacks keys {missing}")
+        raise KeyError(f"'{p}' lacks keys {missing}; is it an MNIST-1D pickle?")
 
     def split(x: Any, y: Any) -> dict[str, torch.Tensor]:
         xs = torch.as_tensor(np.asarray(x), dtype=torch.float32)

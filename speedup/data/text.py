@@ -407,13 +407,17 @@ def _encode_capped(tok: TextTokenizer, docs: Iterable[str], cap: int | None) -> 
         return 1_000_000 if cap is None else max(20_000, min(1_000_000, 4 * (cap - total)))
 
     for batch in _batched_by_chars(iter(docs), budget):
+        flat: list[int] = []
         for ids in tok.encode_batch(batch):
-            pieces.append(torch.tensor([*ids, tok.sep_id], dtype=torch.int32))
-            total += len(ids) + 1
+            flat.extend(ids)
+            flat.append(tok.sep_id)
+        if cap is not None and total + len(flat) > cap:
+            del flat[cap - total :]  # trim before concatenating: no second copy of the stream
+        pieces.append(torch.tensor(flat, dtype=torch.int32))  # one tensor per batch of docs
+        total += len(flat)
         if cap is not None and total >= cap:
             break
-    stream = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int32)
-    return stream[:cap].clone() if cap is not None else stream
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int32)
 
 
 def load_token_streams(
@@ -442,8 +446,8 @@ def load_token_streams(
         "max_train_tokens": max_train_tokens,
         "max_eval_tokens": max_eval_tokens,
     }
-    text = json.dumps(key_data, sort_keys=True, default=str)
-    key = hashlib.sha256(text.encode()).hexdigest()[:16]
+    described = json.dumps(key_data, sort_keys=True, default=str)
+    key = hashlib.sha256(described.encode()).hexdigest()[:16]
     path = default_cache_dir() / f"text-{key}.pt"
     if cache and path.is_file():
         try:
@@ -484,7 +488,7 @@ def load_token_streams(
         meta = {
             "tokenizer": tok.serialized,
             "vocab_size": tok.vocab_size,
-            "settings": text,
+            "settings": described,
         }
         _atomic_save({"train": train, "eval": evaluation, "meta": meta}, path)  # type: ignore[arg-type]
     return train, evaluation, tok
@@ -520,6 +524,7 @@ def build_splits(
     objective: str,
     mlm_probability: float,
     eval_mlm_probability: float | None = None,
+    eval_expected: bool = True,
 ) -> DataSplits:
     """Pack the streams into blocks and attach the objective's labels and transforms."""
     from speedup.config import ConfigError
@@ -533,7 +538,7 @@ def build_splits(
     eval_blocks = pack_blocks(eval_stream, seq_len)
     train = _split_dict(train_blocks)
     evaluation = _split_dict(eval_blocks) if eval_blocks.shape[0] else None
-    if evaluation is None:
+    if evaluation is None and eval_expected:
         warnings.warn(f"text data: fewer than {seq_len} eval tokens; no eval split", stacklevel=3)
     # DataInfo has no vocab field: for language data num_classes is the vocab size, i.e. the
     # number of output classes of the LM head.
@@ -640,7 +645,14 @@ def text(
         max_train_tokens, max_eval_tokens, cache,
     )  # fmt: skip
     return build_splits(
-        train, evaluation, tok, seq_len, objective, mlm_probability, eval_mlm_probability
+        train,
+        evaluation,
+        tok,
+        seq_len,
+        objective,
+        mlm_probability,
+        eval_mlm_probability,
+        eval_expected=eval_docs is not None,
     )
 
 

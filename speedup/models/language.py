@@ -272,6 +272,8 @@ def gpt2(
         resid_pdrop=p,
         embd_pdrop=p,
         attn_pdrop=p,
+        bos_token_id=None,  # GPT-2's 50256 lies outside a small vocab; training never uses it
+        eos_token_id=None,
         **GPT2_SIZES[size],
     )
     return HFModel(GPT2LMHeadModel(config), "clm", kind="gpt2")

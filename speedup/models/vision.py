@@ -37,24 +37,21 @@ def _num_classes(info: Any) -> int:
 
 def _set_input_channels(net: nn.Module, channels: int) -> None:
     """Replace the first Conv2d when the data does not have the 3 channels it was built for."""
-    for parent in net.modules():
-        for name, child in parent.named_children():
-            if isinstance(child, nn.Conv2d):
-                if child.in_channels == channels:
-                    return
-                conv = nn.Conv2d(
-                    channels,
-                    child.out_channels,
-                    child.kernel_size,
-                    stride=child.stride,
-                    padding=child.padding,
-                    dilation=child.dilation,
-                    groups=1,
-                    bias=child.bias is not None,
-                    padding_mode=child.padding_mode,
-                )
-                setattr(parent, name, conv)
-                return
+    name, first = next((n, m) for n, m in net.named_modules() if isinstance(m, nn.Conv2d))
+    if first.in_channels == channels:
+        return
+    parent_name, _, child_name = name.rpartition(".")
+    conv = nn.Conv2d(
+        channels,
+        first.out_channels,
+        first.kernel_size,
+        stride=first.stride,
+        padding=first.padding,
+        dilation=first.dilation,
+        bias=first.bias is not None,
+        padding_mode=first.padding_mode,
+    )
+    setattr(net.get_submodule(parent_name), child_name, conv)
 
 
 def _head_keys(net: nn.Module) -> set[str]:

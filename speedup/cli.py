@@ -41,7 +41,12 @@ def _parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="print the per-event algorithm order and conflicts")
     _add_recipe_args(plan)
     listing = sub.add_parser("list", help="list registered components")
-    listing.add_argument("what", nargs="*", choices=LISTABLE, help="kinds to list (default: all)")
+    listing.add_argument(
+        "what",
+        nargs="*",
+        metavar="KIND",
+        help=f"kinds to list: {', '.join(LISTABLE)} (default: all)",
+    )
     describe = sub.add_parser("describe", help="an algorithm's method card and declaration")
     describe.add_argument("name", help="an algorithm, model, dataset or recipe name")
     for command in (run, plan, listing, describe):
@@ -58,6 +63,14 @@ def _first_line(obj: object) -> str:
 
 def cmd_list(args: argparse.Namespace) -> int:
     kinds = list(args.what) or list(LISTABLE)
+    unknown = [k for k in kinds if k not in LISTABLE]
+    if unknown:
+        from speedup.registry import UnknownNameError, suggest
+
+        raise UnknownNameError(
+            f"cannot list {unknown[0]!r}{suggest(unknown[0], list(LISTABLE))}; "
+            f"kinds: {', '.join(LISTABLE)}"
+        )
     for kind in kinds:
         rows = _listing(kind)
         print(f"{kind}:")

@@ -68,6 +68,7 @@ class RunConfig:
     compile: bool = False
     scale_schedule_ratio: float = 1.0
     run_dir: str | None = None
+    threads: int | None = None
     progress_bar: bool = True
     trace: bool = False
     smoke: dict[str, Any] = field(default_factory=dict)
@@ -231,6 +232,8 @@ def _type_ok(value: Any, annotation: Any) -> bool:
     if annotation is inspect.Parameter.empty or annotation is Any:
         return True
     origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
         return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
     if annotation is type(None):
@@ -470,7 +473,7 @@ def _deep_merge(base: dict, extra: dict) -> dict:
 def config_hash(cfg: DictConfig) -> str:
     """A short hash of the resolved config, the run's identity (run_dir excluded)."""
     data = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("run_dir", "progress_bar", "trace", "smoke"):
+    for key in ("run_dir", "progress_bar", "trace", "threads", "smoke"):
         data.pop(key, None)
     text = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:8]

@@ -33,7 +33,7 @@ def test_naming_another_component_replaces_its_section(tmp_path):
     cfg = load_config(str(child))
     assert dict(cfg.optimizer) == {"name": "sgd", "lr": 0.1}  # adamw's weight_decay is gone
     cfg = load_config("quickstart", ["data.name=mnist1d", "data.length=40"])
-    assert cfg.data.batch_size == 100
+    assert cfg.data.batch_size == 256
 
 
 def test_overrides_and_deletion():

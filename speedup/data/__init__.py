@@ -21,4 +21,4 @@ class DataPathError(FileNotFoundError):
     """A configured data path does not exist. The message says what to put where."""
 
 
-from speedup.data import catalog, shapes2d, vision  # noqa: E402,F401  (registers the built-ins)
+from speedup.data import catalog, shapes2d, text, vision  # noqa: E402,F401  (registers the built-ins)

@@ -208,11 +208,11 @@ def _draw_parameters(
     p["bg_a"] = rng.uniform(0.0, 1.0, (n, 3))
     p["bg_b"] = rng.uniform(0.0, 1.0, (n, 3))
     p["bg_angle"] = rng.uniform(0.0, 2 * math.pi, n)
-    p["texture_amp"] = rng.uniform(0.0, 0.12, n) * d
+    p["texture_amp"] = rng.uniform(0.0, 0.08, n) * d
     # The shape: scale (half size in [-1, 1] image units), centre, rotation, mirror, variant.
-    smin = max(0.22, 0.45 - 0.15 * d)
+    smin = max(0.25, 0.5 - 0.1 * d)
     p["scale"] = rng.uniform(smin, 0.6, n)
-    room = np.clip(0.95 - p["scale"] * (1.0 - 0.2 * min(d, 1.0)), 0.0, None)
+    room = np.clip(0.95 - p["scale"] * (1.0 - 0.1 * min(d, 2.0)), 0.0, None)
     p["cx"] = rng.uniform(-1.0, 1.0, n) * room
     p["cy"] = rng.uniform(-1.0, 1.0, n) * room
     p["angle"] = rng.uniform(0.0, 2 * math.pi, n)
@@ -220,14 +220,14 @@ def _draw_parameters(
     p["variant"] = rng.uniform(0.0, 1.0, n)
     # Foreground colour, pushed away from the background colour under the shape.
     fg = rng.uniform(0.0, 1.0, (n, 3))
-    min_contrast = max(0.15, 0.6 - 0.35 * d)
+    min_contrast = max(0.15, 0.55 - 0.15 * d)
     p["min_contrast"] = np.full(n, min_contrast)
     p["fg_raw"] = fg
-    p["fg_shade"] = rng.uniform(-0.25, 0.25, (n, 2)) * min(d, 1.5)
+    p["fg_shade"] = rng.uniform(-0.2, 0.2, (n, 2)) * min(d, 2.0)
     # Distractors: 3 strokes behind, 2 strokes and 2 blobs in front.
     k = 7
     p["dis_on"] = rng.uniform(0.0, 1.0, (n, k)) < np.clip(
-        np.array([0.6, 0.5, 0.4, 0.45, 0.35, 0.4, 0.3]) * d, 0.0, 1.0
+        np.array([0.3, 0.25, 0.2, 0.22, 0.18, 0.2, 0.15]) * d, 0.0, 1.0
     )
     p["dis_a"] = rng.uniform(-1.1, 1.1, (n, k, 2))
     p["dis_dir"] = rng.uniform(0.0, 2 * math.pi, (n, k))
@@ -235,7 +235,7 @@ def _draw_parameters(
     p["dis_width"] = rng.uniform(0.025, 0.07, (n, k))
     p["dis_blob"] = rng.uniform(0.06, 0.16, (n, k))
     p["dis_colour"] = rng.uniform(0.0, 1.0, (n, k, 3))
-    p["noise_std"] = rng.uniform(0.5, 1.0, n) * 0.06 * d
+    p["noise_std"] = rng.uniform(0.5, 1.0, n) * 0.03 * d
     p["seeds"] = rng.integers(0, 2**62, size=1)
     return p
 

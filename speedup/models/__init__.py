@@ -15,4 +15,4 @@ def build_model(name: str, info, **args) -> Model:  # noqa: ANN001 - DataInfo, a
     return MODELS.get(name)(info, **args)
 
 
-from speedup.models import vision, zoo  # noqa: E402,F401  (registers the built-in models)
+from speedup.models import language, vision, zoo  # noqa: E402,F401  (registers the built-in models)

@@ -5,8 +5,8 @@ position, scale, rotation and mirroring, in a random colour, over a textured gra
 background, with distractor strokes and blobs behind and in front of it, and pixel noise.
 Nothing is downloaded and no file is read: the images are rasterised from signed distance
 functions, with anti-aliased edges, at any resolution (32x32 and up; the same parameters
-give the same scene at every resolution, so a low-resolution set is a blurred copy of a
-high-resolution one, which is what progressive resizing assumes).
+give the same scene at every resolution (up to pixel noise), so a low-resolution set is a
+blurred copy of a high-resolution one, which is what progressive resizing assumes).
 
 The task is built so that it needs spatial features, not colour statistics: the class is
 independent of every colour, of the position and of the orientation; a linear model on the

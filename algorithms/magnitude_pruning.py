@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from speedup.algorithm import Access, Algorithm, Declaration
+from speedup.config import ConfigError
 from speedup.event import Event
 from speedup.time import Time
 
@@ -277,10 +278,20 @@ class MagnitudePruning(Algorithm):
             key: conv.to_batches(getattr(self, key)) for key in ("at", "start", "end", "every")
         }
         if self.schedule == "gradual" and self._times["end"] < self._times["start"]:
-            raise ValueError("magnitude_pruning: end must not be before start")
+            raise ConfigError("algorithms.magnitude_pruning: end must not be before start")
         params = prunable_parameters(state.model, self.include, self.exclude)
         if not params:
-            raise ValueError("magnitude_pruning: no parameter matches include/exclude")
+            raise ConfigError("algorithms.magnitude_pruning: no parameter matches include/exclude")
+        if self.nm is not None:  # fail before the first step, not at the pruning time
+            n, m = self.nm
+            for name, weight in params.items():
+                width = weight[0].numel()
+                if width % m:
+                    raise ConfigError(
+                        f"algorithms.magnitude_pruning: {name} has input dimension {width}, "
+                        f"not divisible by M={m} for {n}:{m} sparsity; add it to exclude "
+                        f"(e.g. exclude: ['{name}']) or pick an M dividing it"
+                    )
         self._named = params
         if self.masks:  # resumed: masks came from load_state_dict
             self._install(state, {n: m.to(params[n].device) for n, m in self.masks.items()})

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from speedup.algorithm import Access, Algorithm, Declaration
+from speedup.config import ConfigError
 from speedup.event import Event
 from speedup.time import Time
 
@@ -113,10 +114,17 @@ class Rewinding(Algorithm):
                 if state.schedulers
                 else [g["lr"] for g in state.optimizer.param_groups]
             )
+            for other in state.algorithms:  # units that differ are comparable only now
+                first = getattr(other, "first_prune_time", lambda: None)()
+                if first is not None and state.converter.to_batches(first) < self._to_batch:
+                    raise ConfigError(
+                        f"algorithms.rewinding: to={self.to} is later than {other.name}'s "
+                        f"first pruning at {first}"
+                    )
             if self.mode == "weights" and self.snapshot is None and batch >= self._to_batch:
                 if batch > self._to_batch:
-                    raise ValueError(
-                        f"rewinding: cannot snapshot at {self.to}, training is past it"
+                    raise ConfigError(
+                        f"algorithms.rewinding: cannot snapshot at {self.to}, training is past it"
                     )
                 self._take_snapshot(state)
             return

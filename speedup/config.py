@@ -279,8 +279,11 @@ def check_arguments(
         annotation = hints.get(key, params[key].annotation)
         if not _type_ok(value, annotation):
             shown = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+            hint = ""
+            if annotation is str and isinstance(value, (int, float)):
+                hint = " (quote it: YAML reads 2:4 as the base-60 number 124, 1e3 as a number)"
             raise ConfigError(
-                f"{source}: {section}.{key}: wrong type: got {value!r}, expected {shown}"
+                f"{source}: {section}.{key}: wrong type: got {value!r}, expected {shown}{hint}"
             )
     missing = [
         n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in args

@@ -162,3 +162,23 @@ def test_include_and_exclude_patterns():
 def test_sparsity_outside_unit_interval_is_a_config_error(value):
     with pytest.raises(ConfigError, match=r"magnitude_pruning.*sparsity must be in \[0, 1\)"):
         load_config("quickstart", [f"algorithms.magnitude_pruning.sparsity={value}"])
+
+
+def test_n_m_not_dividing_a_layer_fails_before_training_with_exit_2(capsys, tmp_path):
+    from speedup.cli import main
+
+    # MNIST-1D's first conv has 1 input channel x kernel 5 = 5 inputs per output: not 4-divisible
+    code = main(
+        [
+            "run",
+            "quickstart",
+            "--smoke",
+            f"run_dir={tmp_path}",
+            "progress_bar=false",
+            "algorithms.magnitude_pruning.structure='2:4'",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "not divisible by M=4" in err and "exclude" in err
+    assert not (tmp_path / "summary.json").exists()

@@ -110,3 +110,11 @@ def test_rewind_point_after_pruning_is_a_plan_error():
 def test_bad_mode_is_a_config_error():
     with pytest.raises(ConfigError, match="rewinding.mode must be one of weights, lr, finetune"):
         load_config("quickstart", ["algorithms.rewinding.mode=rewind"])
+
+
+def test_rewind_after_pruning_in_other_units_fails_at_fit_start():
+    train, _ = loaders(make_blobs(n=64), batch_size=8)  # 8 batches per epoch
+    algorithms = [MagnitudePruning(at="10ba"), Rewinding(to="2ep")]
+    trainer = Trainer(model(), train, "30ba", algorithms=algorithms)  # plan: units differ
+    with pytest.raises(ConfigError, match="to=2ep is later than magnitude_pruning's first"):
+        trainer.fit()

@@ -51,6 +51,8 @@ __all__ = [
 ]
 
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: ``fixed`` never prunes: it holds masks given through ``load_state_dict`` (lottery levels).
+SCHEDULES = ("oneshot", "gradual", "fixed")
 
 
 def parse_structure(structure: str) -> tuple[int, int] | None:
@@ -212,9 +214,10 @@ class MagnitudePruning(Algorithm):
             raise ValueError(f"magnitude_pruning.sparsity must be in [0, 1), got {sparsity}")
         if not 0.0 <= initial_sparsity <= sparsity:
             raise ValueError("magnitude_pruning.initial_sparsity must be in [0, sparsity]")
-        if schedule not in ("oneshot", "gradual"):
+        if schedule not in SCHEDULES:
             raise ValueError(
-                f"magnitude_pruning.schedule: 'oneshot' or 'gradual', got {schedule!r}"
+                f"magnitude_pruning.schedule must be one of {', '.join(SCHEDULES)}, "
+                f"got {schedule!r}"
             )
         if scope not in ("global", "layerwise"):
             raise ValueError(f"magnitude_pruning.scope: 'global' or 'layerwise', got {scope!r}")
@@ -238,8 +241,8 @@ class MagnitudePruning(Algorithm):
             }
         )
 
-    def first_prune_time(self) -> Time:
-        return self.at if self.schedule == "oneshot" else self.start
+    def first_prune_time(self) -> Time | None:
+        return {"oneshot": self.at, "gradual": self.start}.get(self.schedule)
 
     # -- schedule -------------------------------------------------------------------------
 
@@ -255,6 +258,8 @@ class MagnitudePruning(Algorithm):
 
     def _due(self, batch: int) -> bool:
         t = self._times
+        if self.schedule == "fixed":
+            return False
         if self.schedule == "oneshot":
             return batch == round(t["at"])
         start, end, every = round(t["start"]), round(t["end"]), max(1, round(t["every"]))
@@ -293,7 +298,9 @@ class MagnitudePruning(Algorithm):
                         f"(e.g. exclude: ['{name}']) or pick an M dividing it"
                     )
         self._named = params
-        if self.masks:  # resumed: masks came from load_state_dict
+        if self.schedule == "fixed" and not self.masks:
+            raise ConfigError("algorithms.magnitude_pruning: schedule 'fixed' needs masks loaded")
+        if self.masks:  # resumed, or fixed: masks came from load_state_dict
             self._install(state, {n: m.to(params[n].device) for n, m in self.masks.items()})
             apply_masks(self._params, self._float_masks)
         elif self._due(state.timestamp.batch):  # pruning at initialisation ("0ba")

@@ -40,6 +40,50 @@ def _parser() -> argparse.ArgumentParser:
     _add_recipe_args(run)
     plan = sub.add_parser("plan", help="print the per-event algorithm order and conflicts")
     _add_recipe_args(plan)
+    lottery = sub.add_parser(
+        "lottery",
+        help="lottery-ticket experiments: IMP with controls, pruning at init, instability",
+        description="Iterative magnitude pruning with rewinding (default), or --pai, "
+        "--instability, --scaling. Every run has its own directory; rerunning the same "
+        "command resumes at the first unfinished run.",
+    )
+    _add_recipe_args(lottery)
+    lottery.add_argument(
+        "--out", help="experiment directory (default runs/lottery-<recipe>-<hash>)"
+    )
+    lottery.add_argument("--levels", type=int, default=3, help="IMP levels after the dense one")
+    lottery.add_argument("--prune-fraction", type=float, default=0.2, help="of survivors per level")
+    lottery.add_argument("--conv-fraction", type=float, help="conv layers' rate (default: same)")
+    lottery.add_argument("--output-fraction", type=float, help="output layer (default: half)")
+    lottery.add_argument("--scope", choices=("layerwise", "global"), default="layerwise")
+    lottery.add_argument("--rewind", default="0ba", help="rewind point, a Time (0ba: init)")
+    lottery.add_argument("--mode", choices=("weights", "lr"), default="weights")
+    lottery.add_argument("--controls", nargs="*", default=["reinit", "random", "shuffle"])
+    lottery.add_argument(
+        "--pai",
+        nargs="+",
+        metavar="METHOD",
+        help="pruning at init instead: snip grasp synflow magnitude random",
+    )
+    lottery.add_argument(
+        "--densities",
+        nargs="+",
+        type=float,
+        default=[0.2, 0.05],
+        help="densities for --pai and --scaling",
+    )
+    lottery.add_argument("--instability", action="store_true", help="instability analysis")
+    lottery.add_argument(
+        "--rewind-points", nargs="+", default=["0ba"], help="rewind points for --instability"
+    )
+    lottery.add_argument("--points", type=int, default=11, help="points on the linear path")
+    lottery.add_argument(
+        "--scaling",
+        action="store_true",
+        help="fit the pruning scaling law across widths, predict the largest",
+    )
+    lottery.add_argument("--widths", nargs="+", type=int, default=[8, 16, 32])
+    lottery.add_argument("--width-key", default="model.channels")
     listing = sub.add_parser("list", help="list registered components")
     listing.add_argument(
         "what",
@@ -49,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     describe = sub.add_parser("describe", help="an algorithm's method card and declaration")
     describe.add_argument("name", help="an algorithm, model, dataset or recipe name")
-    for command in (run, plan, listing, describe):
+    for command in (run, plan, lottery, listing, describe):
         command.add_argument(
             "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
         )
@@ -220,6 +264,65 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lottery(args: argparse.Namespace) -> int:
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from speedup.config import config_hash, load_config
+
+    cfg = load_config(args.recipe, args.overrides, smoke=args.smoke)
+    settings = {k: v for k, v in vars(args).items() if k not in ("recipe", "overrides", "debug")}
+    digest = hashlib.sha256(
+        (config_hash(cfg) + json.dumps(settings, sort_keys=True, default=str)).encode()
+    ).hexdigest()[:8]
+    out = Path(args.out or f"runs/lottery-{cfg.recipe}-{digest}")
+    if args.pai:
+        from speedup.lottery.pai import run_pai
+
+        rows = []
+        for method in args.pai:
+            rows += run_pai(cfg, out, method, args.densities)
+        (out / "pai.json").write_text(json.dumps(rows, indent=2) + "\n")
+        for row in rows:
+            accs = "  ".join(f"{k}={v:.4f}" for k, v in row["accuracy"].items())
+            print(f"{row['method']:>9} density {row['density']:.4f}  {accs}")
+    elif args.instability:
+        from speedup.lottery.instability import run_instability
+
+        results = run_instability(cfg, out, args.rewind_points, points=args.points)
+        for result in results:
+            print(f"rewind {result['rewind']}: error barrier {result['barrier']:.4f}")
+    elif args.scaling:
+        from speedup.lottery.scaling import run_scaling
+
+        report = run_scaling(cfg, out, args.widths, args.densities, width_key=args.width_key)
+        print(json.dumps(report, indent=2, default=str)[:2000])
+    else:
+        from speedup.lottery.imp import IMPSettings, run_imp
+        from speedup.lottery.report import markdown_table
+
+        try:
+            imp = IMPSettings(
+                levels=args.levels,
+                prune_fraction=args.prune_fraction,
+                conv_fraction=args.conv_fraction,
+                output_fraction=args.output_fraction,
+                scope=args.scope,
+                rewind=args.rewind,
+                mode=args.mode,
+                controls=tuple(args.controls),
+            )
+        except ValueError as err:
+            from speedup.config import ConfigError
+
+            raise ConfigError(f"speedup lottery: {err}") from None
+        rows = run_imp(cfg, out, imp)
+        print(markdown_table(rows), end="")
+    print(f"experiment dir: {out}")
+    return 0
+
+
 def _format_summary(summary: dict) -> str:
     metrics = "  ".join(f"{k}={v:.4f}" for k, v in summary["metrics"].items())
     return "\n".join(
@@ -236,6 +339,7 @@ def _format_summary(summary: dict) -> str:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
     "plan": cmd_plan,
+    "lottery": cmd_lottery,
     "list": cmd_list,
     "describe": cmd_describe,
 }

@@ -61,6 +61,7 @@ class RunConfig:
     eval_interval: str = "1ep"
     log_interval: str = "10ba"
     seed: int = 17
+    data_seed: int | None = None
     microbatch_size: int | None = None
     precision: str = "fp32"
     device: str = "auto"

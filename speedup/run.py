@@ -61,8 +61,15 @@ def _subset(split: Any, limit: int | None) -> Any:
     return Subset(split, range(min(limit, len(split))))
 
 
-def build_trainer(cfg: DictConfig, loggers: list[LoggerDestination] = (), trace: bool = False):
-    """Data, model, algorithms, callbacks and a Trainer, all from the config."""
+def build_trainer(
+    cfg: DictConfig,
+    loggers: list[LoggerDestination] = (),
+    trace: bool = False,
+    extra_algorithms: list = (),
+    extra_callbacks: list = (),
+):
+    """Data, model, algorithms, callbacks and a Trainer, all from the config; ``extra_*`` are
+    instances added by experiment drivers (the lottery's fixed masks, stop points)."""
     from speedup.algorithm import ALGORITHMS
     from speedup.callback import CALLBACKS
     from speedup.data import DATASETS, build_dataloaders
@@ -81,7 +88,7 @@ def build_trainer(cfg: DictConfig, loggers: list[LoggerDestination] = (), trace:
         splits,
         batch_size=data["batch_size"],
         eval_batch_size=data.get("eval_batch_size"),
-        seed=cfg.seed,
+        seed=cfg.seed if cfg.get("data_seed") is None else cfg.data_seed,
         num_workers=data.get("num_workers") or 0,
     )
     model_args = OmegaConf.to_container(cfg.model)
@@ -89,11 +96,11 @@ def build_trainer(cfg: DictConfig, loggers: list[LoggerDestination] = (), trace:
     algorithms = [
         ALGORITHMS.get(name)(**(args or {}))
         for name, args in OmegaConf.to_container(cfg.algorithms).items()
-    ]
+    ] + list(extra_algorithms)
     callbacks = [
         CALLBACKS.get(name)(**(args or {}))
         for name, args in OmegaConf.to_container(cfg.callbacks).items()
-    ]
+    ] + list(extra_callbacks)
     return Trainer(
         model,
         train_loader,

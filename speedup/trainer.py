@@ -202,6 +202,19 @@ class Trainer:
             return batch
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
+    @staticmethod
+    def _iterate_from(loader: Any, batch_in_epoch: int) -> Iterator[Any]:
+        """An iterator positioned at ``batch_in_epoch`` (a run started or resumed mid-epoch).
+
+        Loaders with ``start_at`` skip without loading anything; others are drained."""
+        if batch_in_epoch and hasattr(loader, "start_at"):
+            loader.start_at(batch_in_epoch)
+            return iter(loader)
+        batches = iter(loader)
+        for _ in range(batch_in_epoch):
+            next(batches)
+        return batches
+
     def _microbatches(self, batch: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
         size = self.microbatch_size
         rows = self.state.batch_size()
@@ -229,7 +242,7 @@ class Trainer:
                 elif hasattr(getattr(loader, "sampler", None), "set_epoch"):
                     loader.sampler.set_epoch(s.timestamp.epoch)
                 run(Event.EPOCH_START)
-                batches = iter(loader)
+                batches = self._iterate_from(loader, s.timestamp.batch_in_epoch)
                 while s.timestamp.batch_in_epoch < len(loader) and not self._done():
                     run(Event.BEFORE_DATALOADER)
                     s.batch = self._to_device(next(batches))

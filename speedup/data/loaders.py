@@ -64,9 +64,15 @@ class TensorBatchLoader:
         self.seed = seed
         self.transform = transform
         self.epoch = 0
+        self._start = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def start_at(self, batch: int) -> None:
+        """Make the next iteration begin at batch ``batch`` of the current epoch, with the
+        same order as an uninterrupted epoch (sample-exact resume, nothing replayed)."""
+        self._start = batch
 
     def __len__(self) -> int:
         full, rest = divmod(self.num_samples, self.batch_size)
@@ -78,7 +84,8 @@ class TensorBatchLoader:
             order = torch.randperm(self.num_samples, generator=generator)
         else:
             order = None
-        for i in range(len(self)):
+        first, self._start = self._start, 0
+        for i in range(first, len(self)):
             start = i * self.batch_size
             stop = min(start + self.batch_size, self.num_samples)
             if order is None:

@@ -1,0 +1,459 @@
+"""Pruning at initialisation (PaI): score every prunable weight before training, keep the top
+``density`` fraction, train the sparse net, and run the sanity checks that ask what the scores
+really contribute.
+
+Scores are one float tensor per prunable weight (conv/linear weights, as
+:func:`speedup.algorithms.magnitude_pruning.prunable_parameters` selects them), same shape,
+**higher = keep**:
+
+* :func:`snip_scores` — SNIP, Lee, Ajanthan & Torr, ICLR 2019 ("SNIP: single-shot network
+  pruning based on connection sensitivity"), eq. 6: ``|g * w|`` of the loss on a few batches.
+* :func:`grasp_scores` — GraSP, Wang, Zhang & Grosse, ICLR 2020 ("Picking winning tickets
+  before training by preserving gradient flow"), eq. 8: ``S(-w) = -w * (H g)``; the paper
+  removes the weights with the *highest* ``S``, so the keep-score returned is ``w * (H g)``.
+* :func:`synflow_scores` — SynFlow, Tanaka, Kunin, Yamins & Ganguli, NeurIPS 2020 ("Pruning
+  neural networks without any data by iteratively conserving synaptic flow"), Algorithm 1:
+  data-free and iterative, density ``rho^(k/n)`` after round ``k`` of ``n``.
+* :func:`magnitude_scores` (``|w|`` at init) and :func:`random_scores`, the baselines.
+
+Sanity checks of Frankle, Dziugaite, Roy & Carbin, ICLR 2021 ("Pruning neural networks at
+initialization: why are we missing the mark?", section 5): :func:`shuffle_layerwise` (random
+masks with each layer's density), :func:`reinitialized_weights` (same masks, fresh weights) and
+:func:`invert_scores` (prune the highest-scoring weights instead). Their finding: SNIP, GraSP,
+SynFlow and magnitude-at-init lose nothing to shuffling or reinitialisation (only the per-layer
+densities matter), and GraSP loses nothing to inversion.
+
+:func:`run_pai` runs a method at several densities with its checks, one
+:func:`speedup.lottery.runs.train_run` each; finished runs are read back, not retrained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from speedup.algorithms.magnitude_pruning import prunable_parameters
+from speedup.lottery.runs import initial_weights, load_result, train_run
+from torch import nn
+
+__all__ = [
+    "CHECKS",
+    "METHODS",
+    "grasp_scores",
+    "invert_scores",
+    "magnitude_scores",
+    "masks_from_scores",
+    "prune_at_init",
+    "random_scores",
+    "reinitialized_weights",
+    "run_pai",
+    "shuffle_layerwise",
+    "snip_scores",
+    "synflow_scores",
+]
+
+METHODS = ("snip", "grasp", "synflow", "magnitude", "random")
+CHECKS = ("shuffle", "reinit", "invert")
+SCOPES = ("global", "layerwise")
+
+Batch = dict[str, torch.Tensor]
+Tensors = dict[str, torch.Tensor]
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _untouched(model: nn.Module) -> Iterator[None]:
+    """Run scoring passes without leaving a trace: BatchNorm running statistics, the
+    train/eval flags and any ``.grad`` come back as they were."""
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    modes = {m: m.training for m in model.modules()}
+    grads = {p: p.grad for p in model.parameters()}
+    try:
+        yield
+    finally:
+        model.load_state_dict(saved)
+        for module, training in modes.items():
+            module.training = training
+        for p, grad in grads.items():
+            p.grad = grad
+
+
+def _logits(outputs: Any) -> torch.Tensor:
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if isinstance(outputs, dict) and "logits" in outputs:
+        return outputs["logits"]
+    if hasattr(outputs, "logits"):
+        return outputs.logits
+    raise TypeError(f"cannot find a tensor in model outputs of type {type(outputs).__name__}")
+
+
+def _mean_loss_grad(
+    model: nn.Module, weights: Tensors, batches: Sequence[Batch], create_graph: bool = False
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Yields, per batch, the gradient of its loss w.r.t. ``weights`` divided by the number of
+    batches (so the sum over batches is the gradient of the mean loss)."""
+    if not batches:
+        raise ValueError("data-dependent scores need at least one batch")
+    for batch in batches:
+        loss = model.loss(model(batch), batch) / len(batches)
+        yield torch.autograd.grad(loss, list(weights.values()), create_graph=create_graph)
+
+
+def _check_scores(scores: Tensors, method: str) -> Tensors:
+    for name, score in scores.items():
+        if not torch.isfinite(score).all():
+            raise ValueError(f"{method} scores of {name} are not finite (NaN/inf in the loss?)")
+    return scores
+
+
+# -- scores ---------------------------------------------------------------------------------
+
+
+def snip_scores(model: nn.Module, batches: Sequence[Batch]) -> Tensors:
+    """SNIP connection sensitivity ``|dL/dw * w|`` (Lee et al., ICLR 2019, eq. 6: the
+    derivative of the loss w.r.t. a multiplicative mask at 1), with ``L`` the mean loss over
+    ``batches``. The paper's normalisation by the sum does not change the ranking; dropped."""
+    weights = prunable_parameters(model)
+    with _untouched(model):
+        model.train()
+        grads = [torch.zeros_like(w) for w in weights.values()]
+        for batch_grads in _mean_loss_grad(model, weights, batches):
+            for total, g in zip(grads, batch_grads, strict=True):
+                total += g
+    scores = {n: (g * w).detach().abs() for (n, w), g in zip(weights.items(), grads, strict=True)}
+    return _check_scores(scores, "snip")
+
+
+def grasp_scores(model: nn.Module, batches: Sequence[Batch]) -> Tensors:
+    """GraSP keep-scores ``w * (H g)`` (Wang et al., ICLR 2020).
+
+    ``g`` is the gradient of the mean loss over ``batches`` w.r.t. the prunable weights and
+    ``H`` its Hessian (the weight-weight block), ``H g`` computed by double backprop: the
+    gradient of ``g_fixed . grad L``. The paper scores ``S(-w) = -w * (H g)`` (eq. 8), the
+    first-order change of the gradient norm when ``w`` is removed (up to a factor 2), and
+    removes the weights with the highest ``S``: removing them reduces gradient flow least (or
+    increases it). With this module's convention (higher = keep) the score is therefore
+    ``-S = w * (H g)``; :func:`invert_scores` of it gives the paper's ``S``. The reference
+    code's softmax temperature (200) is not applied.
+    """
+    weights = prunable_parameters(model)
+    with _untouched(model):
+        model.train()
+        g = [torch.zeros_like(w) for w in weights.values()]
+        for batch_grads in _mean_loss_grad(model, weights, batches):
+            for total, gb in zip(g, batch_grads, strict=True):
+                total += gb
+        hg = [torch.zeros_like(w) for w in weights.values()]
+        for batch_grads in _mean_loss_grad(model, weights, batches, create_graph=True):
+            dot = sum((gb * gf).sum() for gb, gf in zip(batch_grads, g, strict=True))
+            second = torch.autograd.grad(dot, list(weights.values()), allow_unused=True)
+            for total, s in zip(hg, second, strict=True):
+                if s is not None:  # a weight the gradient is linear in (no curvature)
+                    total += s
+    scores = {n: (w * h).detach() for (n, w), h in zip(weights.items(), hg, strict=True)}
+    return _check_scores(scores, "grasp")
+
+
+def magnitude_scores(model: nn.Module) -> Tensors:
+    """``|w|`` at initialisation: the magnitude-at-init baseline of Frankle et al. (2021)."""
+    return {n: w.detach().abs().clone() for n, w in prunable_parameters(model).items()}
+
+
+def random_scores(model: nn.Module, generator: torch.Generator | None = None) -> Tensors:
+    """Uniform random scores: random pruning, the floor every method must beat."""
+    return {
+        n: torch.rand(w.shape, generator=generator).to(w.device)
+        for n, w in prunable_parameters(model).items()
+    }
+
+
+def synflow_scores(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    iterations: int = 100,
+    density: float = 1.0,
+    scope: str = "global",
+) -> Tensors:
+    """SynFlow scores after iterative pruning to ``density`` (Tanaka et al., NeurIPS 2020).
+
+    Data-free: only ``input_shape`` (one sample, without the batch dimension) is used. On a
+    float64 copy of the model in eval mode (BatchNorm uses its running statistics, as in the
+    paper's code) every parameter and buffer is replaced by its absolute value, so the net is
+    linear in each weight along positive paths; the input is all ones and ``R`` the sum of the
+    outputs (the "synaptic flow", eq. 2). Each of ``iterations`` rounds scores
+    ``|dR/dw * w|`` on the current sparse net and keeps the top ``density^(k/iterations)``
+    fraction (Algorithm 1's exponential schedule), which avoids the layer collapse of one-shot
+    pruning. Returned: the last round's scores, positive on the surviving weights and exactly 0
+    on the pruned ones, so :func:`masks_from_scores` at the same ``density`` and ``scope``
+    gives the iterative masks. With ``density=1`` nothing is pruned (one round's scores).
+    """
+    scores, _ = _synflow(model, input_shape, iterations, density, scope, invert=False)
+    return scores
+
+
+def _synflow(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    iterations: int,
+    density: float,
+    scope: str,
+    invert: bool,
+) -> tuple[Tensors, Tensors]:
+    _check_density(density, scope)
+    if iterations < 1:
+        raise ValueError(f"synflow needs iterations >= 1, got {iterations}")
+    names = list(prunable_parameters(model))
+    linear = copy.deepcopy(model).double().eval()  # the caller's model is never touched
+    with torch.no_grad():
+        for tensor in linear.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.abs_()
+    weights = prunable_parameters(linear)
+    device = next(iter(weights.values())).device
+    ones = {"inputs": torch.ones(1, *input_shape, dtype=torch.float64, device=device)}
+    originals = {n: w.detach().clone() for n, w in weights.items()}
+    masks = {n: torch.ones_like(w, dtype=torch.bool) for n, w in weights.items()}
+    rounds = iterations if density < 1.0 else 1
+    for k in range(1, rounds + 1):
+        with torch.no_grad():
+            for n, w in weights.items():
+                w.copy_(originals[n] * masks[n])
+        flow = _logits(linear(ones)).sum()
+        grads = torch.autograd.grad(flow, [weights[n] for n in names])
+        scores = {n: (g * weights[n]).detach().abs() for n, g in zip(names, grads, strict=True)}
+        if density < 1.0:
+            # Pruned weights rank below every live one, whatever the direction of selection.
+            ranked = {n: -s if invert else s for n, s in scores.items()}
+            ranked = {n: torch.where(masks[n], r, -torch.inf) for n, r in ranked.items()}
+            masks = masks_from_scores(ranked, density ** (k / rounds), scope)
+    scores = {n: torch.where(masks[n], s, 0.0).float() for n, s in scores.items()}
+    return _check_scores(scores, "synflow"), masks
+
+
+# -- masks ----------------------------------------------------------------------------------
+
+
+def _check_density(density: float, scope: str) -> None:
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+
+
+def _top(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    if keep > 0:
+        mask[scores.flatten().topk(keep, sorted=False).indices] = True
+    return mask.view_as(scores)
+
+
+def masks_from_scores(scores: Tensors, density: float, scope: str = "global") -> Tensors:
+    """Bool masks (True = keep) of the ``round(density * n)`` highest scores: over all tensors
+    together (``global``) or in each tensor (``layerwise``). Ties are broken arbitrarily, so
+    the count is exact."""
+    _check_density(density, scope)
+    if scope == "layerwise":
+        return {n: _top(s, round(density * s.numel())) for n, s in scores.items()}
+    flat = torch.cat([s.detach().flatten().float() for s in scores.values()])
+    keep = _top(flat, round(density * flat.numel()))
+    masks, offset = {}, 0
+    for name, s in scores.items():
+        masks[name] = keep[offset : offset + s.numel()].view_as(s)
+        offset += s.numel()
+    return masks
+
+
+def prune_at_init(
+    method: str,
+    model: nn.Module,
+    batches: Sequence[Batch] | None,
+    density: float,
+    scope: str = "global",
+    iterations: int = 100,
+    seed: int = 0,
+    *,
+    invert: bool = False,
+    input_shape: Sequence[int] | None = None,
+) -> Tensors:
+    """Masks keeping ``density`` of the prunable weights of ``model`` by ``method``'s scores.
+
+    ``invert`` prunes the highest-scoring weights instead (the inversion check); for SynFlow it
+    inverts every round of the iteration. SynFlow reads only the input shape, from
+    ``input_shape`` or else ``batches[0]["inputs"]``; ``seed`` seeds the random scores.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown pruning-at-init method {method!r}; choose one of {METHODS}")
+    _check_density(density, scope)
+    if method == "synflow":
+        if input_shape is None:
+            if not batches:
+                raise ValueError("synflow needs input_shape or one batch to read it from")
+            input_shape = tuple(batches[0]["inputs"].shape[1:])
+        return _synflow(model, input_shape, iterations, density, scope, invert)[1]
+    if method == "snip":
+        scores = snip_scores(model, batches or [])
+    elif method == "grasp":
+        scores = grasp_scores(model, batches or [])
+    elif method == "magnitude":
+        scores = magnitude_scores(model)
+    else:
+        scores = random_scores(model, torch.Generator().manual_seed(seed))
+    return masks_from_scores(invert_scores(scores) if invert else scores, density, scope)
+
+
+# -- sanity checks (Frankle et al., ICLR 2021) ----------------------------------------------
+
+
+def shuffle_layerwise(masks: Tensors, generator: torch.Generator | None = None) -> Tensors:
+    """Each mask's entries randomly permuted within its tensor: the same per-layer density,
+    a random choice of which weights."""
+    out = {}
+    for name, mask in masks.items():
+        order = torch.randperm(mask.numel(), generator=generator).to(mask.device)
+        out[name] = mask.flatten()[order].view_as(mask)
+    return out
+
+
+def invert_scores(scores: Tensors) -> Tensors:
+    """Negated scores: keeping the top of these prunes the highest-scoring weights."""
+    return {n: -s for n, s in scores.items()}
+
+
+def reinitialized_weights(cfg: DictConfig, seed: int) -> Tensors:
+    """The initial weights ``cfg``'s model would have with ``seed``: the reinitialisation check
+    keeps the masks and draws the surviving weights afresh from the same distribution."""
+    cfg = cfg.copy()
+    OmegaConf.set_struct(cfg, False)
+    cfg.seed = seed
+    return initial_weights(cfg)
+
+
+# -- the experiment -------------------------------------------------------------------------
+
+
+def _train_batches(trainer: Any, count: int) -> list[Batch]:
+    loader = trainer.state.train_dataloader
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(0)
+    device = trainer.state.device
+    batches = []
+    for batch in loader:
+        batches.append({k: v.to(device) for k, v in batch.items()})
+        if len(batches) == count:
+            break
+    return batches
+
+
+def run_pai(
+    cfg: DictConfig,
+    out_dir: str | Path,
+    method: str,
+    densities: Sequence[float],
+    checks: Sequence[str] = CHECKS,
+    scope: str = "global",
+    batches: Sequence[Batch] | None = None,
+    seed: int = 0,
+    *,
+    iterations: int = 100,
+    num_batches: int = 4,
+) -> list[dict[str, Any]]:
+    """Prune ``cfg``'s initial model with ``method`` at each density, train it, and train one
+    run per sanity check; returns ``{"method", "density", "accuracy": {"main", <check>...},
+    "layer_density": {name: fraction kept}}`` per density (final eval accuracy, ``None`` for
+    a model without one).
+
+    Runs land in ``out_dir/<method>-d<density>/{main,shuffle,reinit,invert}``. The scores use
+    ``batches``, or else the first ``num_batches`` batches of the config's train loader. The
+    reinitialisation check draws weights with seed ``cfg.seed + 1``; ``seed`` seeds random
+    scores and the shuffles. A density whose runs are all finished is read back without
+    scoring or training.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown pruning-at-init method {method!r}; choose one of {METHODS}")
+    unknown = [c for c in checks if c not in CHECKS]
+    if unknown:
+        raise ValueError(f"unknown sanity checks {unknown}; choose from {CHECKS}")
+    out_dir = Path(out_dir)
+    context: dict[str, Any] = {}
+
+    def setup() -> dict[str, Any]:  # built only if some run still has to train
+        if not context:
+            from speedup.run import build_trainer
+
+            init = initial_weights(cfg)
+            quiet = cfg.copy()
+            OmegaConf.set_struct(quiet, False)
+            quiet.progress_bar = False
+            trainer = build_trainer(quiet)
+            model = trainer.state.model
+            model.load_state_dict({k: v.to(trainer.state.device) for k, v in init.items()})
+            context.update(init=init, model=model)
+            context["batches"] = (
+                list(batches) if batches is not None else _train_batches(trainer, num_batches)
+            )
+        return context
+
+    rows = []
+    for density in densities:
+        base = out_dir / f"{method}-d{density}"
+        names = ["main", *checks]
+        results = {name: load_result(base / name) for name in names}
+        masks = None
+        if any(r is None for r in results.values()):
+            ctx = setup()
+            masks = _masks(method, ctx, density, scope, iterations, seed, invert=False)
+            init = ctx["init"]
+            results["main"] = train_run(cfg, base / "main", weights=init, masks=masks)
+            for check in checks:
+                if check == "shuffle":
+                    generator = torch.Generator().manual_seed(seed)
+                    run = dict(weights=init, masks=shuffle_layerwise(masks, generator))
+                elif check == "reinit":
+                    run = dict(weights=reinitialized_weights(cfg, cfg.seed + 1), masks=masks)
+                else:
+                    inverted = _masks(method, ctx, density, scope, iterations, seed, invert=True)
+                    run = dict(weights=init, masks=inverted)
+                results[check] = train_run(cfg, base / check, **run)
+        rows.append(
+            {
+                "method": method,
+                "density": density,
+                "accuracy": {n: r["metrics"].get("accuracy") for n, r in results.items()},
+                "layer_density": _layer_density(base / "main", masks),
+            }
+        )
+    return rows
+
+
+def _masks(
+    method: str,
+    ctx: dict[str, Any],
+    density: float,
+    scope: str,
+    iterations: int,
+    seed: int,
+    invert: bool,
+) -> Tensors:
+    masks = prune_at_init(
+        method, ctx["model"], ctx["batches"], density, scope, iterations, seed, invert=invert
+    )
+    return {n: m.cpu() for n, m in masks.items()}
+
+
+def _layer_density(run_dir: Path, masks: Tensors | None) -> dict[str, float]:
+    """Fraction kept per layer: from the masks, or from the finished run's final weights
+    (pruned weights are exactly zero there)."""
+    if masks is None:
+        result = load_result(run_dir)
+        names = result["layer_density"] if "layer_density" in result else None
+        final = result.final_weights
+        masks = {n: final[n] != 0 for n in (names or final) if n in final}
+    return {n: float(m.float().mean()) for n, m in masks.items()}

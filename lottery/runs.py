@@ -1,0 +1,182 @@
+"""One training run of a lottery experiment: from given weights, with fixed masks, from a
+given step, into its own directory; finished runs are never recomputed.
+
+Every experiment in :mod:`speedup.lottery` (IMP levels, controls, pruning at initialisation,
+instability copies) is a sequence of these.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from speedup.callback import Callback
+from speedup.loggers import JSONLLogger
+from speedup.run import build_trainer
+from speedup.trainer import Trainer
+
+__all__ = ["RunResult", "initial_weights", "train_run", "load_result", "weights_path"]
+
+SUMMARY = "summary.json"
+FINAL = "final.pt"
+
+
+class RunResult(dict):
+    """summary.json of a finished run, plus where its final weights are."""
+
+    @property
+    def final_weights(self) -> dict[str, torch.Tensor]:
+        return torch.load(Path(self["run_dir"]) / FINAL, weights_only=True)
+
+
+def weights_path(run_dir: Path) -> Path:
+    return Path(run_dir) / FINAL
+
+
+def load_result(run_dir: Path) -> RunResult | None:
+    """The result of a finished run, or None (never started, or interrupted)."""
+    path = Path(run_dir) / SUMMARY
+    if not path.exists() or not (Path(run_dir) / FINAL).exists():
+        return None
+    return RunResult(json.loads(path.read_text()))
+
+
+def initial_weights(cfg: DictConfig) -> dict[str, torch.Tensor]:
+    """The model's weights at initialisation for ``cfg.seed`` (no training)."""
+    trainer = build_trainer(_quiet(cfg))
+    return {k: v.detach().cpu().clone() for k, v in trainer.state.model.state_dict().items()}
+
+
+def _quiet(cfg: DictConfig, **changes: Any) -> DictConfig:
+    cfg = cfg.copy()
+    OmegaConf.set_struct(cfg, False)
+    cfg.progress_bar = False
+    for key, value in changes.items():
+        cfg[key] = value
+    return cfg
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def train_run(
+    cfg: DictConfig,
+    run_dir: str | Path,
+    *,
+    weights: dict[str, torch.Tensor] | None = None,
+    masks: dict[str, torch.Tensor] | None = None,
+    start_batch: int = 0,
+    data_seed: int | None = None,
+    max_duration: str | None = None,
+    stop_at_batch: int | None = None,
+) -> RunResult:
+    """Train ``cfg`` in ``run_dir`` unless a finished result is already there.
+
+    ``weights`` replace the initial weights (a rewind point); ``masks`` (parameter name -> bool)
+    are held fixed, pruned weights kept at exactly zero; ``start_batch`` starts the run at that
+    step of its schedule and data order (rewinding to step k); ``data_seed`` changes only the
+    data order; ``stop_at_batch`` ends the run early at that step (a pretraining phase).
+    """
+    run_dir = Path(run_dir)
+    done = load_result(run_dir)
+    if done is not None:
+        return done
+    run_dir.mkdir(parents=True, exist_ok=True)
+    changes: dict[str, Any] = {"run_dir": str(run_dir)}
+    if data_seed is not None:
+        changes["data_seed"] = data_seed
+    if max_duration is not None:
+        changes["max_duration"] = max_duration
+    cfg = _quiet(cfg, **changes)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    metrics = run_dir / "metrics.jsonl"
+    metrics.unlink(missing_ok=True)
+    stops = [StopAt(stop_at_batch)] if stop_at_batch is not None else []
+    trainer = build_trainer(
+        cfg, [JSONLLogger(metrics)], extra_algorithms=_mask_holder(masks), extra_callbacks=stops
+    )
+    state = trainer.state
+    if weights is not None:
+        state.model.load_state_dict({k: v.to(state.device) for k, v in weights.items()})
+    if start_batch:
+        _start_at(trainer, start_batch)
+    final_metrics = trainer.fit()
+    _atomic_save(
+        {k: v.detach().cpu() for k, v in state.model.state_dict().items()}, run_dir / FINAL
+    )
+    summary = RunResult(
+        run_dir=str(run_dir),
+        steps=state.timestamp.batch,
+        start_batch=start_batch,
+        train_time_s=state.timestamp.train_time_s,
+        metrics=final_metrics,
+        best=_best_eval(metrics),
+        density=_density(state.model, masks),
+    )
+    (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+class StopAt(Callback):
+    """Ends training after step ``batch`` without changing max_duration (so the LR schedule is
+    the full run's): the pretraining phase before a rewind point."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+
+    def batch_end(self, state, logger) -> None:  # noqa: ANN001
+        if state.timestamp.batch >= self.batch:
+            state.stop_training(f"reached step {self.batch}")
+
+
+def _mask_holder(masks: dict[str, torch.Tensor] | None) -> list:
+    if masks is None:
+        return []
+    from speedup.algorithm import ALGORITHMS
+
+    holder = ALGORITHMS.get("magnitude_pruning")(schedule="fixed")
+    holder.load_state_dict({"masks": masks})
+    return [holder]
+
+
+def _start_at(trainer: Trainer, batch: int) -> None:
+    """Position the run at step ``batch``: its schedule and data order continue from there."""
+    per_epoch = trainer.converter.batches_per_epoch
+    ts = trainer.state.timestamp
+    ts.batch = batch
+    ts.epoch, ts.batch_in_epoch = divmod(batch, per_epoch)
+    ts.sample = batch * trainer.converter.samples_per_batch
+    ts.sample_in_epoch = ts.batch_in_epoch * trainer.converter.samples_per_batch
+    with warnings.catch_warnings():  # stepping before optimizer.step() is intended here
+        warnings.simplefilter("ignore", UserWarning)
+        for scheduler in trainer.state.schedulers:  # LambdaLR reads the timestamp: refresh LR
+            scheduler.step()
+
+
+def _best_eval(metrics_path: Path) -> dict[str, float]:
+    """The evaluation with the lowest eval loss: the LTH papers' early-stopping iteration."""
+    best: dict[str, float] = {}
+    if not metrics_path.exists():
+        return best
+    for line in metrics_path.read_text().splitlines():
+        record = json.loads(line)
+        if "eval/loss" in record and (not best or record["eval/loss"] < best["eval/loss"]):
+            best = {k: v for k, v in record.items() if k.startswith("eval/") or k == "step"}
+    return best
+
+
+@torch.no_grad()
+def _density(model: torch.nn.Module, masks: dict[str, torch.Tensor] | None) -> float:
+    if not masks:
+        return 1.0
+    kept = sum(int(m.sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    return kept / max(total, 1)

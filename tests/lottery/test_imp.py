@@ -1,0 +1,133 @@
+"""Iterative magnitude pruning: per-level pruning math, controls, resumption, reports."""
+
+import json
+
+import pytest
+import torch
+from speedup.lottery.imp import IMPSettings, layer_fractions, prune_surviving, run_imp
+from speedup.lottery.runs import load_result, train_run
+from torch import nn
+
+from speedup.cli import main
+from speedup.config import load_config
+
+TINY = [
+    "max_duration=6ba",
+    "data.train_samples=256",
+    "data.eval_samples=128",
+    "data.batch_size=32",
+    "eval_interval=3ba",
+    "progress_bar=false",
+]
+
+
+def test_prune_surviving_layerwise_prunes_a_fraction_of_survivors():
+    g = torch.Generator().manual_seed(0)
+    weights = {"a": torch.randn(10, 10, generator=g), "b": torch.randn(50, generator=g)}
+    masks = prune_surviving(weights, None, {"a": 0.2, "b": 0.1})
+    assert int(masks["a"].sum()) == 80 and int(masks["b"].sum()) == 45
+    again = prune_surviving(weights, masks, {"a": 0.2, "b": 0.2})
+    assert int(again["a"].sum()) == 64 and int(again["b"].sum()) == 36
+    assert bool((again["a"] <= masks["a"]).all())  # masks only shrink
+    kept = weights["a"].abs()[again["a"]].min()
+    assert kept >= weights["a"].abs()[masks["a"] & ~again["a"]].max()
+
+
+def test_prune_surviving_global_counts():
+    weights = {"big": torch.full((10,), 5.0), "small": torch.arange(1.0, 11.0) / 100}
+    masks = prune_surviving(weights, None, {"big": 0.5, "small": 0.5}, scope="global")
+    assert bool(masks["big"].all()) and not bool(masks["small"].any())
+
+
+def test_layer_fractions_follow_the_lth_paper():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 8), nn.Linear(8, 2))
+    names = ["0.weight", "2.weight", "3.weight"]
+    fractions = layer_fractions(model, names, IMPSettings(prune_fraction=0.2, conv_fraction=0.1))
+    assert fractions == {"0.weight": 0.1, "2.weight": 0.2, "3.weight": 0.1}  # output at half
+
+
+def test_settings_are_validated():
+    with pytest.raises(ValueError, match="prune_fraction"):
+        IMPSettings(prune_fraction=1.5)
+    with pytest.raises(ValueError, match="unknown controls"):
+        IMPSettings(controls=("bogus",))
+
+
+def test_imp_levels_controls_reports_and_resumption(tmp_path):
+    cfg = load_config("quickstart", TINY)
+    settings = IMPSettings(levels=2, prune_fraction=0.5, output_fraction=0.5)
+    rows = run_imp(cfg, tmp_path, settings)
+    assert [r["level"] for r in rows] == [0, 1, 2]
+    assert rows[0]["density"] == 1.0
+    assert rows[1]["density"] == pytest.approx(0.5, abs=0.01)
+    assert rows[2]["density"] == pytest.approx(0.25, abs=0.01)
+    for row in rows[1:]:
+        assert set(row["accuracy"]) == {"ticket", "reinit", "random", "shuffle"}
+        assert all(0.0 <= v <= 1.0 for v in row["accuracy"].values())
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["levels"] == rows and summary["settings"]["levels"] == 2
+    assert "| 2 | 0.25" in (tmp_path / "summary.md").read_text()
+    assert (tmp_path / "accuracy_vs_density.png").stat().st_size > 1000
+
+    masks = torch.load(tmp_path / "level_2" / "masks.pt", weights_only=True)
+    level1 = torch.load(tmp_path / "level_1" / "masks.pt", weights_only=True)
+    assert all(bool((masks[k] <= level1[k]).all()) for k in masks)
+    final = load_result(tmp_path / "level_2" / "main").final_weights
+    assert all(torch.all(final[k][~m] == 0) for k, m in masks.items())
+
+    shuffle_masks_equal_density = rows[2]["density"]
+    assert shuffle_masks_equal_density < rows[1]["density"]
+
+    # Interrupt level 2: only its runs are recomputed, earlier ones are kept as they are.
+    kept = (tmp_path / "level_1" / "main" / "summary.json").stat().st_mtime_ns
+    (tmp_path / "level_2" / "main" / "summary.json").unlink()
+    again = run_imp(cfg, tmp_path, settings)
+    assert (tmp_path / "level_1" / "main" / "summary.json").stat().st_mtime_ns == kept
+    assert (tmp_path / "level_2" / "main" / "summary.json").exists()
+    assert [r["density"] for r in again] == [r["density"] for r in rows]
+
+
+def test_weight_rewinding_to_step_k_pretrains_then_restarts_there(tmp_path):
+    cfg = load_config("quickstart", TINY)
+    rows = run_imp(cfg, tmp_path, IMPSettings(levels=1, rewind="2ba", controls=()))
+    pretrain = load_result(tmp_path / "pretrain")
+    assert pretrain["steps"] == 2  # stopped at the rewind point, schedule of the full run
+    main = load_result(tmp_path / "level_1" / "main")
+    assert main["start_batch"] == 2 and main["steps"] == 6
+    assert rows[1]["accuracy"] == {"ticket": main["metrics"]["accuracy"]}
+
+
+def test_train_run_holds_fixed_masks_and_skips_finished_runs(tmp_path):
+    cfg = load_config("quickstart", TINY)
+    weight = "net.head.weight"
+    mask = torch.zeros(10, 160, dtype=torch.bool)
+    mask[:, :40] = True
+    result = train_run(cfg, tmp_path / "r", masks={weight: mask})
+    final = result.final_weights
+    assert torch.all(final[weight][~mask] == 0) and torch.any(final[weight][mask] != 0)
+    stamp = (tmp_path / "r" / "summary.json").stat().st_mtime_ns
+    assert train_run(cfg, tmp_path / "r", masks={weight: mask}) == result
+    assert (tmp_path / "r" / "summary.json").stat().st_mtime_ns == stamp
+
+
+def test_cli_lottery_smoke(capsys, tmp_path):
+    code = main(
+        [
+            "lottery",
+            "quickstart",
+            "--smoke",
+            "--levels",
+            "1",
+            "--controls",
+            "reinit",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "| level | density | ticket | reinit |" in out and f"experiment dir: {tmp_path}" in out
+    code = main(
+        ["lottery", "quickstart", "--smoke", "--prune-fraction", "2", "--out", str(tmp_path / "x")]
+    )
+    assert code == 2 and "prune_fraction must be in (0, 1)" in capsys.readouterr().err

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ __all__ = [
 METHODS = ("snip", "grasp", "synflow", "magnitude", "random")
 CHECKS = ("shuffle", "reinit", "invert")
 SCOPES = ("global", "layerwise")
+LAYER_DENSITY = "layer_density.json"  # per density: fraction of each layer the masks keep
 
 Batch = dict[str, torch.Tensor]
 Tensors = dict[str, torch.Tensor]
@@ -104,7 +106,9 @@ def _mean_loss_grad(
         raise ValueError("data-dependent scores need at least one batch")
     for batch in batches:
         loss = model.loss(model(batch), batch) / len(batches)
-        yield torch.autograd.grad(loss, list(weights.values()), create_graph=create_graph)
+        yield torch.autograd.grad(
+            loss, list(weights.values()), create_graph=create_graph, materialize_grads=True
+        )
 
 
 def _check_scores(scores: Tensors, method: str) -> Tensors:
@@ -154,10 +158,9 @@ def grasp_scores(model: nn.Module, batches: Sequence[Batch]) -> Tensors:
         hg = [torch.zeros_like(w) for w in weights.values()]
         for batch_grads in _mean_loss_grad(model, weights, batches, create_graph=True):
             dot = sum((gb * gf).sum() for gb, gf in zip(batch_grads, g, strict=True))
-            second = torch.autograd.grad(dot, list(weights.values()), allow_unused=True)
+            second = torch.autograd.grad(dot, list(weights.values()), materialize_grads=True)
             for total, s in zip(hg, second, strict=True):
-                if s is not None:  # a weight the gradient is linear in (no curvature)
-                    total += s
+                total += s
     scores = {n: (w * h).detach() for (n, w), h in zip(weights.items(), hg, strict=True)}
     return _check_scores(scores, "grasp")
 
@@ -373,8 +376,8 @@ def run_pai(
     Runs land in ``out_dir/<method>-d<density>/{main,shuffle,reinit,invert}``. The scores use
     ``batches``, or else the first ``num_batches`` batches of the config's train loader. The
     reinitialisation check draws weights with seed ``cfg.seed + 1``; ``seed`` seeds random
-    scores and the shuffles. A density whose runs are all finished is read back without
-    scoring or training.
+    scores and the shuffles. Each density's directory also holds ``layer_density.json``; a
+    density whose runs are all finished is read back without scoring or training.
     """
     if method not in METHODS:
         raise ValueError(f"unknown pruning-at-init method {method!r}; choose one of {METHODS}")
@@ -404,12 +407,14 @@ def run_pai(
     rows = []
     for density in densities:
         base = out_dir / f"{method}-d{density}"
-        names = ["main", *checks]
-        results = {name: load_result(base / name) for name in names}
-        masks = None
-        if any(r is None for r in results.values()):
+        results = {name: load_result(base / name) for name in ["main", *checks]}
+        layers = base / LAYER_DENSITY
+        if any(r is None for r in results.values()) or not layers.exists():
             ctx = setup()
             masks = _masks(method, ctx, density, scope, iterations, seed, invert=False)
+            base.mkdir(parents=True, exist_ok=True)
+            kept = {n: float(m.float().mean()) for n, m in masks.items()}
+            layers.write_text(json.dumps(kept, indent=2) + "\n")
             init = ctx["init"]
             results["main"] = train_run(cfg, base / "main", weights=init, masks=masks)
             for check in checks:
@@ -427,7 +432,7 @@ def run_pai(
                 "method": method,
                 "density": density,
                 "accuracy": {n: r["metrics"].get("accuracy") for n, r in results.items()},
-                "layer_density": _layer_density(base / "main", masks),
+                "layer_density": json.loads(layers.read_text()),
             }
         )
     return rows
@@ -446,14 +451,3 @@ def _masks(
         method, ctx["model"], ctx["batches"], density, scope, iterations, seed, invert=invert
     )
     return {n: m.cpu() for n, m in masks.items()}
-
-
-def _layer_density(run_dir: Path, masks: Tensors | None) -> dict[str, float]:
-    """Fraction kept per layer: from the masks, or from the finished run's final weights
-    (pruned weights are exactly zero there)."""
-    if masks is None:
-        result = load_result(run_dir)
-        names = result["layer_density"] if "layer_density" in result else None
-        final = result.final_weights
-        masks = {n: final[n] != 0 for n in (names or final) if n in final}
-    return {n: float(m.float().mean()) for n, m in masks.items()}

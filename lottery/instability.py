@@ -178,6 +178,12 @@ def evaluate_path(
     return rows
 
 
+def _fingerprint(weights: dict[str, torch.Tensor]) -> float:
+    """A cheap checksum of a state dict (sum of |x| over floating tensors)."""
+    total = sum(float(v.double().abs().sum()) for v in weights.values() if v.is_floating_point())
+    return round(total, 6)
+
+
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
@@ -246,7 +252,12 @@ def run_instability(
             for s in seeds
         ]
         cache = rewind_dir / PATH_CACHE
-        key = {"points": points, "seeds": seeds, "reset_bn": reset_bn}
+        key = {
+            "points": points,
+            "seeds": seeds,
+            "reset_bn": reset_bn,
+            "weights": [_fingerprint(w) for w in finals],  # stale if a copy was retrained
+        }
         cached = json.loads(cache.read_text()) if cache.exists() else None
         if cached is not None and cached.get("key") == key:
             rows = cached["path"]

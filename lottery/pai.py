@@ -194,9 +194,10 @@ def synflow_scores(
     outputs (the "synaptic flow", eq. 2). Each of ``iterations`` rounds scores
     ``|dR/dw * w|`` on the current sparse net and keeps the top ``density^(k/iterations)``
     fraction (Algorithm 1's exponential schedule), which avoids the layer collapse of one-shot
-    pruning. Returned: the last round's scores, positive on the surviving weights and exactly 0
-    on the pruned ones, so :func:`masks_from_scores` at the same ``density`` and ``scope``
-    gives the iterative masks. With ``density=1`` nothing is pruned (one round's scores).
+    pruning. Returned: the last round's scores divided by their maximum (float64 flows of deep
+    nets overflow float32), positive on the surviving weights and exactly 0 on the pruned
+    ones, so :func:`masks_from_scores` at the same ``density`` and ``scope`` gives the
+    iterative masks. With ``density=1`` nothing is pruned (one round's scores).
     """
     scores, _ = _synflow(model, input_shape, iterations, density, scope, invert=False)
     return scores
@@ -237,7 +238,9 @@ def _synflow(
             ranked = {n: -s if invert else s for n, s in scores.items()}
             ranked = {n: torch.where(masks[n], r, -torch.inf) for n, r in ranked.items()}
             masks = masks_from_scores(ranked, density ** (k / rounds), scope)
-    scores = {n: torch.where(masks[n], s, 0.0).float() for n, s in scores.items()}
+    # Deep nets' flows overflow float32: scale by the largest score (ranking unchanged).
+    top = max(float(s.max()) for s in scores.values()) or 1.0
+    scores = {n: torch.where(masks[n], s / top, 0.0).float() for n, s in scores.items()}
     return _check_scores(scores, "synflow"), masks
 
 
@@ -265,7 +268,7 @@ def masks_from_scores(scores: Tensors, density: float, scope: str = "global") ->
     _check_density(density, scope)
     if scope == "layerwise":
         return {n: _top(s, round(density * s.numel())) for n, s in scores.items()}
-    flat = torch.cat([s.detach().flatten().float() for s in scores.values()])
+    flat = torch.cat([s.detach().flatten() for s in scores.values()])  # promotes dtypes
     keep = _top(flat, round(density * flat.numel()))
     masks, offset = {}, 0
     for name, s in scores.items():
@@ -299,7 +302,13 @@ def prune_at_init(
         if input_shape is None:
             if not batches:
                 raise ValueError("synflow needs input_shape or one batch to read it from")
-            input_shape = tuple(batches[0]["inputs"].shape[1:])
+            inputs = batches[0].get("inputs")
+            if inputs is None or not inputs.is_floating_point():
+                raise ValueError(
+                    "synflow feeds an all-ones float batch['inputs']; this model's batches have "
+                    f"keys {sorted(batches[0])} (token ids cannot be linearised)"
+                )
+            input_shape = tuple(inputs.shape[1:])
         return _synflow(model, input_shape, iterations, density, scope, invert)[1]
     if method == "snip":
         scores = snip_scores(model, batches or [])

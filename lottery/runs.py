@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from speedup.callback import Callback
+from speedup.data.cache import atomic_save
 from speedup.loggers import JSONLLogger
 from speedup.run import build_trainer
 from speedup.trainer import Trainer
@@ -61,12 +62,6 @@ def _quiet(cfg: DictConfig, **changes: Any) -> DictConfig:
     return cfg
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
 def train_run(
     cfg: DictConfig,
     run_dir: str | Path,
@@ -109,9 +104,7 @@ def train_run(
     if start_batch:
         _start_at(trainer, start_batch)
     final_metrics = trainer.fit()
-    _atomic_save(
-        {k: v.detach().cpu() for k, v in state.model.state_dict().items()}, run_dir / FINAL
-    )
+    atomic_save({k: v.detach().cpu() for k, v in state.model.state_dict().items()}, run_dir / FINAL)
     summary = RunResult(
         run_dir=str(run_dir),
         steps=state.timestamp.batch,

@@ -33,12 +33,13 @@ import json
 import math
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from speedup.data.cache import atomic_save, default_cache_dir
 
 __all__ = [
     "NUM_CLASSES",
@@ -181,12 +182,6 @@ def generate_mnist1d(
     }
 
 
-def default_cache_dir() -> Path:
-    """``$SPEEDUP_CACHE`` if set, else ``~/.cache/speedup``."""
-    env = os.environ.get("SPEEDUP_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "speedup"
-
-
 def _split(data: dict[str, torch.Tensor], num_train: int) -> tuple[dict, dict]:
     train = {k: v[:num_train].clone() for k, v in data.items()}
     test = {k: v[num_train:].clone() for k, v in data.items()}
@@ -241,26 +236,8 @@ def load_mnist1d(
         data = generate_mnist1d(
             settings["num_samples"], settings["length"], settings["noise"], settings["seed"]
         )
-        _atomic_save(data, path)
+        atomic_save(data, path)
     return _split(data, num_train)
-
-
-def _atomic_save(data: dict[str, torch.Tensor], path: Path) -> None:
-    """torch.save to a temp file in the target directory, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def load_mnist1d_file(

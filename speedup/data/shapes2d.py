@@ -35,7 +35,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from speedup.data import DATASETS
+from speedup.data.cache import atomic_save, default_cache_dir
 from speedup.data.loaders import DataInfo, DataSplits
 
 __all__ = [
@@ -369,30 +369,6 @@ def generate_shapes2d(
 # -- caching ------------------------------------------------------------------------------------
 
 
-def default_cache_dir() -> Path:
-    """``$SPEEDUP_CACHE`` if set, else ``~/.cache/speedup``."""
-    env = os.environ.get("SPEEDUP_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "speedup"
-
-
-def _atomic_save(data: dict[str, Any], path: Path) -> None:
-    """torch.save to a temp file in the target directory, fsync, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def cache_path(settings: dict[str, Any], cache_dir: str | os.PathLike[str] | None = None) -> Path:
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -458,7 +434,7 @@ def load_shapes2d(
     }
     train = generate_shapes2d(settings["num_train"], split="train", **common)
     test = generate_shapes2d(settings["num_test"], split="test", **common)
-    _atomic_save({"train": train, "test": test}, path)
+    atomic_save({"train": train, "test": test}, path)
     return train, test
 
 

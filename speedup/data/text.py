@@ -381,7 +381,7 @@ def _every_nth(fraction: float) -> Callable[[int], bool]:
 
 def default_cache_dir() -> Path:
     """``$SPEEDUP_CACHE`` if set, else ``~/.cache/speedup`` (as for MNIST-1D)."""
-    from speedup.data.mnist1d import default_cache_dir as cache_dir
+    from speedup.data.cache import default_cache_dir as cache_dir
 
     return cache_dir()
 
@@ -483,14 +483,14 @@ def load_token_streams(
         else torch.zeros(0, dtype=torch.int32)
     )
     if cache:
-        from speedup.data.mnist1d import _atomic_save
+        from speedup.data.cache import atomic_save
 
         meta = {
             "tokenizer": tok.serialized,
             "vocab_size": tok.vocab_size,
             "settings": described,
         }
-        _atomic_save({"train": train, "eval": evaluation, "meta": meta}, path)  # type: ignore[arg-type]
+        atomic_save({"train": train, "eval": evaluation, "meta": meta}, path)  # type: ignore[arg-type]
     return train, evaluation, tok
 
 

@@ -136,7 +136,8 @@ def evaluate_path(
 
     BatchNorm: the running statistics of an interpolated network are not the statistics of its
     own activations, only the interpolation of the endpoints' statistics. By default they are
-    used as they are, as Frankle et al. (2020) evaluate the interpolated network as is. With
+    used as they are: the interpolated network is evaluated as is, which is how we read
+    Frankle et al. (2020) (not re-checked against the paper's text here). With
     ``reset_bn=True`` they are re-estimated for every alpha from ``bn_batches`` training
     batches in train mode without gradients (which usually lowers the barrier of BN networks).
     Models without BatchNorm are unaffected.

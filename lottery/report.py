@@ -7,11 +7,39 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_reports", "markdown_table", "plot_accuracy_vs_density"]
+__all__ = ["average_rows", "markdown_table", "plot_accuracy_vs_density", "write_reports"]
 
 
 def _fmt(value: Any) -> str:
     return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def average_rows(runs: list[list[dict]]) -> list[dict]:
+    """Mean over seeds, level by level (``accuracy_std`` holds the standard deviations)."""
+    import statistics
+
+    averaged = []
+    for level_rows in zip(*runs, strict=True):
+        names = level_rows[0]["accuracy"]
+        accuracy, spread = {}, {}
+        for name in names:
+            values = [
+                r["accuracy"][name] for r in level_rows if r["accuracy"].get(name) is not None
+            ]
+            accuracy[name] = statistics.fmean(values) if values else None
+            spread[name] = statistics.pstdev(values) if len(values) > 1 else 0.0
+        steps = [r["early_stop_step"] for r in level_rows if r.get("early_stop_step") is not None]
+        averaged.append(
+            {
+                "level": level_rows[0]["level"],
+                "density": statistics.fmean(r["density"] for r in level_rows),
+                "accuracy": accuracy,
+                "accuracy_std": spread,
+                "early_stop_step": statistics.median(steps) if steps else None,
+                "seeds": len(level_rows),
+            }
+        )
+    return averaged
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -20,8 +48,14 @@ def markdown_table(rows: list[dict]) -> str:
     header = ["level", "density", "ticket", *controls, "early-stop step"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [str(row["level"]), f"{row['density']:.4f}", _fmt(row["accuracy"]["ticket"])]
-        cells += [_fmt(row["accuracy"].get(c)) for c in controls]
+        std = row.get("accuracy_std", {})
+
+        def cell(name: str, row: dict = row, std: dict = std) -> str:
+            value = _fmt(row["accuracy"].get(name))
+            return f"{value} ± {std[name]:.4f}" if name in std and value != "-" else value
+
+        cells = [str(row["level"]), f"{row['density']:.4f}", cell("ticket")]
+        cells += [cell(c) for c in controls]
         cells.append(_fmt(row.get("early_stop_step")))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -60,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
     lottery.add_argument("--mode", choices=("weights", "lr"), default="weights")
     lottery.add_argument("--controls", nargs="*", default=["reinit", "random", "shuffle"])
     lottery.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        help="IMP once per seed (seed_<s>/), then mean ± std per level",
+    )
+    lottery.add_argument(
         "--pai",
         nargs="+",
         metavar="METHOD",
@@ -288,16 +294,25 @@ def cmd_lottery(args: argparse.Namespace) -> int:
             accs = "  ".join(f"{k}={v:.4f}" for k, v in row["accuracy"].items())
             print(f"{row['method']:>9} density {row['density']:.4f}  {accs}")
     elif args.instability:
-        from speedup.lottery.instability import run_instability
+        from speedup.lottery.instability import plot_instability, run_instability
 
         results = run_instability(cfg, out, args.rewind_points, points=args.points)
+        plot_instability(results, out / "instability.png")
         for result in results:
             print(f"rewind {result['rewind']}: error barrier {result['barrier']:.4f}")
     elif args.scaling:
         from speedup.lottery.scaling import run_scaling
 
         report = run_scaling(cfg, out, args.widths, args.densities, width_key=args.width_key)
-        print(json.dumps(report, indent=2, default=str)[:2000])
+        for row in report["observations"]:
+            print(f"width {row['width']:g}  density {row['density']:.4f}  error {row['error']:.4f}")
+        holdout = report.get("holdout")
+        if holdout:
+            print(
+                f"fit on the other widths predicts width {holdout['holdout_width']:g}: mean "
+                f"absolute error {holdout['mean_abs_error']:.4f}, mean relative error "
+                f"{holdout['mean_rel_error']:.1%}"
+            )
     else:
         from speedup.lottery.imp import IMPSettings, run_imp
         from speedup.lottery.report import markdown_table
@@ -317,7 +332,21 @@ def cmd_lottery(args: argparse.Namespace) -> int:
             from speedup.config import ConfigError
 
             raise ConfigError(f"speedup lottery: {err}") from None
-        rows = run_imp(cfg, out, imp)
+        if args.seeds:  # one experiment per seed, then the mean and spread per level
+            from omegaconf import OmegaConf
+
+            from speedup.lottery.report import average_rows, write_reports
+
+            runs = []
+            for seed in args.seeds:
+                seeded = cfg.copy()
+                OmegaConf.set_struct(seeded, False)
+                seeded.seed = seed
+                runs.append(run_imp(seeded, out / f"seed_{seed}", imp))
+            rows = average_rows(runs)
+            write_reports(out, rows, imp)
+        else:
+            rows = run_imp(cfg, out, imp)
         print(markdown_table(rows), end="")
     print(f"experiment dir: {out}")
     return 0

@@ -131,3 +131,63 @@ def test_cli_lottery_smoke(capsys, tmp_path):
         ["lottery", "quickstart", "--smoke", "--prune-fraction", "2", "--out", str(tmp_path / "x")]
     )
     assert code == 2 and "prune_fraction must be in (0, 1)" in capsys.readouterr().err
+
+
+def test_cli_seeds_average_and_other_experiments(capsys, tmp_path):
+    code = main(
+        [
+            "lottery",
+            "quickstart",
+            "--smoke",
+            "--levels",
+            "1",
+            "--controls",
+            "random",
+            "--seeds",
+            "1",
+            "2",
+            "--out",
+            str(tmp_path / "imp"),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0 and " ± " in out
+    summary = json.loads((tmp_path / "imp" / "summary.json").read_text())
+    assert summary["levels"][1]["seeds"] == 2
+    assert (tmp_path / "imp" / "seed_1" / "level_1" / "random").is_dir()
+
+    code = main(
+        [
+            "lottery",
+            "quickstart",
+            "--smoke",
+            "--instability",
+            "--rewind-points",
+            "0ba",
+            "2ba",
+            "--points",
+            "3",
+            "--out",
+            str(tmp_path / "inst"),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0 and "rewind 0: error barrier" in out and "rewind 2: error barrier" in out
+    assert (tmp_path / "inst" / "instability.json").exists()
+    assert (tmp_path / "inst" / "instability.png").stat().st_size > 1000
+
+    code = main(
+        [
+            "lottery",
+            "quickstart",
+            "--smoke",
+            "--pai",
+            "magnitude",
+            "--densities",
+            "0.3",
+            "--out",
+            str(tmp_path / "pai"),
+        ]
+    )
+    assert code == 0 and "magnitude density 0.3000" in capsys.readouterr().out
+    assert json.loads((tmp_path / "pai" / "pai.json").read_text())[0]["method"] == "magnitude"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -180,3 +181,28 @@ def test_run_instability_rejects_bad_arguments(tmp_path):
         run_instability(cfg, tmp_path, data_seeds=(3, 3))
     with pytest.raises(ValueError, match="outside"):
         run_instability(cfg, tmp_path, rewind_points=("30ba",))
+
+
+def test_reset_bn_recomputes_running_statistics():
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = torch.nn.BatchNorm1d(3)
+
+        def forward(self, batch: dict) -> torch.Tensor:
+            return self.bn(batch["inputs"])
+
+    torch.manual_seed(0)
+    data = [{"inputs": torch.randn(64, 3) * 2 + 5} for _ in range(4)]
+    model = Net()
+    model.bn.running_mean.fill_(-100.0)  # an interpolated, meaningless statistic
+    trainer = SimpleNamespace(
+        state=SimpleNamespace(model=model, train_dataloader=data), _to_device=lambda b: b
+    )
+    instability._reset_bn(trainer, batches=3)
+    seen = torch.cat([b["inputs"] for b in data[:3]])
+    assert torch.allclose(model.bn.running_mean, seen.mean(0), atol=1e-5)
+    # momentum=None: the running statistics are plain averages of the per-batch ones.
+    per_batch_var = torch.stack([b["inputs"].var(0) for b in data[:3]]).mean(0)
+    assert torch.allclose(model.bn.running_var, per_batch_var, rtol=1e-4)
+    assert model.bn.momentum == 0.1  # restored

@@ -214,6 +214,7 @@ def _controls(cfg, level_dir, settings, masks, rewind_weights, rewind_step, leve
             masks=run_masks,
             start_batch=rewind_step,
         )
+        torch.save(run_masks, level_dir / control / "masks.pt")
         accuracy[control] = result["metrics"].get("accuracy")
     return accuracy
 

@@ -75,8 +75,17 @@ def test_imp_levels_controls_reports_and_resumption(tmp_path):
     final = load_result(tmp_path / "level_2" / "main").final_weights
     assert all(torch.all(final[k][~m] == 0) for k, m in masks.items())
 
-    shuffle_masks_equal_density = rows[2]["density"]
-    assert shuffle_masks_equal_density < rows[1]["density"]
+    # exact per-layer sparsity: each level keeps (1 - fraction) of each layer's survivors
+    for name, mask in masks.items():
+        alive = int(level1[name].sum())
+        assert abs(int(mask.sum()) - alive * 0.5) <= 0.5
+    # controls keep the ticket's per-layer sparsity (and random/shuffle change the pattern)
+    for control in ("reinit", "random", "shuffle"):
+        control_masks = torch.load(tmp_path / "level_2" / control / "masks.pt", weights_only=True)
+        for name, mask in masks.items():
+            assert int(control_masks[name].sum()) == int(mask.sum())
+        changed = any(not torch.equal(control_masks[n], masks[n]) for n in masks)
+        assert changed == (control != "reinit")
 
     # Interrupt level 2: only its runs are recomputed, earlier ones are kept as they are.
     kept = (tmp_path / "level_1" / "main" / "summary.json").stat().st_mtime_ns

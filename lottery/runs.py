@@ -8,7 +8,6 @@ instability copies) is a sequence of these.
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,6 @@ from speedup.callback import Callback
 from speedup.data.cache import atomic_save
 from speedup.loggers import JSONLLogger
 from speedup.run import build_trainer
-from speedup.trainer import Trainer
 
 __all__ = ["RunResult", "initial_weights", "train_run", "load_result", "weights_path"]
 
@@ -102,7 +100,7 @@ def train_run(
     if weights is not None:
         state.model.load_state_dict({k: v.to(state.device) for k, v in weights.items()})
     if start_batch:
-        _start_at(trainer, start_batch)
+        trainer.seek(start_batch)
     final_metrics = trainer.fit()
     atomic_save({k: v.detach().cpu() for k, v in state.model.state_dict().items()}, run_dir / FINAL)
     summary = RunResult(
@@ -138,20 +136,6 @@ def _mask_holder(masks: dict[str, torch.Tensor] | None) -> list:
     holder = ALGORITHMS.get("magnitude_pruning")(schedule="fixed")
     holder.load_state_dict({"masks": masks})
     return [holder]
-
-
-def _start_at(trainer: Trainer, batch: int) -> None:
-    """Position the run at step ``batch``: its schedule and data order continue from there."""
-    per_epoch = trainer.converter.batches_per_epoch
-    ts = trainer.state.timestamp
-    ts.batch = batch
-    ts.epoch, ts.batch_in_epoch = divmod(batch, per_epoch)
-    ts.sample = batch * trainer.converter.samples_per_batch
-    ts.sample_in_epoch = ts.batch_in_epoch * trainer.converter.samples_per_batch
-    with warnings.catch_warnings():  # stepping before optimizer.step() is intended here
-        warnings.simplefilter("ignore", UserWarning)
-        for scheduler in trainer.state.schedulers:  # LambdaLR reads the timestamp: refresh LR
-            scheduler.step()
 
 
 def _best_eval(metrics_path: Path) -> dict[str, float]:

@@ -11,6 +11,7 @@ import argparse
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -90,6 +91,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     lottery.add_argument("--widths", nargs="+", type=int, default=[8, 16, 32])
     lottery.add_argument("--width-key", default="model.channels")
+    bench = sub.add_parser(
+        "bench",
+        help="run a composition benchmark suite: baseline, singles, pairs, full",
+        description="Runs a suite (see `speedup bench --list`), reusing finished runs, and "
+        "writes results.json, report.md and plots to --out.",
+    )
+    bench.add_argument("suite", nargs="?", help="a shipped suite name or a YAML path")
+    bench.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="overrides for the workload recipe of every run",
+    )
+    bench.add_argument("--list", action="store_true", help="list the shipped suites")
+    bench.add_argument("--out", help="output directory (default runs/bench-<suite>)")
+    bench.add_argument("--smoke", action="store_true", help="the suite's smoke: settings")
+    bench.add_argument("--force", action="store_true", help="recompute finished runs")
+    report = sub.add_parser("report", help="rebuild a benchmark report from results.json")
+    report.add_argument("dir", help="a `speedup bench` output directory")
     listing = sub.add_parser("list", help="list registered components")
     listing.add_argument(
         "what",
@@ -99,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     describe = sub.add_parser("describe", help="an algorithm's method card and declaration")
     describe.add_argument("name", help="an algorithm, model, dataset or recipe name")
-    for command in (run, plan, lottery, listing, describe):
+    for command in (run, plan, lottery, bench, report, listing, describe):
         command.add_argument(
             "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
         )
@@ -352,6 +372,35 @@ def cmd_lottery(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from speedup.benchmarks.harness import load_suite, run_suite, suite_names
+
+    if args.list or not args.suite:
+        for name in suite_names():
+            print(name)
+        return 0 if args.list else 2
+    suite = load_suite(args.suite, smoke=args.smoke)
+    suite.overrides = [*suite.overrides, *args.overrides]
+    out = args.out or f"runs/bench-{suite.name}{'-smoke' if args.smoke else ''}"
+    run_suite(suite, out, force=args.force)
+    print((Path(out) / "report.md").read_text().split("\n## ")[0])
+    print(f"report: {Path(out) / 'report.md'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from speedup.benchmarks.report import rebuild
+
+    directory = Path(args.dir)
+    if not (directory / "results.json").is_file():
+        from speedup.config import ConfigError
+
+        raise ConfigError(f"{directory}: no results.json here (a `speedup bench` output dir?)")
+    rebuild(directory)
+    print(f"report: {directory / 'report.md'}")
+    return 0
+
+
 def _format_summary(summary: dict) -> str:
     metrics = "  ".join(f"{k}={v:.4f}" for k, v in summary["metrics"].items())
     return "\n".join(
@@ -369,6 +418,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
     "plan": cmd_plan,
     "lottery": cmd_lottery,
+    "bench": cmd_bench,
+    "report": cmd_report,
     "list": cmd_list,
     "describe": cmd_describe,
 }

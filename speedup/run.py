@@ -148,15 +148,16 @@ def plan_config(cfg: DictConfig):
     return plan, declarations
 
 
-def run_config(cfg: DictConfig) -> dict[str, Any]:
-    """Train the validated config; write the run directory; return the summary."""
+def run_config(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
+    """Train the validated config; write the run directory; return the summary.
+    ``extra_callbacks`` are instances added by drivers (e.g. the harness's FLOPs meter)."""
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
     metrics_path = run_dir / "metrics.jsonl"
     loggers: list[LoggerDestination] = [JSONLLogger(metrics_path)]
     if cfg.progress_bar:
         loggers.append(ProgressBar())
     # Bad data paths fail here, before any file is written.
-    trainer = build_trainer(cfg, loggers, trace=cfg.trace)
+    trainer = build_trainer(cfg, loggers, trace=cfg.trace, extra_callbacks=extra_callbacks)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
     metrics_path.unlink(missing_ok=True)  # a rerun of the same config starts a fresh log

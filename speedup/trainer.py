@@ -10,6 +10,7 @@ import contextlib
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -175,6 +176,20 @@ class Trainer:
         self._autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self._evaluated_at: int | None = None
         self._clock: float | None = None
+
+    def seek(self, batch: int) -> None:
+        """Position a fresh trainer at step ``batch`` of its run: the schedule and the data
+        order continue from there (rewinding to step k, timing a late phase of a run)."""
+        conv, ts = self.converter, self.state.timestamp
+        ts.batch = batch
+        ts.epoch, ts.batch_in_epoch = divmod(batch, conv.batches_per_epoch)
+        ts.sample = batch * conv.samples_per_batch
+        ts.sample_in_epoch = ts.batch_in_epoch * conv.samples_per_batch
+        ts.token = batch * conv.samples_per_batch * (conv.tokens_per_sample or 0)
+        with warnings.catch_warnings():  # stepping before optimizer.step() is intended here
+            warnings.simplefilter("ignore", UserWarning)
+            for scheduler in self.state.schedulers:  # LambdaLR reads the timestamp: refresh
+                scheduler.step()
 
     # -- time -------------------------------------------------------------------------------
 

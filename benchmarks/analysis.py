@@ -300,7 +300,8 @@ def _or_inf(value: float | None) -> float:
 
 def _analyze_config(name: str, runs: list[dict], results: dict) -> dict:
     target = results["target"]
-    metric, goal, higher = target["metric"], float(target["value"]), target["higher_is_better"]
+    metric, goal = target["metric"], float(target["value"])
+    higher = bool(target.get("higher_is_better", True))
     cost = (results.get("step_cost") or {}).get(name)
     base_step = results.get("baseline_step_time_s")
     calibrate = cost is not None and base_step is not None

@@ -276,19 +276,23 @@ class _StopAfter(Callback):
 
 
 def _time_window(cfg: DictConfig, position: float, steps: int) -> float:
-    """Seconds per step over ``steps`` steps starting at ``position`` (a fraction of the run)."""
-    clock: list[float] = []
+    """Median seconds per step (data loading included) over ``steps`` steps starting at
+    ``position`` (a fraction of the run); one extra first step is run as warm-up."""
+    durations: list[float] = []
 
-    class Clock(Callback):
+    class StepClock(Callback):
+        def before_dataloader(self, state, logger) -> None:  # noqa: ANN001
+            self.started = time.perf_counter()
+
         def batch_end(self, state, logger) -> None:  # noqa: ANN001
-            clock.append(time.perf_counter())
+            durations.append(time.perf_counter() - self.started)
 
-    trainer = build_trainer(cfg, extra_callbacks=[_StopAfter(steps + 1), Clock()])
+    trainer = build_trainer(cfg, extra_callbacks=[StepClock(), _StopAfter(steps + 1)])
     trainer.state.eval_dataloader = None  # timing only: no evaluation
-    total = trainer.converter.to_batches(trainer.state.max_duration)
-    trainer.seek(int(position * total))
+    total = int(trainer.converter.to_batches(trainer.state.max_duration))
+    trainer.seek(max(0, min(int(position * total), total - steps - 1)))
     trainer.fit()
-    return (clock[-1] - clock[0]) / max(1, len(clock) - 1)  # the first step is warm-up
+    return statistics.median(durations[1:] or durations)
 
 
 def measure_step_costs(

@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from speedup.benchmarks.harness import configurations, load_suite
+
 from speedup.config import ConfigError
 
 
@@ -25,15 +25,28 @@ timing: {steps: 2, repeats: 1, positions: [0.5]}
 
 
 def test_combinations_in_suite_order(tmp_path):
-    suite = load_suite(str(write_suite(tmp_path, BASE + """
+    suite = load_suite(
+        str(
+            write_suite(
+                tmp_path,
+                BASE
+                + """
 algorithms: {label_smoothing: {}, magnitude_pruning: {sparsity: 0.5}, rewinding: {}}
 combinations: [singles, pairs, full, [rewinding, magnitude_pruning]]
-""")))
+""",
+            )
+        )
+    )
     names = ["+".join(c) or "baseline" for c in configurations(suite)]
     assert names == [
-        "baseline", "label_smoothing", "magnitude_pruning", "rewinding",
-        "label_smoothing+magnitude_pruning", "label_smoothing+rewinding",
-        "magnitude_pruning+rewinding", "label_smoothing+magnitude_pruning+rewinding",
+        "baseline",
+        "label_smoothing",
+        "magnitude_pruning",
+        "rewinding",
+        "label_smoothing+magnitude_pruning",
+        "label_smoothing+rewinding",
+        "magnitude_pruning+rewinding",
+        "label_smoothing+magnitude_pruning+rewinding",
     ]  # the explicit pair is the same configuration as the canonical one: run once
 
 
@@ -63,10 +76,18 @@ def test_unknown_workload_and_metric_not_produced(tmp_path):
 def test_sweep_runs_reports_conflicts_and_resumes(tmp_path, capsys):
     from speedup.benchmarks.harness import run_suite
 
-    suite = load_suite(str(write_suite(tmp_path, BASE + """
+    suite = load_suite(
+        str(
+            write_suite(
+                tmp_path,
+                BASE
+                + """
 algorithms: {label_smoothing: {alpha: 0.1}, rewinding: {}}
 combinations: [singles, pairs]
-""")))
+""",
+            )
+        )
+    )
     out = tmp_path / "out"
     results = run_suite(suite, out, progress=False)
     assert set(results["conflicts"]) == {"rewinding", "label_smoothing+rewinding"}

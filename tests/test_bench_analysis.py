@@ -1,0 +1,225 @@
+"""The sweep statistics: interpolated time-to-target, bootstrap CIs, interactions, Pareto."""
+
+import math
+
+import numpy as np
+import pytest
+from speedup.benchmarks.analysis import (
+    analyze,
+    bootstrap_ci,
+    interaction,
+    pareto_frontier,
+    speedup,
+    time_to_target,
+)
+
+
+def linear_curve(cross_step, target=0.5, last=200, seconds_per_step=0.2, flops=True):
+    """Evaluations every 10 steps of a metric rising linearly through ``target`` at
+    ``cross_step`` (never reaching it when ``cross_step`` is None: it tops out at 0.4)."""
+    points = []
+    for step in range(10, last + 1, 10):
+        value = 0.4 * step / last if cross_step is None else target * step / cross_step
+        points.append(
+            {
+                "step": step,
+                "epoch": step // 10,
+                "sample": 128 * step,
+                "train_time_s": seconds_per_step * step,
+                "flops": 1e9 * step if flops else None,
+                "value": min(value, 1.0),
+            }
+        )
+    return points
+
+
+def synthetic_results(crossings, finals, step_cost, seeds=(1, 2), conflicts=None):
+    """A results.json payload; ``crossings[config]`` holds a crossing step per seed."""
+    runs = []
+    for config, per_seed in crossings.items():
+        algorithms = [] if config == "baseline" else config.split("+")
+        for seed, cross in zip(seeds, per_seed, strict=True):
+            runs.append(
+                {
+                    "config": config,
+                    "algorithms": algorithms,
+                    "seed": seed,
+                    "config_hash": f"{config}-{seed}",
+                    "run_dir": f"runs/{config}-{seed}",
+                    "cached": False,
+                    "curve": linear_curve(cross),
+                    "final": {"accuracy": finals[config], "loss": 1 - finals[config]},
+                    "steps": 200,
+                    "train_time_s": 40.0,
+                    "eval_time_s": 1.0,
+                }
+            )
+    return {
+        "suite": "synthetic",
+        "workload": {"recipe": "shapes2d-baseline", "overrides": ["max_duration=200ba"]},
+        "target": {"metric": "accuracy", "value": 0.5, "higher_is_better": True},
+        "seeds": list(seeds),
+        "environment": {"torch": "2.x", "device": {"name": "cpu", "count": 1}},
+        "baseline_step_time_s": 0.1,
+        "step_cost": step_cost,
+        "conflicts": conflicts or {},
+        "runs": runs,
+    }
+
+
+CROSSINGS = {
+    "baseline": [80, 120],
+    "a": [40, 60],
+    "b": [50, 50],
+    "a+b": [20, 20],
+    "c": [None, None],
+}
+FINALS = {"baseline": 0.9, "a": 0.88, "b": 0.92, "a+b": 0.85, "c": 0.4}
+STEP_COST = {"baseline": 1.0, "a": 0.5, "b": 1.0, "a+b": 0.5, "c": 1.2}
+
+
+def test_time_to_target_interpolates_the_first_crossing():
+    curve = [
+        {"step": 10, "train_time_s": 1.0, "value": 0.2},
+        {"step": 20, "train_time_s": 3.0, "value": 0.6},
+        {"step": 30, "train_time_s": 4.0, "value": 0.4},  # dips back: the first crossing counts
+        {"step": 40, "train_time_s": 5.0, "value": 0.9},
+    ]
+    # 0.5 lies 3/4 of the way from 0.2 to 0.6.
+    assert time_to_target(curve, 0.5) == pytest.approx(2.5)
+    assert time_to_target(curve, 0.5, x="step") == pytest.approx(17.5)
+    assert time_to_target(curve, 0.95) is None
+    # Exactly on an evaluation: that evaluation's x.
+    assert time_to_target(curve, 0.6, x="step") == pytest.approx(20.0)
+
+
+def test_time_to_target_first_point_already_there_and_lower_is_better():
+    curve = [{"step": 10, "train_time_s": 2.0, "value": 0.8}, {"step": 20, "value": 0.9}]
+    assert time_to_target(curve, 0.5) == 2.0  # no value known before it: its own x
+    loss = [
+        {"step": 10, "train_time_s": 1.0, "value": 3.0},
+        {"step": 20, "train_time_s": 2.0, "value": 1.0},
+    ]
+    assert time_to_target(loss, 2.5, higher_is_better=False) == pytest.approx(1.25)
+    assert time_to_target(loss, 0.5, higher_is_better=False) is None
+    assert time_to_target([], 0.5) is None
+
+
+def test_speedup_and_interaction_on_hand_values():
+    assert speedup([100.0], [50.0]).point == pytest.approx(2.0)
+    assert speedup([100.0], [80.0]).point == pytest.approx(1.25)
+    assert speedup([100.0], [40.0]).point == pytest.approx(2.5)
+    # 2.5 / (2 * 1.25) = 1: the pair is exactly the product of its singles.
+    assert interaction([100.0], [50.0], [80.0], [40.0]) == (1.0, 1.0, 1.0)
+    # A pair slower than the product: interference.
+    assert interaction([100.0], [50.0], [80.0], [80.0]).point == pytest.approx(0.5)
+    # Never reaching the target counts as infinite time: speedup 0.
+    assert speedup([100.0, 100.0], [50.0, math.inf]).point == 0.0
+    assert interaction([100.0], [50.0], [80.0], [math.inf]).point == 0.0
+    assert math.isnan(interaction([100.0], [math.inf], [80.0], [40.0]).point)
+
+
+def test_bootstrap_ci_single_values_and_bounds():
+    one = bootstrap_ci([4.0], [2.0], lambda a, b: a.mean() / b.mean())
+    assert one == (2.0, 2.0, 2.0)
+    estimate = speedup([10.0, 11.0, 9.0, 10.5], [5.0, 5.5, 4.5, 5.2])
+    assert estimate.low < estimate.point < estimate.high
+    # Seeded: the same call gives the same interval.
+    assert speedup([10.0, 11.0, 9.0, 10.5], [5.0, 5.5, 4.5, 5.2]) == estimate
+
+
+def test_bootstrap_ci_covers_the_true_ratio_at_about_the_nominal_rate():
+    rng = np.random.default_rng(123)
+    true_ratio = 10.0 / 5.0
+    covered = 0
+    repetitions = 200
+    for rep in range(repetitions):
+        baseline = rng.normal(10.0, 2.0, size=20)
+        config = rng.normal(5.0, 1.0, size=20)
+        estimate = bootstrap_ci(
+            baseline, config, lambda a, b: a.mean() / b.mean(), n_resamples=1000, seed=rep
+        )
+        covered += estimate.low <= true_ratio <= estimate.high
+    assert 0.88 <= covered / repetitions <= 0.99
+
+
+def test_pareto_frontier_on_a_planted_set():
+    points = [
+        (1.0, 0.50),  # 0 frontier: fastest
+        (2.0, 0.90),  # 1 frontier
+        (1.5, 0.40),  # 2 dominated by 0
+        (3.0, 0.90),  # 3 dominated by 1 (same quality, slower)
+        (2.5, 0.95),  # 4 frontier: best quality
+        (4.0, 0.60),  # 5 dominated
+        (2.0, 0.90),  # 6 duplicate of 1: neither strictly dominates
+        (math.nan, 0.99),  # 7 left out
+    ]
+    assert pareto_frontier(points) == [0, 1, 6, 4]
+
+
+def test_analyze_calibrated_times_speedups_and_interactions():
+    results = synthetic_results(CROSSINGS, FINALS, STEP_COST)
+    out = analyze(results)
+    configs = out["configs"]
+    assert list(configs) == ["baseline", "a", "b", "c", "a+b"]
+    base = configs["baseline"]
+    assert base["steps_to_target"]["values"] == pytest.approx([80.0, 120.0])
+    # steps x relative step cost x baseline seconds per step (0.1).
+    assert base["calibrated_time_to_target_s"]["mean"] == pytest.approx(10.0)
+    assert configs["a"]["calibrated_time_to_target_s"]["values"] == pytest.approx([2.0, 3.0])
+    assert configs["a+b"]["calibrated_time_to_target_s"]["mean"] == pytest.approx(1.0)
+    # Raw wall-clock: 0.2 s per step for every config.
+    assert base["time_to_target_s"]["mean"] == pytest.approx(20.0)
+    assert configs["a"]["speedup_raw"]["point"] == pytest.approx(2.0)
+    assert configs["a"]["speedup_calibrated"]["point"] == pytest.approx(4.0)
+    assert configs["b"]["speedup_calibrated"]["point"] == pytest.approx(2.0)
+    assert configs["a+b"]["speedup_calibrated"]["point"] == pytest.approx(10.0)
+    low, high = (
+        configs["a"]["speedup_calibrated"]["low"],
+        configs["a"]["speedup_calibrated"]["high"],
+    )
+    assert low <= 4.0 <= high and low < high
+    assert configs["a"]["flops_to_target"]["mean"] == pytest.approx(50e9)
+    # Never reached: 0 of 2 seeds, infinite time, speedup 0.
+    assert configs["c"]["reached"] == 0 and configs["c"]["reached_fraction"] == 0.0
+    assert math.isinf(configs["c"]["calibrated_time_to_target_s"]["mean"])
+    assert configs["c"]["speedup_calibrated"]["point"] == 0.0
+    assert configs["b"]["final_quality"]["mean"] == pytest.approx(0.92)
+    [pair] = out["interactions"]
+    assert (pair["pair"], pair["a"], pair["b"]) == ("a+b", "a", "b")
+    assert pair["interaction_calibrated"]["point"] == pytest.approx(10.0 / (4.0 * 2.0))
+    # Pareto: calibrated time to target, or total calibrated time where the target was missed.
+    points = {p["config"]: p for p in out["pareto"]["points"]}
+    assert points["c"]["time_kind"] == "total_train_time"
+    assert points["c"]["time_s"] == pytest.approx(200 * 1.2 * 0.1)
+    assert out["pareto"]["frontier"] == ["a+b", "a", "b"]
+
+
+def test_analyze_single_seed_missing_flops_and_lower_is_better():
+    results = synthetic_results(
+        {"baseline": [100], "a": [50]}, FINALS, {"baseline": 1.0}, seeds=(7,)
+    )
+    for run in results["runs"]:
+        for point in run["curve"]:
+            point["flops"] = None
+    out = analyze(results)
+    a = out["configs"]["a"]
+    assert a["speedup_raw"] == {"point": 2.0, "low": 2.0, "high": 2.0}
+    assert math.isnan(a["speedup_calibrated"]["point"])  # no step cost for "a"
+    assert a["flops_to_target"] is None
+    assert any("One seed" in note for note in out["notes"])
+    assert any("No step cost for a" in note for note in out["notes"])
+    assert out["interactions"] == []
+    # A loss target: lower is better, and the Pareto frontier flips its quality axis.
+    loss = synthetic_results(
+        {"baseline": [100], "a": [50]}, FINALS, {"baseline": 1.0, "a": 1.0}, seeds=(7,)
+    )
+    loss["target"] = {"metric": "loss", "value": 0.5, "higher_is_better": False}
+    for run in loss["runs"]:
+        for point in run["curve"]:
+            point["value"] = 1.0 - point["value"]  # falls through 0.5 at the same step
+    out = analyze(loss)
+    assert out["configs"]["a"]["speedup_calibrated"]["point"] == pytest.approx(2.0)
+    assert out["configs"]["a"]["final_quality"]["mean"] == pytest.approx(0.12)
+    # "a" is faster, the baseline ends at a lower loss (0.10 vs 0.12): both on the frontier.
+    assert out["pareto"]["frontier"] == ["a", "baseline"]

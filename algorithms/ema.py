@@ -7,7 +7,7 @@ Averaging the iterates of stochastic gradient descent is Polyak & Juditsky (1992
 "Acceleration of stochastic approximation by averaging", SIAM J. Control Optim. 30(4)): the
 running average attains the optimal asymptotic rate where the last iterate does not. Theirs is
 a uniform average from the start; the exponential form forgets early, poor iterates and is the
-one deep-learning trainers use (Composer's EMA follows TensorFlow's ExponentialMovingAverage).
+one deep-learning trainers use (Composer's EMA was inspired by TensorFlow's).
 The decay is a half-life in Time: after ``half_life`` the weight of an old value has halved,
 so ``smoothing = 0.5 ** (update_interval / half_life)`` with both converted to batches at fit
 start (``half_life`` may be in ``ba``, ``ep``, ``sp``, ``tok`` or ``dur``, independent of the
@@ -23,9 +23,11 @@ Expected effect: eval curves with less step-to-step noise and, on short high-LR 
 gain in final accuracy; little change where the learning rate anneals to zero, since the last
 iterates then barely move.
 
-**Cost.** One copy of the weights and buffers (Composer's trainer version keeps two: an EMA
-model and a training model), one fused ``lerp`` per update, and at each evaluation an in-place
-exchange of values between the model and the copy (no new module, no persistent memory).
+**Cost.** One extra copy of the weights and buffers (activations and optimizer state are not
+duplicated), one fused ``lerp`` per update, and at each evaluation an in-place exchange of
+values between the model and the copy: no new module and no persistent memory, and since the
+model's tensors keep their storage, optimizer state, masks, DDP/FSDP shards and CUDA graphs
+that hold them stay valid (swapping ``.data`` pointers would be cheaper but breaks those).
 
 **The trained model is the average.** At FIT_END the model is left holding the EMA weights:
 the model you save or export after ``fit()`` is the averaged one. FIT_END's contract says
@@ -97,10 +99,10 @@ def compute_ema(ema: nn.Module | Tensors, model: nn.Module | Tensors, smoothing:
         extra = sorted(averages.keys() - current.keys())
         raise ValueError(f"ema and model differ: missing {missing}, unexpected {extra}")
     floats = [n for n, t in averages.items() if t.is_floating_point()]
-    others = [n for n in averages if n not in set(floats)]
     _lerp([averages[n] for n in floats], [current[n] for n in floats], 1.0 - smoothing)
-    for name in others:
-        averages[name].copy_(current[name])
+    for name, tensor in averages.items():
+        if not tensor.is_floating_point():
+            tensor.copy_(current[name])
 
 
 @torch.no_grad()
@@ -177,8 +179,8 @@ class EMA(Algorithm):
         self._eval_swapped = False
         self._held: list[torch.Tensor] = []  # self.ema's tensors, in model order
         self._live: list[torch.Tensor] = []  # the model's parameters and buffers
-        self._float_idx: list[int] = []
-        self._other_idx: list[int] = []
+        self._floats: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])  # (held, live)
+        self._others: list[tuple[torch.Tensor, torch.Tensor]] = []  # integer buffers
         self._mask_source: dict | None = None
         self._masked: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
 
@@ -248,6 +250,7 @@ class EMA(Algorithm):
         self._mask_source = None
         if self.ema is not None:  # resumed, or a second fit
             self._bind(state.model)
+            self.anchor = 0 if self.anchor is None else self.anchor
             if self.model_holds_ema:  # train on from the training weights
                 _exchange(self._live, self._held)
                 self.model_holds_ema = False
@@ -267,13 +270,9 @@ class EMA(Algorithm):
             return
         updated = (batch - self.anchor) % self.interval_batches == 0
         if updated:
-            _lerp(
-                [self._held[i] for i in self._float_idx],
-                [self._live[i] for i in self._float_idx],
-                1.0 - self.resolved_smoothing,
-            )
-            for i in self._other_idx:
-                self._held[i].copy_(self._live[i])
+            _lerp(*self._floats, 1.0 - self.resolved_smoothing)
+            for held, live in self._others:
+                held.copy_(live)
         if updated or state.masks is not self._mask_source:  # new masks apply at once
             self._mask(state)
 
@@ -307,8 +306,10 @@ class EMA(Algorithm):
         names = list(live)
         self._live = [live[n] for n in names]
         self._held = [self.ema[n] for n in names]
-        self._float_idx = [i for i, t in enumerate(self._live) if t.is_floating_point()]
-        self._other_idx = [i for i, t in enumerate(self._live) if not t.is_floating_point()]
+        pairs = list(zip(self._held, self._live))
+        floats = [(h, t) for h, t in pairs if t.is_floating_point()]
+        self._floats = ([h for h, _ in floats], [t for _, t in floats])
+        self._others = [(h, t) for h, t in pairs if not t.is_floating_point()]
         self._mask_source = None
 
     @torch.no_grad()

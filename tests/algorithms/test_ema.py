@@ -195,7 +195,7 @@ def test_eval_sees_the_average_and_training_resumes_on_the_training_weights():
     # at the end the model holds the average; the algorithm holds the training weights
     assert_same(weights(trainer.state.model), recorder.hand)
     assert ema.model_holds_ema
-    assert_same({k: v for k, v in ema.ema.items()}, recorder.training[12])
+    assert_same(dict(ema.ema), recorder.training[12])
     # the reported metrics are those of the averaged weights
     check = model(batchnorm=True)
     check.load_state_dict(recorder.hand)
@@ -261,7 +261,7 @@ def test_ema_start_delays_the_average():
     train([ema], 8, [recorder, Peek()], eval_interval="4ba")
     assert seen[4] is None
     assert_same(recorder.at_eval[0][1], recorder.training[4])  # before the start: training
-    assert_same({k: v for k, v in seen[5].items()}, recorder.training[5])  # starts as a copy
+    assert_same(seen[5], recorder.training[5])  # starts as a copy
     assert ema.anchor == 5
 
 
@@ -293,6 +293,11 @@ def test_the_average_is_exactly_zero_where_pruned():
         # survivors are averaged, not copied
         assert not torch.equal(final[name][mask], watch.training[12][name][mask])
     assert watch.average[4]["net.0.weight"].eq(0).sum() == 0  # dense before pruning
+    # the average is plain data: no autograd history, no storage shared with the model
+    params = {n: p.data_ptr() for n, p in trainer.state.model.named_parameters()}
+    for name, tensor in ema.ema.items():
+        assert tensor.grad_fn is None and not tensor.requires_grad
+        assert tensor.data_ptr() != params.get(name)
 
 
 @pytest.mark.parametrize("mode", ["weights", "lr"])

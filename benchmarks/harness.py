@@ -348,6 +348,7 @@ def run_suite(
     suite: Suite, out: str | Path, force: bool = False, progress: bool = True
 ) -> dict[str, Any]:
     """Run (or resume) the sweep; write results.json and the report; return the results."""
+    from speedup.benchmarks.analysis import time_to_target
     from speedup.benchmarks.report import write_report
     from tqdm.auto import tqdm
 
@@ -402,6 +403,8 @@ def run_suite(
             f"{'cached' if cached else 'ran   '} {name} seed {seed}: "
             f"{suite.metric}={summary['metrics'].get(suite.metric, float('nan')):.4f}"
         )
+        curve = _curve(run_dir, suite.metric)
+        better = suite.higher_is_better
         results["runs"].append(
             {
                 "config": name,
@@ -410,7 +413,9 @@ def run_suite(
                 "config_hash": summary["config_hash"],
                 "run_dir": str(run_dir),
                 "cached": cached,
-                "curve": _curve(run_dir, suite.metric),
+                "time_to_target_s": time_to_target(curve, suite.target, better),
+                "steps_to_target": time_to_target(curve, suite.target, better, x="step"),
+                "curve": curve,
                 "final": summary["metrics"],
                 "steps": summary["steps"],
                 "samples": summary["samples"],

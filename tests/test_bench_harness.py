@@ -95,6 +95,7 @@ combinations: [singles, pairs]
     assert set(results["step_cost"]) == {"baseline", "label_smoothing"}
     run = results["runs"][1]
     assert run["steps"] == 4 and run["curve"][-1]["step"] == 4
+    assert run["steps_to_target"] is None or 0 < run["steps_to_target"] <= 4
     assert run["curve"][-1]["flops"] > 0 and run["curve"][0]["flops"] < run["curve"][-1]["flops"]
     saved = json.loads((out / "results.json").read_text())
     assert saved["runs"][1]["final"] == run["final"]
@@ -107,3 +108,13 @@ combinations: [singles, pairs]
     assert all(r["cached"] for r in again["runs"])
     assert [r["final"] for r in again["runs"]] == [r["final"] for r in results["runs"]]
     assert "cached baseline seed 1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "name", ["shapes2d-named", "stdlib-gpt", "resnet50-imagenet", "gpt2-c4", "bert-c4"]
+)
+def test_shipped_suites_validate_with_and_without_smoke(name):
+    suite = load_suite(name)
+    assert suite.algorithms and suite.seeds
+    smoke = load_suite(name, smoke=True)
+    assert smoke.budget == "3ba"

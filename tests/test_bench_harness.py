@@ -118,3 +118,14 @@ def test_shipped_suites_validate_with_and_without_smoke(name):
     assert suite.algorithms and suite.seeds
     smoke = load_suite(name, smoke=True)
     assert smoke.budget == "3ba"
+
+
+def test_cli_bench_list_and_report_errors(capsys, tmp_path):
+    from speedup.cli import main
+
+    assert main(["bench", "--list"]) == 0
+    assert "shapes2d-named" in capsys.readouterr().out.split()
+    assert main(["bench", "nope"]) == 2
+    assert "unknown suite 'nope'" in capsys.readouterr().err
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no results.json here" in capsys.readouterr().err

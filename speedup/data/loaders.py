@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-__all__ = ["DataInfo", "DataSplits", "TensorBatchLoader", "build_dataloaders"]
+__all__ = ["DataInfo", "DataSplits", "TensorBatchLoader", "TensorDictDataset", "build_dataloaders"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,36 @@ class DataSplits:
     eval_transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
 
 
+def _common_length(tensors: dict[str, torch.Tensor]) -> int:
+    lengths = {len(t) for t in tensors.values()}
+    if len(lengths) != 1:
+        raise ValueError(f"tensors have different lengths: {sorted(lengths)}")
+    return lengths.pop()
+
+
+class TensorDictDataset(Dataset):
+    """Per-sample view of in-memory tensors, yielding dicts (for a torch DataLoader).
+
+    ``transform`` (optional) is applied to each sample dict; a batch transform belongs in the
+    DataLoader's collate instead."""
+
+    def __init__(
+        self,
+        tensors: dict[str, torch.Tensor],
+        transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+    ) -> None:
+        self.tensors = tensors
+        self.length = _common_length(tensors)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        sample = {k: t[index] for k, t in self.tensors.items()}
+        return self.transform(sample) if self.transform is not None else sample
+
+
 class TensorBatchLoader:
     """Batches from tensors already in memory, by slicing: no per-sample collation.
 
@@ -53,11 +83,8 @@ class TensorBatchLoader:
         seed: int = 0,
         transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
     ) -> None:
-        lengths = {len(t) for t in tensors.values()}
-        if len(lengths) != 1:
-            raise ValueError(f"tensors have different lengths: {sorted(lengths)}")
         self.tensors = tensors
-        self.num_samples = lengths.pop()
+        self.num_samples = _common_length(tensors)
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.drop_last = drop_last

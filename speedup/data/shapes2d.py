@@ -35,18 +35,16 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 from speedup.data import DATASETS
 from speedup.data.cache import atomic_save, default_cache_dir
-from speedup.data.loaders import DataInfo, DataSplits
+from speedup.data.loaders import DataInfo, DataSplits, TensorDictDataset
 
 __all__ = [
     "CLASS_NAMES",
@@ -480,31 +478,9 @@ def channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.mean(1).float(), x.std(1).clamp(min=1e-3).float()
 
 
-class Shapes2DDataset(Dataset):
-    """Per-sample view of in-memory tensors, yielding ``{"inputs", "targets"}`` dicts.
-
-    ``transform`` (optional) is applied to each sample dict; for a DataLoader, pass the
-    batch transform as collate instead (what :mod:`speedup.benchmarks.data_throughput` does).
-    """
-
-    def __init__(
-        self,
-        tensors: dict[str, torch.Tensor],
-        transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
-    ) -> None:
-        lengths = {len(t) for t in tensors.values()}
-        if len(lengths) != 1:
-            raise ValueError(f"tensors have different lengths: {sorted(lengths)}")
-        self.tensors = tensors
-        self.length = lengths.pop()
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        sample = {k: t[index] for k, t in self.tensors.items()}
-        return self.transform(sample) if self.transform is not None else sample
+#: The per-sample view of the generated tensors (a DataLoader over it is what
+#: :mod:`speedup.benchmarks.data_throughput` compares with the in-memory loader).
+Shapes2DDataset = TensorDictDataset
 
 
 @DATASETS.register("shapes2d", kind="image")

@@ -34,10 +34,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from speedup.algorithms.magnitude_pruning import magnitude_masks, prunable_parameters
 from speedup.lottery.runs import initial_weights, load_result, train_run
 
+from speedup.config import with_changes
 from speedup.run import build_trainer
 
 __all__ = ["IMPSettings", "prune_surviving", "run_imp", "layer_fractions", "CONTROLS"]
@@ -136,13 +137,6 @@ def _shuffled(masks: dict[str, torch.Tensor], generator: torch.Generator) -> dic
     }
 
 
-def _reseeded(cfg: DictConfig, seed: int) -> DictConfig:
-    cfg = cfg.copy()
-    OmegaConf.set_struct(cfg, False)
-    cfg.seed = seed
-    return cfg
-
-
 def run_imp(cfg: DictConfig, out_dir: str | Path, settings: IMPSettings) -> list[dict]:
     """Run (or resume) the experiment; returns one row per level and writes the reports."""
     from speedup.lottery.report import write_reports
@@ -150,7 +144,7 @@ def run_imp(cfg: DictConfig, out_dir: str | Path, settings: IMPSettings) -> list
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "settings.json").write_text(json.dumps(asdict(settings), indent=2) + "\n")
-    probe = build_trainer(_reseeded(cfg, cfg.seed))
+    probe = build_trainer(cfg)
     rewind_step = round(probe.converter.to_batches(settings.rewind))
     names = list(prunable_parameters(probe.state.model))
     fractions = layer_fractions(probe.state.model, names, settings)
@@ -202,7 +196,9 @@ def _controls(cfg, level_dir, settings, masks, rewind_weights, rewind_step, leve
     for control in settings.controls:
         run_masks, weights = masks, rewind_weights
         if control == "reinit":
-            weights = initial_weights(_reseeded(cfg, cfg.seed + settings.control_seed + level))
+            weights = initial_weights(
+                with_changes(cfg, seed=cfg.seed + settings.control_seed + level)
+            )
         elif control == "random":
             run_masks = _random_masks(masks, generator)
         else:

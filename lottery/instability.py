@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from speedup.lottery.runs import train_run
 
+from speedup.config import with_changes
 from speedup.time import Time
 
 __all__ = [
@@ -78,13 +79,6 @@ def error_barrier(rows: Sequence[dict[str, float]]) -> float:
     ordered = sorted(rows, key=lambda r: r["alpha"])
     ends = (ordered[0]["error"] + ordered[-1]["error"]) / 2
     return max(r["error"] for r in ordered) - ends
-
-
-def _quiet(cfg: DictConfig) -> DictConfig:
-    cfg = cfg.copy()
-    OmegaConf.set_struct(cfg, False)
-    cfg.progress_bar = False
-    return cfg
 
 
 def _bn_modules(model: torch.nn.Module) -> list[torch.nn.modules.batchnorm._BatchNorm]:
@@ -149,7 +143,7 @@ def evaluate_path(
 
     if points < 2:
         raise ValueError(f"points must be >= 2 (the two endpoints), got {points}")
-    trainer = build_trainer(_quiet(cfg))
+    trainer = build_trainer(with_changes(cfg, progress_bar=False))
     model = trainer.state.model
     device = trainer.state.device
     rows = []
@@ -224,7 +218,9 @@ def run_instability(
         raise ValueError(f"data_seeds must be two different seeds, got {seeds}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    trainer = build_trainer(_quiet(cfg))  # the converter and the initial weights, once
+    trainer = build_trainer(
+        with_changes(cfg, progress_bar=False)
+    )  # the converter and the initial weights, once
     converter = trainer.converter
     total = converter.to_batches(converter.max_duration)
     initial = {k: v.detach().cpu().clone() for k, v in trainer.state.model.state_dict().items()}

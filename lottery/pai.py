@@ -37,10 +37,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from speedup.algorithms.magnitude_pruning import prunable_parameters
 from speedup.lottery.runs import initial_weights, load_result, train_run
 from torch import nn
+
+from speedup.config import with_changes
 
 __all__ = [
     "CHECKS",
@@ -342,10 +344,7 @@ def invert_scores(scores: Tensors) -> Tensors:
 def reinitialized_weights(cfg: DictConfig, seed: int) -> Tensors:
     """The initial weights ``cfg``'s model would have with ``seed``: the reinitialisation check
     keeps the masks and draws the surviving weights afresh from the same distribution."""
-    cfg = cfg.copy()
-    OmegaConf.set_struct(cfg, False)
-    cfg.seed = seed
-    return initial_weights(cfg)
+    return initial_weights(with_changes(cfg, seed=seed))
 
 
 # -- the experiment -------------------------------------------------------------------------
@@ -401,10 +400,7 @@ def run_pai(
             from speedup.run import build_trainer
 
             init = initial_weights(cfg)
-            quiet = cfg.copy()
-            OmegaConf.set_struct(quiet, False)
-            quiet.progress_bar = False
-            trainer = build_trainer(quiet)
+            trainer = build_trainer(with_changes(cfg, progress_bar=False))
             model = trainer.state.model
             model.load_state_dict({k: v.to(trainer.state.device) for k, v in init.items()})
             context.update(init=init, model=model)

@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from speedup.callback import Callback
+from speedup.config import with_changes
 from speedup.data.cache import atomic_save
 from speedup.loggers import JSONLLogger
 from speedup.run import build_trainer
@@ -47,17 +48,8 @@ def load_result(run_dir: Path) -> RunResult | None:
 
 def initial_weights(cfg: DictConfig) -> dict[str, torch.Tensor]:
     """The model's weights at initialisation for ``cfg.seed`` (no training)."""
-    trainer = build_trainer(_quiet(cfg))
+    trainer = build_trainer(with_changes(cfg, progress_bar=False))
     return {k: v.detach().cpu().clone() for k, v in trainer.state.model.state_dict().items()}
-
-
-def _quiet(cfg: DictConfig, **changes: Any) -> DictConfig:
-    cfg = cfg.copy()
-    OmegaConf.set_struct(cfg, False)
-    cfg.progress_bar = False
-    for key, value in changes.items():
-        cfg[key] = value
-    return cfg
 
 
 def train_run(
@@ -88,7 +80,7 @@ def train_run(
         changes["data_seed"] = data_seed
     if max_duration is not None:
         changes["max_duration"] = max_duration
-    cfg = _quiet(cfg, **changes)
+    cfg = with_changes(cfg, progress_bar=False, **changes)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     metrics = run_dir / "metrics.jsonl"
     metrics.unlink(missing_ok=True)

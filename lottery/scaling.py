@@ -57,7 +57,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+
+from speedup.config import with_changes
 
 __all__ = [
     "fit",
@@ -389,13 +391,6 @@ def holdout_error(
 # -- the experiment ---------------------------------------------------------------------------
 
 
-def _with(cfg: DictConfig, key: str, value: Any) -> DictConfig:
-    cfg = cfg.copy()
-    OmegaConf.set_struct(cfg, False)
-    OmegaConf.update(cfg, key, value, merge=False)
-    return cfg
-
-
 def run_scaling(
     cfg: DictConfig,
     out_dir: str | Path,
@@ -437,7 +432,7 @@ def run_scaling(
     out_dir.mkdir(parents=True, exist_ok=True)
     observations = []
     for width in widths:
-        cfg_w = _with(cfg, width_key, width)
+        cfg_w = with_changes(cfg, **{width_key: width})
         cfg_w.progress_bar = False
         trainer = build_trainer(cfg_w)  # the initial weights and the prunable names
         model = trainer.state.model

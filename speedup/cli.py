@@ -353,15 +353,12 @@ def cmd_lottery(args: argparse.Namespace) -> int:
 
             raise ConfigError(f"speedup lottery: {err}") from None
         if args.seeds:  # one experiment per seed, then the mean and spread per level
-            from omegaconf import OmegaConf
-
+            from speedup.config import with_changes
             from speedup.lottery.report import average_rows, write_reports
 
             runs = []
             for seed in args.seeds:
-                seeded = cfg.copy()
-                OmegaConf.set_struct(seeded, False)
-                seeded.seed = seed
+                seeded = with_changes(cfg, seed=seed)
                 runs.append(run_imp(seeded, out / f"seed_{seed}", imp))
             rows = average_rows(runs)
             write_reports(out, rows, imp)

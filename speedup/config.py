@@ -32,6 +32,7 @@ __all__ = [
     "DATA_LOADER_KEYS",
     "check_arguments",
     "config_hash",
+    "with_changes",
     "load_config",
     "recipe_names",
     "resolve_recipe",
@@ -472,6 +473,17 @@ def _deep_merge(base: dict, extra: dict) -> dict:
         else:
             merged[key] = value
     return merged
+
+
+def with_changes(cfg: DictConfig, **changes: Any) -> DictConfig:
+    """A copy of a loaded config with some keys set (dotted keys as ``{"model.channels": 8}``
+    through ``**{...}``); the original is left as it is. Experiment drivers use it to vary a
+    seed, a width or the progress bar across runs."""
+    cfg = cfg.copy()
+    OmegaConf.set_struct(cfg, False)
+    for key, value in changes.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
 
 
 def config_hash(cfg: DictConfig) -> str:

@@ -283,16 +283,16 @@ class Engine:
         if self.plan.conflicts and strict:
             raise PlanError(self.plan.conflicts)
         by_name = {a.name: a for a in self.algorithms}
+        hooks = [(type(c).__name__, c.hooks()) for c in self.callbacks]  # once per callback
         self._dispatch = {}
         for event in Event:
             targets: list[tuple[str, Any, Any]] = [
                 (name, by_name[name].match, by_name[name].apply)
                 for name in self.plan.order.get(event, [])
             ]
-            for callback in self.callbacks:
-                hook = callback.hooks().get(event)
-                if hook is not None:
-                    targets.append((type(callback).__name__, None, hook))
+            for name, by_event in hooks:
+                if event in by_event:
+                    targets.append((name, None, by_event[event]))
             if targets:
                 self._dispatch[event] = targets
         return self.plan

@@ -248,6 +248,8 @@ class EMA(Algorithm):
             for other in state.algorithms
         )
         self._mask_source = None
+        if self.ema is None:  # a resumed run logged this already
+            logger.log_metrics({"ema/smoothing": self.resolved_smoothing})
         if self.ema is not None:  # resumed, or a second fit
             self._bind(state.model)
             self.anchor = 0 if self.anchor is None else self.anchor
@@ -256,7 +258,6 @@ class EMA(Algorithm):
                 self.model_holds_ema = False
         elif state.timestamp.batch >= self._start_batch:
             self._restart(state)
-        logger.log_metrics({"ema/smoothing": self.resolved_smoothing})
 
     @torch.no_grad()
     def _batch_end(self, state) -> None:  # noqa: ANN001

@@ -119,7 +119,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     describe = sub.add_parser("describe", help="an algorithm's method card and declaration")
     describe.add_argument("name", help="an algorithm, model, dataset or recipe name")
-    for command in (run, plan, lottery, bench, report, listing, describe):
+    export = sub.add_parser(
+        "export",
+        help="write model.safetensors (+ config) from a run directory or checkpoint",
+        description="Export a run's weights for use without speedup: model.safetensors (the "
+        "network's own state_dict, pruned weights as zeros) and, for Hugging Face models, "
+        "config.json so that from_pretrained(DIR) loads them.",
+    )
+    export.add_argument("source", help="a run directory, its checkpoints/ folder or a checkpoint")
+    export.add_argument("--out", default=None, help="output folder (default: the run directory)")
+    export.add_argument(
+        "--ema", action="store_true", help="export the EMA average of a mid-training checkpoint"
+    )
+    for command in (run, plan, lottery, bench, report, listing, describe, export):
         command.add_argument(
             "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
         )
@@ -286,7 +298,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     if plan.conflicts:  # before any data is loaded
         raise PlanError(plan.conflicts)
     summary = run_config(cfg)
+    if "preempted" in summary:
+        print(
+            f"{summary['preempted']}: stopped at step {summary['steps']} after saving "
+            f"{summary['checkpoint']}; run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 128 + int(summary["signal"] or 15)  # the shell's code for death by that signal
     print(_format_summary(summary))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from speedup.export import export_model
+
+    path = export_model(args.source, out=args.out, ema=args.ema)
+    print(f"wrote {path}")
     return 0
 
 
@@ -419,17 +446,19 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "report": cmd_report,
     "list": cmd_list,
     "describe": cmd_describe,
+    "export": cmd_export,
 }
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input: reported in one line with exit code 2."""
+    from speedup.checkpoint import CheckpointError
     from speedup.config import ConfigError
     from speedup.data import DataPathError
     from speedup.engine import PlanError
     from speedup.registry import UnknownNameError
 
-    return (ConfigError, DataPathError, PlanError, UnknownNameError)
+    return (ConfigError, DataPathError, PlanError, UnknownNameError, CheckpointError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -453,6 +482,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except Exception as err:
+        from speedup.guard import NonFiniteLossError
+
+        if isinstance(err, NonFiniteLossError):  # training failed; the message says where
+            print(f"error: {err}", file=sys.stderr)
+            return 1
         if isinstance(err, _user_errors()):
             if args.debug:
                 traceback.print_exc()

@@ -70,6 +70,16 @@ class RunConfig:
     compile: bool = False
     scale_schedule_ratio: float = 1.0
     run_dir: str | None = None
+    #: Periodic checkpoints into ``<run_dir>/checkpoints``: ``interval`` (a Time; 0 disables
+    #: periodic saves), ``keep_last`` (0 keeps all), ``save_final``, ``folder``.
+    checkpoint: dict[str, Any] = field(
+        default_factory=lambda: {"interval": "1ep", "keep_last": 2, "save_final": True}
+    )
+    #: ``auto``: continue from the run directory's newest complete checkpoint, if any;
+    #: ``never``: start from scratch; or the path of a checkpoint (or of a run directory).
+    resume: str = "auto"
+    #: What a NaN/Inf training loss does: ``stop`` the run, or ``skip`` the batch.
+    nonfinite: str = "stop"
     threads: int | None = None
     progress_bar: bool = True
     trace: bool = False
@@ -329,6 +339,7 @@ def _validate(cfg: DictConfig, origin: dict[str, str]) -> None:
         raise ConfigError(f"{src('scale_schedule_ratio')}: scale_schedule_ratio: must be > 0")
     if cfg.microbatch_size is not None and cfg.microbatch_size <= 0:
         raise ConfigError(f"{src('microbatch_size')}: microbatch_size: must be > 0")
+    _validate_checkpointing(cfg, src)
 
     def component(section: str, registry: Any, reserved: dict[str, type] | None = None) -> None:
         spec = OmegaConf.to_container(cfg[section])
@@ -414,6 +425,46 @@ def _validate(cfg: DictConfig, origin: dict[str, str]) -> None:
                 raise ConfigError(f"{src(f'{section}.{name}')}: {section}.{name}: {err}") from None
 
 
+def _validate_checkpointing(cfg: DictConfig, src: Any) -> None:
+    from speedup.checkpoint import CheckpointSaver
+    from speedup.guard import NONFINITE_MODES
+
+    if cfg.nonfinite not in NONFINITE_MODES:
+        raise ConfigError(
+            f"{src('nonfinite')}: nonfinite: {cfg.nonfinite!r} is not allowed; "
+            f"allowed: {', '.join(NONFINITE_MODES)}"
+        )
+    if not str(cfg.resume).strip():
+        raise ConfigError(
+            f"{src('resume')}: resume: empty; allowed: auto, never, or a checkpoint path"
+        )
+    args = OmegaConf.to_container(cfg.checkpoint)
+    saver_args = ("interval", "keep_last", "save_final", "folder")
+    for key in args:
+        if key not in saver_args:
+            raise ConfigError(
+                f"{src('checkpoint.' + key)}: checkpoint.{key}: unknown key"
+                f"{suggest(str(key), list(saver_args))}; allowed: {', '.join(saver_args)}"
+            )
+    check_arguments(
+        CheckpointSaver,
+        {k: v for k, v in args.items() if k != "folder"},
+        "checkpoint",
+        src("checkpoint"),
+        skip=("folder",),
+    )
+    if args.get("folder") is not None and not isinstance(args["folder"], str):
+        raise ConfigError(f"{src('checkpoint.folder')}: checkpoint.folder: expected a path")
+    try:
+        Time.parse(str(args.get("interval", "1ep")))
+    except ValueError as err:
+        raise ConfigError(f"{src('checkpoint.interval')}: checkpoint.interval: {err}") from None
+    if args.get("keep_last", 2) < 0:
+        raise ConfigError(
+            f"{src('checkpoint.keep_last')}: checkpoint.keep_last: must be >= 0 (0 keeps all)"
+        )
+
+
 # -- the entry point ------------------------------------------------------------------------
 
 
@@ -487,9 +538,12 @@ def with_changes(cfg: DictConfig, **changes: Any) -> DictConfig:
 
 
 def config_hash(cfg: DictConfig) -> str:
-    """A short hash of the resolved config, the run's identity (run_dir excluded)."""
+    """A short hash of the resolved config, the run's identity: keys that cannot change what
+    is trained (where it is written, how it is shown, checkpointing) are left out."""
     data = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("run_dir", "progress_bar", "trace", "threads", "smoke"):
+    for key in ("run_dir", "progress_bar", "trace", "threads", "smoke", "checkpoint", "resume"):
         data.pop(key, None)
+    if data.get("nonfinite") == "stop":  # the default: older run directories keep their names
+        data.pop("nonfinite")
     text = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:8]

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,7 @@ def build_trainer(
     from speedup.algorithm import ALGORITHMS
     from speedup.callback import CALLBACKS
     from speedup.data import DATASETS, build_dataloaders
+    from speedup.guard import NonFiniteGuard
     from speedup.models import build_model
     from speedup.trainer import Trainer, seed_everything
 
@@ -100,7 +103,7 @@ def build_trainer(
     callbacks = [
         CALLBACKS.get(name)(**(args or {}))
         for name, args in OmegaConf.to_container(cfg.callbacks).items()
-    ] + list(extra_callbacks)
+    ] + [NonFiniteGuard(cfg.get("nonfinite", "stop")), *extra_callbacks]
     return Trainer(
         model,
         train_loader,
@@ -150,23 +153,59 @@ def plan_config(cfg: DictConfig):
 
 def run_config(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
     """Train the validated config; write the run directory; return the summary.
+
+    Checkpoints go to ``<run_dir>/checkpoints`` (``cfg.checkpoint``); with ``resume=auto`` the
+    same command in the same run directory continues from the newest complete one. A run
+    stopped by SIGTERM/SIGINT returns ``{"preempted": ...}`` and writes no summary.
     ``extra_callbacks`` are instances added by drivers (e.g. the harness's FLOPs meter)."""
+    from speedup.checkpoint import CheckpointSaver, find_latest, resolve_checkpoint
+    from speedup.guard import NonFiniteLossError
+
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
     metrics_path = run_dir / "metrics.jsonl"
     loggers: list[LoggerDestination] = [JSONLLogger(metrics_path)]
     if cfg.progress_bar:
         loggers.append(ProgressBar())
+    options = OmegaConf.to_container(cfg.checkpoint)
+    folder = Path(options.pop("folder", None) or run_dir / "checkpoints")
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    saver = CheckpointSaver(folder, **options, config=resolved, config_hash=config_hash(cfg))
+    resume_from = _resume_point(cfg, folder, find_latest, resolve_checkpoint)
     # Bad data paths fail here, before any file is written.
-    trainer = build_trainer(cfg, loggers, trace=cfg.trace, extra_callbacks=extra_callbacks)
+    trainer = build_trainer(
+        cfg, loggers, trace=cfg.trace, extra_callbacks=[saver, *extra_callbacks]
+    )
+    if resume_from is not None:
+        meta = trainer.load_checkpoint(resume_from)
+        _warn_if_config_differs(meta, cfg, resume_from)
+        print(f"resuming from {resume_from}", file=sys.stderr)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
-    metrics_path.unlink(missing_ok=True)  # a rerun of the same config starts a fresh log
-    trainer.logger.log_hyperparameters(OmegaConf.to_container(cfg, resolve=True))
-    metrics = trainer.fit()
+    if resume_from is None:
+        metrics_path.unlink(missing_ok=True)  # a fresh run of the same config: a fresh log
+        trainer.logger.log_hyperparameters(resolved)
+    else:  # drop what was logged after the checkpoint: the resumed run logs it again
+        truncate_metrics(metrics_path, trainer.state.timestamp.batch)
+    try:
+        metrics = trainer.fit()
+    except NonFiniteLossError as err:
+        last = saver.last_saved or resume_from
+        kept = f" The last good checkpoint is {last}." if last else ""
+        raise NonFiniteLossError(f"{err}{kept}", err.step) from None
+    state = trainer.state
+    if state.preempted:
+        name = signal.Signals(saver.signal_received).name if saver.signal_received else "signal"
+        return {
+            "run_dir": str(run_dir),
+            "preempted": name,
+            "signal": saver.signal_received,
+            "steps": state.timestamp.batch,
+            "checkpoint": str(saver.last_saved) if saver.last_saved else None,
+        }
     if cfg.trace:  # the engine's (event, algorithm/callback) calls, in order
         lines = (json.dumps({"event": e, "by": who}) for e, who in trainer.engine.trace)
         (run_dir / "trace.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    ts = trainer.state.timestamp
+    ts = state.timestamp
     summary = {
         "recipe": cfg.recipe,
         "seed": cfg.seed,
@@ -179,15 +218,66 @@ def run_config(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
         "train_time_s": round(ts.train_time_s, 4),
         "eval_time_s": round(ts.eval_time_s, 4),
         "metrics": metrics,
-        "stopped_early": trainer.state.stop_requested,
-        "stop_reason": trainer.state.stop_reason,
-        "device": str(trainer.state.device),
+        "stopped_early": state.stop_requested,
+        "stop_reason": state.stop_reason,
+        "resumed_from": str(resume_from) if resume_from is not None else None,
+        "checkpoint": str(saver.last_saved) if saver.last_saved else None,
+        "device": str(state.device),
         "environment": environment(),
     }
     tmp = run_dir / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     tmp.replace(run_dir / "summary.json")
     return summary
+
+
+def _resume_point(cfg: DictConfig, folder: Path, find_latest: Any, resolve: Any) -> Path | None:
+    """Where ``cfg.resume`` says to continue from (None: from scratch)."""
+    from speedup.checkpoint import CheckpointError
+
+    choice = str(cfg.resume).strip()
+    if choice == "never":
+        return None
+    if choice == "auto":
+        return find_latest(folder)
+    try:
+        return resolve(choice)
+    except CheckpointError as err:
+        raise CheckpointError(f"resume={choice}: {err}") from None
+
+
+def _warn_if_config_differs(meta: dict[str, Any], cfg: DictConfig, path: Path) -> None:
+    saved = meta.get("config")
+    if not isinstance(saved, dict) or meta.get("config_hash") == config_hash(cfg):
+        return
+    current = OmegaConf.to_container(cfg, resolve=True)
+    ignored = {"run_dir", "progress_bar", "trace", "threads", "smoke", "checkpoint", "resume"}
+    changed = sorted(
+        k for k in set(saved) | set(current) if k not in ignored and saved.get(k) != current.get(k)
+    )
+    if changed:
+        warnings.warn(
+            f"resuming from {path}, saved by a run whose config differs in: "
+            f"{', '.join(changed)}; training continues with the current values",
+            stacklevel=3,
+        )
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records logged at or before ``step`` (and drop a line cut short by a crash)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)
 
 
 def run_recipe(

@@ -50,8 +50,13 @@ class State:
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     #: The batch count at which ``masks`` last changed (None: never).
     masks_updated_at: int | None = None
+    #: The batch count of the last evaluation (None: not evaluated in this run yet).
+    evaluated_at: int | None = None
     stop_requested: bool = False
     stop_reason: str = ""
+    #: Stopped by a signal (SIGTERM/SIGINT) after a checkpoint: the run is incomplete, so the
+    #: final evaluation is skipped and no summary is written.
+    preempted: bool = False
 
     def stop_training(self, reason: str = "") -> None:
         """Ask the trainer to stop after the current batch."""

@@ -174,7 +174,6 @@ class Trainer:
         if compile:
             model.compile()
         self._autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        self._evaluated_at: int | None = None
         self._clock: float | None = None
 
     def seek(self, batch: int) -> None:
@@ -191,6 +190,19 @@ class Trainer:
             for scheduler in self.state.schedulers:  # LambdaLR reads the timestamp: refresh
                 scheduler.step()
 
+    def save_checkpoint(self, folder: str | os.PathLike, **options: Any) -> Any:
+        """Write a checkpoint of this trainer into ``folder`` (see :mod:`speedup.checkpoint`)."""
+        from speedup.checkpoint import save_checkpoint
+
+        return save_checkpoint(self, folder, **options)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
+        """Resume from ``path`` (a checkpoint, a checkpoints folder or a run directory): the
+        next :meth:`fit` continues exactly where the saved run was. Returns its meta.json."""
+        from speedup.checkpoint import load_checkpoint
+
+        return load_checkpoint(self, path)
+
     # -- time -------------------------------------------------------------------------------
 
     def _tick(self) -> None:
@@ -199,6 +211,12 @@ class Trainer:
         if self._clock is not None:
             self.state.timestamp.train_time_s += now - self._clock
         self._clock = now
+
+    def _untimed(self, event: Event) -> None:
+        """Fire ``event`` with the training clock paused (saving a checkpoint is not training)."""
+        self._tick()
+        self.engine.run(event)
+        self._clock = time.perf_counter()
 
     def _done(self) -> bool:
         s = self.state
@@ -269,14 +287,14 @@ class Trainer:
                         self._log_train()
                     if self.eval_interval.due(s.timestamp, at_epoch_end=False):
                         self.eval()
-                    run(Event.BATCH_CHECKPOINT)
+                    self._untimed(Event.BATCH_CHECKPOINT)
                 if s.timestamp.batch_in_epoch >= len(loader):
                     s.timestamp.to_next_epoch()
                     run(Event.EPOCH_END)
                     if self.eval_interval.due(s.timestamp, at_epoch_end=True):
                         self.eval()
-                    run(Event.EPOCH_CHECKPOINT)
-            if self._evaluated_at != s.timestamp.batch:
+                    self._untimed(Event.EPOCH_CHECKPOINT)
+            if s.evaluated_at != s.timestamp.batch and not s.preempted:
                 self.eval()
             run(Event.FIT_END)
         finally:
@@ -370,7 +388,7 @@ class Trainer:
         run(Event.EVAL_END)
         s.model.train()
         s.batch = train_batch
-        self._evaluated_at = s.timestamp.batch
+        s.evaluated_at = s.timestamp.batch
         s.timestamp.eval_time_s += time.perf_counter() - started
         if training:
             self._clock = time.perf_counter()

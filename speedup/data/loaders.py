@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
-__all__ = ["DataInfo", "DataSplits", "TensorBatchLoader", "TensorDictDataset", "build_dataloaders"]
+__all__ = [
+    "DataInfo",
+    "DataSplits",
+    "ResumableBatchSampler",
+    "ResumableDataLoader",
+    "SampleKey",
+    "TensorBatchLoader",
+    "TensorDictDataset",
+    "build_dataloaders",
+]
 
 
 @dataclass(frozen=True)
@@ -66,6 +77,14 @@ class TensorDictDataset(Dataset):
         return self.transform(sample) if self.transform is not None else sample
 
 
+def _epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled order of an epoch: a function of ``(seed, epoch)`` only, so any epoch can be
+    recreated without replaying the earlier ones (shared by both loaders, which therefore visit
+    samples in the same order)."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(num_samples, generator=generator)
+
+
 class TensorBatchLoader:
     """Batches from tensors already in memory, by slicing: no per-sample collation.
 
@@ -106,11 +125,7 @@ class TensorBatchLoader:
         return full if self.drop_last or rest == 0 else full + 1
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(self.num_samples, generator=generator)
-        else:
-            order = None
+        order = _epoch_order(self.num_samples, self.seed, self.epoch) if self.shuffle else None
         first, self._start = self._start, 0
         for i in range(first, len(self)):
             start = i * self.batch_size
@@ -123,14 +138,202 @@ class TensorBatchLoader:
             yield batch if self.transform is None else self.transform(batch)
 
 
-class _CollateThen:
-    """Default collation followed by a batch transform (picklable, for worker processes)."""
+# -- the torch Dataset path: resumable, with augmentation seeded per sample ---------------------
 
-    def __init__(self, transform: Callable[[dict], dict]) -> None:
+_MASK64 = (1 << 64) - 1
+_BATCH_SALT = 0xBA7C4
+
+
+def _derive(base: int, value: int) -> int:
+    """A 64-bit seed from ``base`` and ``value`` (a splitmix64 finaliser): neighbouring values
+    give unrelated seeds, and distinct values under one base give distinct seeds."""
+    x = (base ^ (value * 0x9E3779B97F4A7C15)) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _seed_rngs(seed: int) -> None:
+    """Seed torch's CPU RNG and python's ``random`` (not ``torch.manual_seed``, which would also
+    reseed CUDA's generators)."""
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+
+
+@contextlib.contextmanager
+def _rngs_restored() -> Iterator[None]:
+    """Restore torch's CPU RNG and python's ``random`` on exit, in the main process only.
+
+    With ``num_workers=0`` the seeded loading runs in the training process, whose RNG must come
+    out as it went in; a worker process has no state worth keeping, so it skips the cost."""
+    if get_worker_info() is not None:
+        yield
+        return
+    torch_state, python_state = torch.get_rng_state(), random.getstate()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        random.setstate(python_state)
+
+
+class SampleKey(NamedTuple):
+    """Which sample to load, and the seed its random transforms draw from.
+
+    Carrying the seed in the key keeps the worker-side dataset stateless, so augmentation does
+    not depend on which worker loads a sample, or on how many samples came before it."""
+
+    index: int
+    seed: int
+
+
+class ResumableBatchSampler(Sampler[list[SampleKey]]):
+    """Batches of :class:`SampleKey` whose order and seeds are functions of ``(seed, epoch)``.
+
+    The shuffle uses the same permutation as :class:`TensorBatchLoader`; the seed of the sample
+    at position ``p`` of epoch ``e`` is derived from ``(seed, e, p)``. So ``set_epoch`` recreates
+    any epoch, and ``start_at(k)`` begins at batch ``k`` without producing (and so without
+    anyone loading) the batches before it.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.seed = seed
+        self.epoch = 0
+        self._start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def start_at(self, batch: int) -> None:
+        """Make the next iteration begin at batch ``batch`` of the current epoch (once)."""
+        self._start = batch
+
+    def __len__(self) -> int:
+        """Batches in a whole epoch (also while a resumed iteration yields fewer)."""
+        full, rest = divmod(self.num_samples, self.batch_size)
+        return full if self.drop_last or rest == 0 else full + 1
+
+    def __iter__(self) -> Iterator[list[SampleKey]]:
+        # Read the state here, at iter() time, rather than on the first next(): worker
+        # prefetching (or a caller preparing the next epoch) may come between the two.
+        first, self._start = self._start, 0
+        if self.shuffle:
+            order = _epoch_order(self.num_samples, self.seed, self.epoch).tolist()
+        else:
+            order = range(self.num_samples)
+        base = _derive(_derive(0x5EED, self.seed), self.epoch)
+        return self._batches(order, base, first)
+
+    def _batches(self, order: Any, base: int, first: int) -> Iterator[list[SampleKey]]:
+        size = self.batch_size
+        for b in range(first, len(self)):
+            stop = min((b + 1) * size, self.num_samples)
+            yield [SampleKey(order[p], _derive(base, p)) for p in range(b * size, stop)]
+
+
+class _SeededDataset(Dataset):
+    """Loads ``dataset[key.index]`` with the RNG seeded from ``key.seed`` (per-sample random
+    transforms inside ``__getitem__`` then draw the same numbers in any worker, on any resume);
+    returns ``(seed, sample)`` so the collate can seed the batch transform too."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitems__(self, keys: list[SampleKey]) -> list[tuple[int, Any]]:
+        # DataLoader fetches a whole batch through here: one save and restore per batch.
+        samples = []
+        with _rngs_restored():
+            for index, seed in keys:
+                _seed_rngs(seed)
+                samples.append((seed, self.dataset[index]))
+        return samples
+
+    def __getitem__(self, key: SampleKey) -> tuple[int, Any]:
+        return self.__getitems__([key])[0]
+
+
+class _SeededCollate:
+    """Default collation, then the batch transform seeded from the batch's first sample seed
+    (itself a function of ``(seed, epoch, batch)``). Picklable, for worker processes."""
+
+    def __init__(self, transform: Callable[[dict], dict] | None = None) -> None:
         self.transform = transform
 
-    def __call__(self, samples: list) -> dict:
-        return self.transform(default_collate(samples))
+    def __call__(self, items: list[tuple[int, Any]]) -> Any:
+        batch = default_collate([sample for _, sample in items])
+        if self.transform is None:
+            return batch
+        with _rngs_restored():
+            _seed_rngs(_derive(items[0][0], _BATCH_SALT))
+            return self.transform(batch)
+
+
+class ResumableDataLoader(DataLoader):
+    """A torch DataLoader that resumes mid-epoch sample-exactly, loading nothing it skips.
+
+    Order, per-sample augmentation (random transforms in ``dataset.__getitem__``) and the batch
+    ``transform`` are all functions of ``(seed, epoch, position)``: an epoch resumed with
+    ``set_epoch(e); start_at(k)`` yields exactly batches ``k..`` of the uninterrupted epoch, with
+    any ``num_workers``. Random transforms must draw from torch's global RNG or python's
+    ``random`` (numpy's is not seeded). ``set_epoch``/``start_at`` act on the next ``iter()``.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        seed: int = 0,
+        num_workers: int = 0,
+        transform: Callable[[dict], dict] | None = None,
+        pin_memory: bool | None = None,
+        persistent_workers: bool | None = None,
+    ) -> None:
+        num_samples = len(dataset)  # type: ignore[arg-type]
+        sampler = ResumableBatchSampler(num_samples, batch_size, shuffle, drop_last, seed)
+        self._resumable_sampler = sampler
+        if persistent_workers is None:
+            persistent_workers = num_workers > 0
+        super().__init__(
+            _SeededDataset(dataset),
+            batch_sampler=sampler,
+            num_workers=num_workers,
+            collate_fn=_SeededCollate(transform),
+            pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+            persistent_workers=persistent_workers,
+            # DataLoader draws its workers' base seed from this; without one it would draw from
+            # (and so advance) the global RNG on every iter().
+            generator=torch.Generator().manual_seed(seed),
+        )
+        # Given a batch sampler, DataLoader records batch_size=None and drop_last=False, and
+        # guards them after __init__; record the real values, which the Trainer reads.
+        object.__setattr__(self, "batch_size", batch_size)
+        object.__setattr__(self, "drop_last", drop_last)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._resumable_sampler.set_epoch(epoch)
+
+    def start_at(self, batch: int) -> None:
+        """Make the next iteration begin at batch ``batch`` of the current epoch, with the
+        same order and augmentation as an uninterrupted epoch."""
+        self._resumable_sampler.start_at(batch)
 
 
 def _loader(
@@ -144,17 +347,8 @@ def _loader(
 ) -> Any:
     if isinstance(split, dict):
         return TensorBatchLoader(split, batch_size, shuffle, drop_last, seed, transform)
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        split,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        drop_last=drop_last,
-        num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=num_workers > 0,
-        generator=generator,
-        collate_fn=_CollateThen(transform) if transform else None,
+    return ResumableDataLoader(
+        split, batch_size, shuffle, drop_last, seed, num_workers=num_workers, transform=transform
     )
 
 

@@ -1,0 +1,95 @@
+"""Export a trained model for use without speedup: ``model.safetensors`` plus its config.
+
+The weights are the network's own ``state_dict`` (the ``net.`` prefix of speedup's wrapper
+removed), so ``torchvision.models.resnet50(num_classes=...).load_state_dict(load_file(path))``
+or, for Hugging Face models, ``AutoModelForCausalLM.from_pretrained(folder)`` reads them.
+Pruned models export dense tensors with the pruned weights at zero (masks are applied to the
+weights in place during training). Tensors that share storage (tied embeddings) are written
+as separate copies, since safetensors stores no aliasing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from speedup.checkpoint import CheckpointError, read_checkpoint, resolve_checkpoint
+
+__all__ = ["export_model", "network_weights"]
+
+WEIGHTS = "model.safetensors"
+
+
+def network_weights(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The wrapped network's weights: ``net.x`` -> ``x`` when every key has the prefix."""
+    if model_state and all(k.startswith("net.") for k in model_state):
+        return {k[len("net.") :]: v for k, v in model_state.items()}
+    return dict(model_state)
+
+
+def _ema_weights(parts: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    for key, saved in parts["algorithms"]["algorithms"].items():
+        if key.partition("#")[0] == "ema" and saved.get("weights") is not None:
+            if saved.get("model_holds_ema"):  # the model already holds the average
+                return dict(parts["model"])
+            return dict(saved["weights"])
+    return None
+
+
+def _separate(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, each with its own storage."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().cpu().contiguous()
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer in seen and tensor.numel():
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        out[name] = tensor
+    return out
+
+
+def export_model(source: str | Path, out: str | Path | None = None, ema: bool = False) -> Path:
+    """Write ``model.safetensors`` (+ ``config.json`` for Hugging Face models, and the run's
+    ``speedup_config.json``) from a run directory or checkpoint; returns the weights' path.
+
+    ``source`` is a run directory (its newest complete checkpoint; after a finished run that
+    is the final state, with EMA weights if EMA evaluated with them), a checkpoints folder or
+    one checkpoint. ``out`` defaults to the run directory. ``ema`` exports the EMA average of
+    a checkpoint taken during training."""
+    from safetensors.torch import save_file
+
+    checkpoint = resolve_checkpoint(source)
+    meta, parts = read_checkpoint(checkpoint)
+    weights = parts["model"]
+    if ema:
+        weights = _ema_weights(parts)
+        if weights is None:
+            raise CheckpointError(f"{checkpoint}: --ema: this run has no EMA weights")
+    tensors = _separate(network_weights(weights))
+    out = Path(out) if out is not None else _run_dir_of(checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        "format": "pt",  # what Hugging Face loaders expect
+        "speedup_checkpoint": str(checkpoint),
+        "step": str(meta["timestamp"]["batch"]),
+    }
+    path = out / WEIGHTS
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    if meta.get("model_config") is not None:  # a Hugging Face config: from_pretrained(out)
+        (out / "config.json").write_text(json.dumps(meta["model_config"], indent=2) + "\n")
+    if meta.get("config") is not None:
+        (out / "speedup_config.json").write_text(json.dumps(meta["config"], indent=2) + "\n")
+    return path
+
+
+def _run_dir_of(checkpoint: Path) -> Path:
+    if checkpoint.parent.name == "checkpoints":
+        return checkpoint.parent.parent
+    return checkpoint.parent

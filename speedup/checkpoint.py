@@ -342,8 +342,35 @@ def save_checkpoint(
     _point_latest(folder, name)
     if keep_last > 0:
         for stale in list_checkpoints(folder)[:-keep_last]:
-            shutil.rmtree(stale, ignore_errors=True)
+            _remove(stale)
     return target
+
+
+def _remove(path: Path) -> None:
+    """Hide, then delete: a crash mid-delete leaves no half-deleted checkpoint in view."""
+    hidden = path.with_name(f".old-{path.name}-{os.getpid()}")
+    try:
+        path.rename(hidden)
+    except OSError:
+        return
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
+def clean_leftovers(folder: str | Path) -> list[Path]:
+    """Delete what writes cut short by a crash left behind (hidden temp and old dirs of
+    other processes); returns what was removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in folder.iterdir():
+        if path.name.startswith(_HIDDEN) and not path.name.endswith(f"-{os.getpid()}"):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def _model_config(model: Any) -> dict[str, Any] | None:
@@ -599,6 +626,7 @@ class CheckpointSaver(Callback):
         self._interval = Interval(self.interval_spec, state.converter)
         self._interval.start(state.timestamp)
         self._pending = False
+        clean_leftovers(self.folder)
         self._install_handlers()
 
     def batch_checkpoint(self, state: State, logger: Logger) -> None:

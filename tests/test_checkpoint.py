@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import warnings
 from pathlib import Path
 
@@ -405,3 +407,59 @@ def test_resume_skips_without_loading_when_resumed_at_epoch_start(tmp_path: Path
     again = CountBatches()
     assert run_config(cfg, extra_callbacks=[again])["metrics"] == summary["metrics"]
     assert again.loaded == 0
+
+
+class SignalAt(Callback):
+    """Sends this process a signal during step ``batch`` (as Ctrl-C or a scheduler would)."""
+
+    def __init__(self, batch: int, signum: int) -> None:
+        self.batch, self.signum = batch, signum
+
+    def after_train_batch(self, state, logger) -> None:  # noqa: ANN001
+        if state.timestamp.batch + 1 == self.batch:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_at_the_batch_boundary_and_stops(tmp_path: Path, signum: int) -> None:
+    before = signal.getsignal(signum)
+    cfg = composed(tmp_path / "run", "max_duration=12ba")
+    summary = run_config(cfg, extra_callbacks=[SignalAt(7, signum)])
+    assert summary["preempted"] == signal.Signals(signum).name and summary["steps"] == 7
+    assert summary["checkpoint"].endswith("ep0-ba7")
+    assert not (tmp_path / "run" / "summary.json").exists()
+    assert signal.getsignal(signum) == before  # handlers restored after fit
+    meta = verify_checkpoint(tmp_path / "run" / "checkpoints" / "ep0-ba7")
+    assert meta["final"] is False
+    resumed = run_config(cfg)
+    assert resumed["resumed_from"].endswith("ep0-ba7") and resumed["steps"] == 12
+    straight = run_config(composed(tmp_path / "straight", "max_duration=12ba"))
+    assert resumed["metrics"] == straight["metrics"]
+
+
+def test_second_ctrl_c_aborts_at_once(tmp_path: Path) -> None:
+    class TwoCtrlC(Callback):
+        def after_backward(self, state, logger) -> None:  # noqa: ANN001 - per microbatch
+            if state.timestamp.batch == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    cfg = composed(tmp_path / "run", "max_duration=12ba")
+    with pytest.raises(KeyboardInterrupt):
+        run_config(cfg, extra_callbacks=[TwoCtrlC()])
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_cli_reports_preemption_with_exit_code(tmp_path: Path, capsys, monkeypatch) -> None:
+    from speedup import run as run_module
+    from speedup.cli import main
+
+    original = run_module.run_config
+
+    def with_signal(cfg, extra_callbacks=()):  # noqa: ANN001
+        return original(cfg, extra_callbacks=[SignalAt(3, signal.SIGTERM)])
+
+    monkeypatch.setattr(run_module, "run_config", with_signal)
+    code = main(["run", "quickstart", "--smoke", f"run_dir={tmp_path}", "progress_bar=false"])
+    assert code == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "SIGTERM: stopped at step 3 after saving" in err and "ep0-ba3" in err

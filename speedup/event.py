@@ -55,7 +55,8 @@ class Event(str, Enum):
 
     EPOCH_START = "epoch_start"
     """At the start of each epoch, before the dataloader iterator is created; the sampler's
-    epoch is set. No batch."""
+    epoch is set. No batch. A run resumed mid-epoch fires it again for that epoch (but never a
+    second EPOCH_END), so what an algorithm does here must be idempotent within an epoch."""
 
     BEFORE_DATALOADER = "before_dataloader"
     """Before the next batch is drawn. ``state.batch`` still holds the previous batch (or
@@ -104,13 +105,15 @@ class Event(str, Enum):
 
     BATCH_CHECKPOINT = "batch_checkpoint"
     """After BATCH_END and after any evaluation for this batch: metrics are fresh; a
-    checkpoint written here captures a consistent state."""
+    checkpoint written here captures a consistent state. The training clock is paused (saving
+    is not training). At the last batch of an epoch, the checkpoint saver waits for
+    EPOCH_CHECKPOINT so that a resumed run never repeats the epoch's end."""
 
     EPOCH_END = "epoch_end"
     """After the last batch of an epoch and the epoch counter advance."""
 
     EPOCH_CHECKPOINT = "epoch_checkpoint"
-    """After EPOCH_END and any epoch evaluation."""
+    """After EPOCH_END and any epoch evaluation; the training clock is paused."""
 
     EVAL_START = "eval_start"
     """Before an evaluation pass: model in eval mode, grads disabled, training clock paused.

@@ -22,7 +22,6 @@ from speedup.checkpoint import (
     verify_checkpoint,
 )
 from speedup.config import ConfigError, load_config
-from speedup.event import Event
 from speedup.guard import NonFiniteLossError
 from speedup.run import build_trainer, run_config
 
@@ -56,9 +55,7 @@ COMPOSED = [
 
 
 def composed(run_dir: Path, *extra: str):
-    return load_config(
-        "shapes2d-baseline", [*COMPOSED, f"run_dir={run_dir}", *extra], smoke=True
-    )
+    return load_config("shapes2d-baseline", [*COMPOSED, f"run_dir={run_dir}", *extra], smoke=True)
 
 
 class CrashAt(Callback):
@@ -463,3 +460,19 @@ def test_cli_reports_preemption_with_exit_code(tmp_path: Path, capsys, monkeypat
     assert code == 128 + signal.SIGTERM
     err = capsys.readouterr().err
     assert "SIGTERM: stopped at step 3 after saving" in err and "ep0-ba3" in err
+
+
+def test_export_hugging_face_model_loads_with_from_pretrained(tmp_path: Path) -> None:
+    import transformers
+
+    from speedup.export import export_model
+
+    cfg = load_config("stdlib-gpt", [f"run_dir={tmp_path / 'run'}", "progress_bar=false"], True)
+    run_config(cfg)
+    export_model(tmp_path / "run", out=tmp_path / "hf")
+    net = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    saved = final_weights(tmp_path / "run")
+    state = net.state_dict()
+    assert state.keys() == {k.removeprefix("net.") for k in saved}
+    for name, tensor in state.items():
+        assert torch.equal(tensor, saved[f"net.{name}"]), name

@@ -116,8 +116,10 @@ def test_sigkill_at_ten_seeded_moments_then_resume_matches(reference, tmp_path: 
         process.send_signal(signal.SIGKILL)
         process.communicate()
         assert process.returncode == -signal.SIGKILL
-        mid_write_kills += writing and (run_dir / "checkpoints").exists() and any(
-            p.name.startswith(".tmp-") for p in (run_dir / "checkpoints").iterdir()
+        mid_write_kills += (
+            writing
+            and (run_dir / "checkpoints").exists()
+            and any(p.name.startswith(".tmp-") for p in (run_dir / "checkpoints").iterdir())
         )
         latest = find_latest(run_dir / "checkpoints")  # never raises; damaged ones skipped
         if latest is not None:

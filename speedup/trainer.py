@@ -158,6 +158,7 @@ class Trainer:
         self.log_interval = Interval(log_interval, self.converter)
 
         self.engine.run(Event.INIT)
+        model = state.model  # surgery at INIT may have replaced it (NoOpModel)
         model.to(device)
         params = [p for p in model.parameters() if p.requires_grad]
         if callable(optimizer):

@@ -180,7 +180,9 @@ class Timestamp:
     """Where training is, in every unit at once, plus wall-clock.
 
     ``train_time_s`` counts training only: evaluation runs with the training clock paused
-    and is counted in ``eval_time_s``.
+    and is counted in ``eval_time_s``. ``sample`` counts samples drawn from the data (an
+    algorithm that subsamples or reshapes a batch does not change it); ``token`` counts the
+    tokens trained on (after sequence-length warmup or truncation).
     """
 
     epoch: int = 0

@@ -280,9 +280,11 @@ class Trainer:
                 while s.timestamp.batch_in_epoch < len(loader) and not self._done():
                     run(Event.BEFORE_DATALOADER)
                     s.batch = self._to_device(next(batches))
+                    # Samples drawn from the data: algorithms may reshape or subsample the batch.
+                    drawn = s.batch_size()
                     run(Event.AFTER_DATALOADER)
                     run(Event.BATCH_START)
-                    self._train_batch()
+                    self._train_batch(drawn)
                     run(Event.BATCH_END)
                     if self.log_interval.due(s.timestamp, at_epoch_end=False):
                         self._log_train()
@@ -304,10 +306,10 @@ class Trainer:
                 hook.close()
         return dict(s.eval_metrics)
 
-    def _train_batch(self) -> None:
+    def _train_batch(self, drawn: int) -> None:
         s, run = self.state, self.engine.run
         run(Event.BEFORE_TRAIN_BATCH)
-        full_batch, rows = s.batch, s.batch_size()
+        full_batch = s.batch
         microbatches = list(self._microbatches(full_batch))
         total_weight = s.model.loss_weight(full_batch) if len(microbatches) > 1 else None
         batch_loss = None
@@ -344,7 +346,7 @@ class Trainer:
             s.optimizer.step()
         s.optimizer.zero_grad(set_to_none=True)
         tokens = full_batch["input_ids"].numel() if "input_ids" in full_batch else 0
-        s.timestamp.to_next_batch(rows, tokens)
+        s.timestamp.to_next_batch(drawn, tokens)
         for scheduler in s.schedulers:
             scheduler.step()
         self._tick()

@@ -36,6 +36,13 @@ class Model(nn.Module):
     def eval_forward(self, batch: dict[str, torch.Tensor]) -> Any:
         return self(batch)
 
+    def per_sample_loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss of each sample, ``[N]``, unreduced (data selection ranks samples by it).
+
+        Models that implement it take part in loss-based selection (SelectiveBackprop); the
+        mean of a classifier's per-sample losses equals :meth:`loss`."""
+        raise NotImplementedError(f"{type(self).__name__} does not define per_sample_loss")
+
     def loss_weight(self, batch: dict[str, torch.Tensor]) -> int | torch.Tensor:
         """How many elements ``loss`` averages over in ``batch`` (samples here; label tokens
         for language models). Gradient accumulation weights each microbatch's mean loss by
@@ -82,6 +89,14 @@ class Classifier(Model):
 
     def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return soft_cross_entropy(outputs, batch["targets"])
+
+    def per_sample_loss(
+        self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        targets = batch["targets"]
+        if targets.dtype.is_floating_point and targets.shape == outputs.shape:
+            return -(targets * F.log_softmax(outputs.float(), dim=-1)).sum(-1)
+        return F.cross_entropy(outputs.float(), targets, reduction="none")
 
     def metrics(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> Metrics:
         targets = batch["targets"]

@@ -95,6 +95,24 @@ class HFModel(Model):
         total = F.cross_entropy(logits, labels.long(), ignore_index=-100, reduction="sum")
         return total / (labels != -100).sum().clamp(min=1)
 
+    def per_sample_loss(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """``[N]``: each sequence's mean loss over its own label tokens (0 where it has none);
+        for classification, each sequence's cross-entropy."""
+        if self.task == "classification":
+            labels = batch["labels"]
+            if labels.is_floating_point() and labels.shape == outputs.shape:
+                return -(labels * F.log_softmax(outputs.float(), dim=-1)).sum(-1)
+            return F.cross_entropy(outputs.float(), labels.long(), reduction="none")
+        labels = batch["labels"]
+        if self.task == "clm":
+            outputs, labels = outputs[:, :-1], labels[:, 1:]
+        labels = labels.long()
+        token = F.cross_entropy(
+            outputs.float().transpose(1, 2), labels, ignore_index=-100, reduction="none"
+        )
+        counted = (labels != -100).sum(1).clamp(min=1)
+        return token.sum(1) / counted
+
     def loss_weight(self, batch: Batch) -> int | torch.Tensor:
         if self.task == "classification":
             return int(batch["labels"].shape[0])

@@ -1,0 +1,415 @@
+import math
+
+import pytest
+import torch
+from speedup.algorithms.alibi import (
+    Alibi,
+    NoPositionEmbedding,
+    alibi_bias,
+    alibi_slopes,
+    apply_alibi,
+)
+from torch import nn
+
+from speedup.callback import Callback
+from speedup.data import DataInfo, TensorBatchLoader
+from speedup.engine import PlanError
+from speedup.event import Event
+from speedup.models.language import bert, gpt2
+from speedup.trainer import Trainer
+
+SEQ, VOCAB = 32, 64
+INFO = DataInfo(kind="text", input_shape=(SEQ,), num_classes=VOCAB, tokens_per_sample=SEQ)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build(family, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return {"gpt2": gpt2, "bert": bert}[family](INFO, size="tiny", **kwargs)
+
+
+def attention_modules(model):
+    return [m for m in model.modules() if hasattr(m, "alibi_heads")]
+
+
+def ids(rows=2, length=SEQ, seed=1):
+    return torch.randint(0, VOCAB, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+# -- slopes and bias --------------------------------------------------------------------------
+
+
+def test_slopes_of_power_of_two_head_counts_are_the_papers_geometric_sequence():
+    # Press et al., section 3: 8 heads 1/2, 1/4, ..., 1/256; 16 heads start at 2^-0.5.
+    assert alibi_slopes(8).tolist() == [2.0**-k for k in range(1, 9)]
+    torch.testing.assert_close(
+        alibi_slopes(16), torch.tensor([2.0 ** (-k / 2) for k in range(1, 17)])
+    )
+    assert alibi_slopes(1).tolist() == [2.0**-8]
+
+
+@pytest.mark.parametrize(
+    ("heads", "expected"),
+    [
+        # 12 = 8 + 4: the 8-head slopes, then 2^-0.5, 2^-1.5, ... from the 16-head sequence
+        (12, [2.0**-k for k in range(1, 9)] + [2.0**-0.5, 2.0**-1.5, 2.0**-2.5, 2.0**-3.5]),
+        # 6 = 4 + 2: 2^-2, 2^-4, 2^-6, 2^-8, then 2^-1, 2^-3 from the 8-head sequence
+        (6, [2.0**-2, 2.0**-4, 2.0**-6, 2.0**-8, 2.0**-1, 2.0**-3]),
+        (3, [2.0**-4, 2.0**-8, 2.0**-2]),
+    ],
+)
+def test_slopes_of_other_head_counts_interleave_the_next_power_of_two(heads, expected):
+    torch.testing.assert_close(alibi_slopes(heads), torch.tensor(expected))
+    assert len(set(alibi_slopes(heads).tolist())) == heads  # every head its own slope
+
+
+def test_bias_is_minus_slope_times_distance():
+    bias = alibi_bias(torch.tensor([0.5, 0.25]), 3)
+    expected = -torch.tensor([[0, 1, 2], [1, 0, 1], [2, 1, 0]], dtype=torch.float32)
+    torch.testing.assert_close(bias, torch.stack([0.5 * expected, 0.25 * expected]))
+    # decoding: two queries at positions 3 and 4 against keys 0..4
+    shifted = alibi_bias(torch.tensor([1.0]), 2, offset=3)
+    assert shifted.tolist() == [[[-3.0, -2.0, -1.0, -0.0, -1.0], [-4.0, -3.0, -2.0, -1.0, -0.0]]]
+    with pytest.raises(ValueError, match="num_heads"):
+        alibi_slopes(0)
+
+
+# -- the bias inside a real model -------------------------------------------------------------
+
+
+def attentions(model, input_ids, **kwargs):
+    model.net.config._attn_implementation = "eager"  # eager returns the probabilities
+    with torch.no_grad():
+        return model.net(input_ids=input_ids, output_attentions=True, **kwargs).attentions
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_with_vanishing_scores_attention_is_the_softmax_of_the_bias(family):
+    model = build(family)
+    apply_alibi(model)
+    with torch.no_grad():  # query weights 0: every raw score is 0, only the bias remains
+        for module in attention_modules(model):
+            if family == "bert":
+                module.query.weight.zero_()
+                module.query.bias.zero_()
+            else:
+                module.c_attn.weight[:, : module.embed_dim].zero_()
+                module.c_attn.bias[: module.embed_dim].zero_()
+    probs = attentions(model, ids(length=8))[0]  # layer 0: [N, heads, 8, 8]
+    heads = probs.shape[1]
+    i, j = torch.arange(8)[:, None], torch.arange(8)[None, :]
+    for h, slope in enumerate(alibi_slopes(heads).tolist()):
+        logits = -slope * (i - j).abs().float()
+        if family == "gpt2":  # causal: the future is masked
+            logits = logits.masked_fill(j > i, -math.inf)
+        expected = torch.softmax(logits, dim=-1)
+        torch.testing.assert_close(probs[0, h], expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(probs[1, h], expected, rtol=1e-5, atol=1e-6)
+    if family == "bert":  # the bias is symmetric: i attends to i-d and i+d alike
+        assert torch.allclose(probs[0, :, 3, 1], probs[0, :, 3, 5])
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_attention_scores_equal_a_reference_computed_from_the_projections(family):
+    model = build(family)
+    apply_alibi(model)
+    module = attention_modules(model)[0]
+    seen = {}
+
+    def keep_input(module, args, kwargs):
+        seen["hidden"] = args[0] if args else kwargs["hidden_states"]
+
+    module.register_forward_pre_hook(keep_input, with_kwargs=True)
+    input_ids = ids(length=12)
+    probs = attentions(model, input_ids)[0]
+    hidden = seen["hidden"]
+    n, length, width = hidden.shape
+    heads = module.alibi_heads
+    with torch.no_grad():
+        if family == "bert":
+            q, k = module.query(hidden), module.key(hidden)
+        else:
+            q, k, _ = module.c_attn(hidden).split(width, dim=2)
+        q = q.view(n, length, heads, -1).transpose(1, 2)
+        k = k.view(n, length, heads, -1).transpose(1, 2)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    i, j = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    bias = -alibi_slopes(heads)[:, None, None] * (i - j).abs().float()
+    if family == "gpt2":
+        scores = (scores + bias).masked_fill(j > i, -math.inf)  # causal form: -m (i - j)
+    else:
+        scores = scores + bias  # symmetric form: -m |i - j|
+    torch.testing.assert_close(probs, torch.softmax(scores, dim=-1), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_sdpa_and_eager_agree_with_and_without_padding(family):
+    model = build(family)
+    apply_alibi(model)
+    input_ids = ids(rows=3, length=16)
+    mask = torch.ones_like(input_ids)
+    mask[0, 10:] = 0
+    outputs = {}
+    for implementation in ("sdpa", "eager"):
+        model.net.config._attn_implementation = implementation
+        with torch.no_grad():
+            for name, batch_mask in (("plain", None), ("padded", mask)):
+                batch = {"input_ids": input_ids, "attention_mask": batch_mask}
+                outputs[implementation, name] = model(batch)
+    for name in ("plain", "padded"):
+        torch.testing.assert_close(outputs["sdpa", name], outputs["eager", name])
+    # rows without padding are untouched by another row's padding
+    torch.testing.assert_close(outputs["sdpa", "padded"][1:], outputs["sdpa", "plain"][1:])
+    assert not torch.allclose(outputs["sdpa", "padded"][0], outputs["sdpa", "plain"][0])
+
+
+def test_without_positions_order_matters_only_through_the_bias():
+    # BERT with ALiBi has no position embedding: a cyclic shift of the tokens changes the
+    # outputs only because the bias sees distances (a position-free model would just shift).
+    model = build("bert")
+    apply_alibi(model)
+    model.eval()
+    input_ids = ids(rows=1, length=8)
+    with torch.no_grad():
+        out = model({"input_ids": input_ids})
+        shifted = model({"input_ids": input_ids.roll(1, dims=1)})
+        for module in attention_modules(model):
+            module._forward_pre_hooks.clear()  # no bias left: permutation-equivariant
+        flat = model({"input_ids": input_ids})
+        flat_shifted = model({"input_ids": input_ids.roll(1, dims=1)})
+    torch.testing.assert_close(flat_shifted, flat.roll(1, dims=1), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(shifted, out.roll(1, dims=1), atol=1e-3)
+
+
+# -- surgery ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("family", "table"), [("gpt2", "wpe"), ("bert", "position_embeddings")])
+def test_position_tables_leave_the_model_and_the_optimizer(family, table):
+    model = build(family)
+    before = sum(p.numel() for p in model.parameters())
+    positions = {n: p for n, p in model.named_parameters() if table in n}
+    assert len(positions) == 1
+    (weight,) = positions.values()
+    loader = TensorBatchLoader(token_batch(16), 8, drop_last=True)
+    trainer = Trainer(model, loader, "1ba", algorithms=[Alibi()], device="cpu", data_kind="text")
+    model = trainer.state.model
+    assert (
+        sum(p.numel() for p in model.parameters()) == before - weight.numel() == before - SEQ * 128
+    )
+    assert not [n for n, _ in model.named_parameters() if table in n]
+    assert sum(isinstance(m, NoPositionEmbedding) for m in model.modules()) == 1
+    optimized = {id(p) for group in trainer.state.optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in model.parameters() if p.requires_grad}
+    assert len(attention_modules(model)) == 2  # one per layer of the tiny models
+    assert Alibi().declare().events[Event.INIT].writes == {"model.modules"}
+
+
+def test_gpt2_evaluates_beyond_its_position_table():
+    model = build("gpt2")
+    assert model.net.config.n_positions == SEQ
+    long = ids(length=4 * SEQ)
+    with pytest.raises(IndexError):
+        model({"input_ids": long})  # the plain model has no position 32
+    apply_alibi(model)
+    with torch.no_grad():
+        logits = model({"input_ids": long, "labels": long})
+    assert logits.shape == (2, 4 * SEQ, VOCAB) and torch.isfinite(logits).all()
+    # causal: the first SEQ positions see exactly what they would in a short input
+    with torch.no_grad():
+        short = model({"input_ids": long[:, :SEQ]})
+    torch.testing.assert_close(logits[:, :SEQ], short, rtol=1e-4, atol=1e-5)
+
+
+def test_bert_takes_inputs_up_to_max_sequence_length():
+    model = build("bert")
+    apply_alibi(model, max_sequence_length=3 * SEQ)
+    assert model.net.config.max_position_embeddings == 3 * SEQ
+    with torch.no_grad():
+        logits = model({"input_ids": ids(length=3 * SEQ)})
+    assert logits.shape == (2, 3 * SEQ, VOCAB) and torch.isfinite(logits).all()
+
+
+def test_cached_decoding_matches_the_full_forward():
+    model = build("gpt2")
+    apply_alibi(model)
+    model.eval()
+    input_ids = ids(length=10)
+    with torch.no_grad():
+        full = model.net(input_ids=input_ids, use_cache=False).logits
+        prefix = model.net(input_ids=input_ids[:, :7], use_cache=True)
+        step = model.net(input_ids=input_ids[:, 7:], past_key_values=prefix.past_key_values)
+    torch.testing.assert_close(step.logits, full[:, 7:], rtol=1e-4, atol=1e-5)
+
+
+def test_applying_twice_changes_nothing_more_and_a_fresh_model_loads_the_state_dict():
+    model = build("gpt2")
+    assert apply_alibi(model) == 2
+    hooks = [len(m._forward_pre_hooks) for m in attention_modules(model)]
+    assert apply_alibi(model) == 2
+    assert [len(m._forward_pre_hooks) for m in attention_modules(model)] == hooks == [1, 1]
+    fresh = build("gpt2", seed=5)
+    apply_alibi(fresh)
+    fresh.load_state_dict(model.state_dict())  # strict: the same keys, slopes not saved
+    x = {"input_ids": ids()}
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x))
+
+
+def test_refuses_flash_attention_and_models_without_hf_attention():
+    model = build("bert")
+    model.net.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="flash_attention_2"):
+        apply_alibi(model)
+    with pytest.raises(ValueError, match="no Hugging Face BERT or GPT-2"):
+        apply_alibi(nn.Sequential(nn.Linear(4, 4)))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"max_sequence_length": 0}, "alibi.max_sequence_length must be >= 1"),
+        ({"train_sequence_length_scaling": 0.0}, r"alibi.train_sequence_length_scaling must be"),
+        ({"train_sequence_length_scaling": 1.5}, r"in \(0, 1\], got 1.5"),
+    ],
+)
+def test_bad_arguments_raise_naming_the_argument(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        Alibi(**kwargs)
+
+
+def test_declaration():
+    declaration = Alibi().declare()
+    assert declaration.model_kinds == {"bert", "gpt2"}
+    assert declaration.events[Event.AFTER_DATALOADER].writes == {"batch"}
+    assert {"gated_linear_units", "low_precision_layernorm"} <= declaration.runs_before
+    assert "seq_length_warmup" in declaration.runs_before
+    assert Event.AFTER_DATALOADER not in Alibi(train_sequence_length_scaling=1.0).declare().events
+
+
+# -- in a run ---------------------------------------------------------------------------------
+
+
+def token_batch(n, seed=0, mlm=False):
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, VOCAB, (n, SEQ), generator=g)
+    labels = input_ids.clone()
+    if mlm:  # 15% of positions carry a label, as masked LM data does
+        labels[torch.rand(n, SEQ, generator=g) > 0.15] = -100
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+
+
+class Watch(Callback):
+    def __init__(self):
+        self.shapes, self.losses = [], []
+
+    def batch_start(self, state, logger):
+        self.shapes.append(tuple(state.batch["input_ids"].shape))
+
+    def batch_end(self, state, logger):
+        self.losses.append(float(state.train_metrics["loss"]))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_twenty_steps_train_short_and_evaluate_at_full_length(family):
+    model = build(family)
+    data = token_batch(64, mlm=family == "bert")
+    train = TensorBatchLoader(data, 8, shuffle=True, drop_last=True, seed=0)
+    evaluation = TensorBatchLoader(token_batch(16, seed=1, mlm=family == "bert"), 16)
+    watch = Watch()
+    trainer = Trainer(
+        model,
+        train,
+        "20ba",
+        eval_dataloader=evaluation,
+        algorithms=[Alibi()],
+        callbacks=[watch],
+        optimizer={"name": "adamw", "lr": 1e-3},
+        eval_interval="0ba",
+        data_kind="text",
+        device="cpu",
+    )
+    metrics = trainer.fit()
+    assert watch.shapes == [(32, 8)] * 20  # [8, 32] cut into segments of 32 / 4 tokens
+    assert all(math.isfinite(loss) for loss in watch.losses)
+    assert watch.losses[-1] < watch.losses[0]
+    assert math.isfinite(metrics["loss"])  # evaluated on [16, 32]: 4x the trained length
+    assert trainer.state.timestamp.token == 20 * 8 * SEQ  # every token still trained on
+
+
+def test_scaling_below_one_refuses_sequence_classification_batches():
+    model = build("bert", task="classification", vocab_size=VOCAB)
+    data = {"input_ids": token_batch(16)["input_ids"], "labels": torch.randint(0, 2, (16,))}
+    loader = TensorBatchLoader(data, 8, drop_last=True)
+    trainer = Trainer(model, loader, "1ba", algorithms=[Alibi()], device="cpu")
+    with pytest.raises(ValueError, match="set it to 1.0"):
+        trainer.fit()
+    trainer = Trainer(
+        build("bert", task="classification", vocab_size=VOCAB),
+        loader,
+        "2ba",
+        algorithms=[Alibi(train_sequence_length_scaling=1.0)],
+        device="cpu",
+    )
+    trainer.fit()  # full length: classification trains
+    assert trainer.state.timestamp.batch == 2
+
+
+def test_not_applicable_to_other_models():
+    from conftest import loaders, make_blobs, tiny_model
+
+    train, _ = loaders(make_blobs(n=32))
+    with pytest.raises(PlanError, match="alibi does not apply to model kind 'mlp'"):
+        Trainer(tiny_model(), train, "1ba", algorithms=[Alibi()])
+
+
+def test_layers_of_one_forward_share_one_bias(monkeypatch):
+    import speedup.algorithms.alibi as module
+
+    built = []
+
+    def counting(*args, **kwargs):
+        built.append(args[1:])
+        return alibi_bias(*args, **kwargs)
+
+    monkeypatch.setattr(module, "alibi_bias", counting)
+    model = build("gpt2")
+    apply_alibi(model)
+    logits = model({"input_ids": ids()})  # sdpa, no padding: autograd keeps the bias
+    assert len(built) == 1  # two layers, one bias
+    logits.sum().backward()
+    del logits
+    model.net.config._attn_implementation = "eager"  # bias added to a mask and dropped per layer
+    with torch.no_grad():
+        model({"input_ids": ids(), "attention_mask": torch.ones(2, SEQ, dtype=torch.long)})
+    assert len(built) == 3
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_bf16_models_and_bf16_autocast_run_with_both_attention_implementations(family):
+    model = build(family)
+    apply_alibi(model)
+    input_ids = ids(rows=3, length=16)
+    mask = torch.ones_like(input_ids)
+    mask[0, 10:] = 0
+    batch = {"input_ids": input_ids, "attention_mask": mask}
+    reference = {}
+    for implementation in ("sdpa", "eager"):
+        model.net.config._attn_implementation = implementation
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            reference[implementation] = model(batch)
+    assert all(out.dtype == torch.bfloat16 for out in reference.values())
+    model.to(torch.bfloat16)  # no autocast: the masks follow the model's dtype
+    for implementation in ("sdpa", "eager"):
+        model.net.config._attn_implementation = implementation
+        with torch.no_grad():
+            out = model(batch)
+        assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+        torch.testing.assert_close(out.float(), reference["sdpa"].float(), rtol=0.1, atol=0.1)

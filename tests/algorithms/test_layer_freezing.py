@@ -1,0 +1,264 @@
+import copy
+import io
+import math
+
+import pytest
+import torch
+from speedup.algorithms.layer_freezing import (
+    LayerFreezing,
+    freezable_layers,
+    freeze_fraction,
+    freeze_layers,
+)
+from torch import nn
+
+from speedup.callback import Callback
+from speedup.data import TensorBatchLoader
+from speedup.event import Event
+from speedup.models import Classifier
+from speedup.models.vision import CifarResNet
+from speedup.trainer import Trainer
+
+SGD = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3}
+
+
+def four_layer_model(seed=0):
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU()
+    )
+    net.append(nn.Linear(16, 4))
+    return Classifier(net, 4)
+
+
+def data(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"inputs": torch.randn(n, 8, generator=g), "targets": torch.arange(n) % 4}
+
+
+class Record(Callback):
+    """Frozen layer count at each epoch end (callbacks run after algorithms) and the weights
+    after every batch."""
+
+    def __init__(self, algorithm):
+        self.algorithm, self.frozen, self.weights = algorithm, {}, {}
+
+    def epoch_end(self, state, logger):
+        self.frozen[state.timestamp.epoch] = self.algorithm.frozen_layers
+
+    def batch_end(self, state, logger):
+        self.weights[state.timestamp.batch] = copy.deepcopy(state.model.state_dict())
+
+
+def train(algorithm, epochs=8, callbacks=(), model=None):
+    loader = TensorBatchLoader(data(), 8, shuffle=True, drop_last=True, seed=0)  # 2 batches/ep
+    trainer = Trainer(
+        model or four_layer_model(),
+        loader,
+        f"{epochs}ep",
+        algorithms=[algorithm],
+        callbacks=list(callbacks),
+        optimizer=SGD,
+    )
+    trainer.fit()
+    return trainer
+
+
+# -- the schedule and the layers ---------------------------------------------------------------
+
+
+def test_freeze_fraction_schedule():
+    assert freeze_fraction(0.5, 0.5, 1.0) == 0.0
+    assert freeze_fraction(0.75, 0.5, 1.0) == pytest.approx(0.5)
+    assert freeze_fraction(1.0, 0.5, 0.8) == pytest.approx(0.8)
+    assert freeze_fraction(0.1, 0.0, 1.0) == pytest.approx(0.1)
+    assert freeze_fraction(0.3, 0.5, 1.0) == 0.0
+
+
+def test_layers_are_the_modules_owning_parameters_in_registration_order():
+    names = [name for name, _ in freezable_layers(four_layer_model())]
+    assert names == ["net.0", "net.2", "net.4", "net.6"]
+    resnet = CifarResNet(3, num_classes=10, width=4)
+    layers = freezable_layers(resnet)
+    # every parameter belongs to exactly one layer, and the stem comes first, the head last
+    owned = sum(len(list(m.parameters(recurse=False))) for _, m in layers)
+    assert owned == len(list(resnet.parameters()))
+    assert isinstance(layers[0][1], nn.Conv2d) and isinstance(layers[-1][1], nn.Linear)
+
+
+def test_a_parameter_owned_by_a_module_with_children_is_a_layer():
+    class WithToken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.token = nn.Parameter(torch.zeros(4))
+            self.body = nn.Linear(4, 4)
+
+    outer = nn.Sequential(nn.Linear(4, 4), WithToken())
+    assert [n for n, _ in freezable_layers(outer)] == ["0", "1", "1.body"]
+
+
+def test_freeze_layers_freezes_a_prefix_and_tied_weights_wait_for_their_last_owner():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)
+            self.mid = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 10, bias=False)
+            self.head.weight = self.embed.weight  # tied: embed and head share one tensor
+
+    model = Tied()
+    assert freeze_layers(model, 0.5) == 1  # floor(0.5 * 3) layers: embed only
+    assert model.embed.weight.requires_grad  # but its weight is the head's too
+    assert freeze_layers(model, 0.67) == 2
+    assert not model.mid.weight.requires_grad and model.embed.weight.requires_grad
+    assert freeze_layers(model, 1.0) == 3
+    assert not model.embed.weight.requires_grad
+    with pytest.raises(ValueError, match="fraction must be in"):
+        freeze_layers(model, 1.5)
+
+
+# -- in a run ---------------------------------------------------------------------------------
+
+
+def test_frozen_count_follows_the_schedule_and_frozen_weights_stay_exactly_constant():
+    freezing = LayerFreezing(freeze_start="0.5dur", freeze_level=1.0)
+    record = Record(freezing)
+    trainer = train(freezing, 8, [record])
+    # 8 epochs, 4 layers: fraction (e/8 - 0.5) / 0.5 after epoch e -> floor(4 * fraction)
+    assert record.frozen == {1: 0, 2: 0, 3: 0, 4: 0, 5: 1, 6: 2, 7: 3, 8: 4}
+    w = record.weights  # 2 batches per epoch: epoch e ends at batch 2e
+    for layer, epoch in (("net.0", 5), ("net.2", 6), ("net.4", 7)):
+        for later in range(2 * epoch + 1, 17):
+            for kind in ("weight", "bias"):
+                key = f"{layer}.{kind}"
+                assert torch.equal(w[later][key], w[2 * epoch][key]), (key, later)
+        # and it was training until then
+        assert not torch.equal(w[2 * epoch][f"{layer}.weight"], w[2 * epoch - 1][f"{layer}.weight"])
+    assert not torch.equal(w[16]["net.6.weight"], w[15]["net.6.weight"])
+    model = trainer.state.model
+    assert [p.requires_grad for p in model.parameters()] == [False] * 8
+    assert math.isfinite(float(trainer.state.train_metrics["loss"]))
+
+
+def test_freeze_level_caps_the_frozen_fraction():
+    freezing = LayerFreezing(freeze_start="0.25dur", freeze_level=0.5)
+    record = Record(freezing)
+    train(freezing, 8, [record])
+    assert max(record.frozen.values()) == 2
+    assert record.frozen[8] == 2 and record.frozen[2] == 0
+
+
+def test_smoke_20_steps_on_a_resnet_freezes_the_stem_first():
+    g = torch.Generator().manual_seed(0)
+    images = {"inputs": torch.randn(16, 3, 8, 8, generator=g), "targets": torch.arange(16) % 10}
+    loader = TensorBatchLoader(images, 4, shuffle=True, drop_last=True, seed=0)  # 4 ba/ep
+    torch.manual_seed(0)
+    model = Classifier(CifarResNet(1, num_classes=10, width=4), 10)
+    layers = freezable_layers(model)
+    assert len(layers) == 15  # stem conv+bn, 3 blocks x (conv, bn, conv, bn), fc
+    freezing = LayerFreezing()
+    record = Record(freezing)
+    trainer = Trainer(
+        model, loader, "20ba", algorithms=[freezing], callbacks=[record], optimizer=SGD
+    )
+    trainer.fit()
+    # epoch ends at 0.2 .. 1.0 of the run: fractions 0, 0, 0.2, 0.6, 1.0 of 15 layers
+    assert record.frozen == {1: 0, 2: 0, 3: 3, 4: 9, 5: 15}
+    stem = "net.stem.0.weight"
+    assert torch.equal(record.weights[12][stem], record.weights[20][stem])
+    assert not torch.equal(record.weights[11][stem], record.weights[12][stem])
+    assert not model.net.stem[0].weight.requires_grad
+    assert math.isfinite(float(trainer.state.train_metrics["loss"]))
+
+
+# -- resume -----------------------------------------------------------------------------------
+
+
+def test_resume_restores_the_frozen_set_and_the_run_exactly():
+    class Checkpoint(Callback):
+        def __init__(self, freezing):
+            self.freezing, self.saved = freezing, None
+
+        def epoch_checkpoint(self, state, logger):
+            if state.timestamp.epoch == 6:
+                self.saved = copy.deepcopy(
+                    {
+                        "model": state.model.state_dict(),
+                        "optimizer": state.optimizer.state_dict(),
+                        "timestamp": state.timestamp.state_dict(),
+                        "algorithm": self.freezing.state_dict(),
+                    }
+                )
+
+    freezing = LayerFreezing()
+    checkpoint = Checkpoint(freezing)
+    full = train(freezing, 8, [checkpoint])
+    saved = checkpoint.saved
+    assert saved["algorithm"] == {"frozen_layers": 2}
+    buffer = io.BytesIO()
+    torch.save(saved["algorithm"], buffer)
+    buffer.seek(0)
+
+    resumed_alg = LayerFreezing()
+    resumed_alg.load_state_dict(torch.load(buffer, weights_only=True))
+    model = four_layer_model(seed=3)
+    model.load_state_dict(saved["model"])
+    loader = TensorBatchLoader(data(), 8, shuffle=True, drop_last=True, seed=0)
+    seen = {}
+
+    class Peek(Callback):
+        def fit_start(self, state, logger):  # callbacks run after algorithms
+            seen["requires_grad"] = [p.requires_grad for p in state.model.parameters()]
+
+    trainer = Trainer(
+        model, loader, "8ep", algorithms=[resumed_alg], callbacks=[Peek()], optimizer=SGD
+    )
+    # frozen params are still in the optimizer, so the saved optimizer state fits as it is
+    trainer.state.optimizer.load_state_dict(saved["optimizer"])
+    trainer.state.timestamp.load_state_dict(saved["timestamp"])
+    trainer.fit()
+    assert seen["requires_grad"] == [False] * 4 + [True] * 4
+    for name, value in full.state.model.state_dict().items():
+        assert torch.equal(value, trainer.state.model.state_dict()[name]), name
+    assert resumed_alg.frozen_layers == 4
+
+
+# -- arguments and declaration -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"freeze_level": 0.0}, r"layer_freezing.freeze_level must be in \(0, 1\], got 0"),
+        ({"freeze_level": 1.5}, r"layer_freezing.freeze_level must be in \(0, 1\]"),
+        ({"freeze_start": "1dur"}, r"layer_freezing.freeze_start must be in \[0dur, 1dur\)"),
+        ({"freeze_start": "soon"}, "layer_freezing.freeze_start"),
+        ({"freeze_start": "10sec"}, "layer_freezing.freeze_start.*wall-clock"),
+    ],
+)
+def test_bad_arguments_raise_naming_the_argument(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        LayerFreezing(**kwargs)
+
+
+def test_a_start_after_the_end_fails_at_fit_start():
+    from speedup.config import ConfigError
+
+    with pytest.raises(ConfigError, match="algorithms.layer_freezing.freeze_start: 10ep"):
+        train(LayerFreezing(freeze_start="10ep"), 8)
+
+
+def test_declaration():
+    decl = LayerFreezing().declare()
+    assert set(decl.events) == {Event.FIT_START, Event.EPOCH_END}
+    assert decl.events[Event.EPOCH_END].writes == {"model.mode"}
+    assert decl.model_kinds is None and decl.data_kinds is None
+
+
+def test_the_optimizer_holds_every_parameter_and_skips_frozen_ones():
+    freezing = LayerFreezing()
+    trainer = train(freezing, 8)
+    model, optimizer = trainer.state.model, trainer.state.optimizer
+    held = [p for group in optimizer.param_groups for p in group["params"]]
+    assert len(held) == len(list(model.parameters()))
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)

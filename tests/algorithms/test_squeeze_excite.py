@@ -1,0 +1,134 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from speedup.algorithms.squeeze_excite import (
+    SqueezeExcite,
+    SqueezeExcite2d,
+    SqueezeExciteConv2d,
+    apply_squeeze_excite,
+    latent_width,
+)
+from torch import nn
+
+from speedup.data import TensorBatchLoader
+from speedup.event import Event
+from speedup.models import Classifier
+from speedup.models.vision import CifarResNet
+from speedup.trainer import Trainer
+
+
+def image_loader(n=32, size=16, classes=4, batch_size=8):
+    g = torch.Generator().manual_seed(0)
+    data = {
+        "inputs": torch.randn(n, 3, size, size, generator=g),
+        "targets": torch.randint(0, classes, (n,), generator=g),
+    }
+    return TensorBatchLoader(data, batch_size, shuffle=True, drop_last=True, seed=0)
+
+
+def count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_the_gate_is_a_sigmoid_of_an_mlp_on_the_pooled_channels():
+    torch.manual_seed(0)
+    se = SqueezeExcite2d(6, 3)
+    x = torch.randn(2, 6, 5, 5)
+    pooled = x.mean((2, 3))
+    hidden = F.relu(pooled @ se.reduce.weight.T + se.reduce.bias)
+    gate = torch.sigmoid(hidden @ se.expand.weight.T + se.expand.bias)
+    out = se(x)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, x * gate[:, :, None, None])
+    assert torch.all((gate > 0) & (gate < 1))
+
+
+@pytest.mark.parametrize(("latent", "min_channels"), [(4, 16), (0.25, 32)])
+def test_parameters_added_match_the_formula(latent, min_channels):
+    torch.manual_seed(0)
+    net = CifarResNet(1, num_classes=4, width=8)  # convs with 8, 16 and 32 output channels
+    widths = [m.out_channels for m in net.modules() if isinstance(m, nn.Conv2d)]
+    gated = [c for c in widths if c >= min_channels]
+    hidden = [int(latent) if latent >= 1 else int(c * latent) for c in gated]
+    # per gate: W_1 [L, C] + b_1 [L] + W_2 [C, L] + b_2 [C]
+    expected = sum(2 * c * h + h + c for c, h in zip(gated, hidden))
+    before = count(net)
+    x = torch.randn(2, 3, 16, 16)
+    assert apply_squeeze_excite(net, latent, min_channels) == len(gated) > 0
+    assert count(net) - before == expected
+    assert net(x).shape == (2, 4)
+    # idempotent: a gated convolution is not gated twice
+    assert apply_squeeze_excite(net, latent, min_channels) == 0
+    assert count(net) - before == expected
+
+
+def test_latent_width():
+    assert latent_width(256, 64) == 64
+    assert latent_width(256, 1 / 16) == 16  # Hu et al.'s reduction ratio r = 16
+    assert latent_width(8, 0.01) == 1
+
+
+def test_the_gated_conv_keeps_the_original_convolution():
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    wrapped = SqueezeExciteConv2d(conv, 2)
+    assert wrapped.conv is conv
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(wrapped(x), wrapped.se(conv(x)))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"latent_channels": 0}, "squeeze_excite.latent_channels must be"),
+        ({"latent_channels": -1}, "squeeze_excite.latent_channels"),
+        ({"latent_channels": 1.5}, "whole number of channels >= 1 or a fraction"),
+        ({"min_channels": 0}, "squeeze_excite.min_channels must be an integer >= 1, got 0"),
+    ],
+)
+def test_bad_arguments_raise_naming_the_argument(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        SqueezeExcite(**kwargs)
+
+
+def test_declaration_orders_it_after_blurpool():
+    decl = SqueezeExcite().declare()
+    assert decl.events[Event.INIT].writes == {"model.modules"}
+    assert "blurpool" in decl.runs_after
+    assert decl.model_kinds == {"cnn"} and decl.data_kinds == {"image"}
+
+
+def test_narrow_network_warns_that_nothing_was_added():
+    model = Classifier(CifarResNet(1, num_classes=4, width=4), 4, kind="cnn")
+    with pytest.warns(UserWarning, match="no effect"):
+        Trainer(model, image_loader(), "1ba", algorithms=[SqueezeExcite()], device="cpu")
+
+
+def test_twenty_steps_train_the_new_gates():
+    torch.manual_seed(0)
+    model = Classifier(CifarResNet(1, num_classes=4, width=8), 4, kind="cnn")
+    plain = copy.deepcopy(model)
+    se = SqueezeExcite(latent_channels=4, min_channels=16)
+    trainer = Trainer(
+        model,
+        image_loader(),
+        "20ba",
+        algorithms=[se],
+        optimizer={"name": "sgd", "lr": 0.05},
+        device="cpu",
+        data_kind="image",
+    )
+    model = trainer.state.model
+    gates = [m for m in model.modules() if isinstance(m, SqueezeExcite2d)]
+    assert se.added == len(gates) == 4  # the 16- and 32-channel convolutions
+    assert count(model) > count(plain)
+    held = [p for group in trainer.state.optimizer.param_groups for p in group["params"]]
+    assert [id(p) for p in held] == [id(p) for p in model.parameters() if p.requires_grad]
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if ".se." in n}
+    assert len(start) == 4 * len(gates)
+    trainer.fit()
+    assert torch.isfinite(trainer.state.train_metrics["loss"])
+    for name, param in model.named_parameters():
+        if name in start:
+            assert not torch.equal(param, start[name]), name  # the gates learned

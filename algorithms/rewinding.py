@@ -22,6 +22,8 @@ default; weight rewinding is the scientific tool (lottery tickets).
 
 **Composes badly with.** Anything that holds its own copy of the weights (EMA/SWA) unless it
 also resets at the rewind; schedules that are not functions of time.
+
+Functional twin: :func:`rewind_weights`.
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ module (and ``speedup list``) stays fast.
 from __future__ import annotations
 
 import difflib
+import math
 import os
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -176,21 +177,33 @@ def torchvision_model(info, arch: str, pretrained: str | None = None) -> Classif
 # -- CIFAR ResNets --------------------------------------------------------------------------
 
 
-class _BasicBlock(nn.Module):
-    """Two 3x3 conv-BN layers and a shortcut (He et al. 2016, Figure 2)."""
+NORMS = ("batch", "group")
 
-    def __init__(self, c_in: int, c_out: int, stride: int, shortcut: str) -> None:
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    """BatchNorm, or GroupNorm with 32 groups where the channels allow (Wu & He 2018)."""
+    if kind == "group":
+        return nn.GroupNorm(math.gcd(32, channels), channels)
+    return nn.BatchNorm2d(channels)
+
+
+class _BasicBlock(nn.Module):
+    """Two 3x3 conv-norm layers and a shortcut (He et al. 2016, Figure 2)."""
+
+    def __init__(
+        self, c_in: int, c_out: int, stride: int, shortcut: str, norm: str = "batch"
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
+        self.bn1 = _norm(norm, c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
+        self.bn2 = _norm(norm, c_out)
         self.stride = stride
         self.pad = c_out - c_in
         self.projection: nn.Module | None = None
         if (stride != 1 or c_in != c_out) and shortcut == "conv":
             self.projection = nn.Sequential(
-                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), _norm(norm, c_out)
             )
 
     def shortcut(self, x: torch.Tensor) -> torch.Tensor:
@@ -217,6 +230,8 @@ class CifarResNet(nn.Module):
     ``shortcut="zeros"`` is the paper's option A for CIFAR (identity, subsampled, with
     zero-padded extra channels; ResNet-20 has 0.27M parameters, ResNet-56 0.85M, Table 6);
     ``shortcut="conv"`` uses 1x1-conv + BN projections where the shape changes (option B).
+    ``norm="group"`` swaps every BatchNorm for GroupNorm (Wu & He 2018), the pairing weight
+    standardisation was designed for (Qiao et al. 2019).
     """
 
     def __init__(
@@ -226,13 +241,16 @@ class CifarResNet(nn.Module):
         in_channels: int = 3,
         width: int = 16,
         shortcut: str = "zeros",
+        norm: str = "batch",
     ) -> None:
         super().__init__()
         if shortcut not in ("zeros", "conv"):
             raise ValueError(f"shortcut must be 'zeros' (option A) or 'conv', got {shortcut!r}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
-            nn.BatchNorm2d(width),
+            _norm(norm, width),
             nn.ReLU(),
         )
         blocks: list[nn.Module] = []
@@ -241,7 +259,7 @@ class CifarResNet(nn.Module):
             c_out = width * 2**stage
             for i in range(n):
                 stride = 2 if stage > 0 and i == 0 else 1
-                blocks.append(_BasicBlock(c_in, c_out, stride, shortcut))
+                blocks.append(_BasicBlock(c_in, c_out, stride, shortcut, norm))
                 c_in = c_out
         self.blocks = nn.Sequential(*blocks)
         self.fc = nn.Linear(c_in, num_classes)
@@ -254,25 +272,36 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def _cifar_resnet(info: Any, n: int, width: int, shortcut: str, pretrained: str | None):
-    net = CifarResNet(n, _num_classes(info), int(info.input_shape[0]), width, shortcut)
+def _cifar_resnet(
+    info: Any, n: int, width: int, shortcut: str, pretrained: str | None, norm: str = "batch"
+):
+    channels = int(info.input_shape[0])
+    net = CifarResNet(n, _num_classes(info), channels, width, shortcut, norm)
     return _classifier(net, info, pretrained)
 
 
 @MODELS.register("resnet20", kind="cnn")
 def resnet20(
-    info, width: int = 16, shortcut: str = "zeros", pretrained: str | None = None
+    info,
+    width: int = 16,
+    shortcut: str = "zeros",
+    pretrained: str | None = None,
+    norm: Literal["batch", "group"] = "batch",
 ) -> Classifier:
     """CIFAR ResNet-20 (He et al. 2016, n=3): 0.27M parameters, 8.75% CIFAR-10 error."""
-    return _cifar_resnet(info, 3, width, shortcut, pretrained)
+    return _cifar_resnet(info, 3, width, shortcut, pretrained, norm)
 
 
 @MODELS.register("resnet56", kind="cnn")
 def resnet56(
-    info, width: int = 16, shortcut: str = "zeros", pretrained: str | None = None
+    info,
+    width: int = 16,
+    shortcut: str = "zeros",
+    pretrained: str | None = None,
+    norm: Literal["batch", "group"] = "batch",
 ) -> Classifier:
     """CIFAR ResNet-56 (He et al. 2016, n=9): 0.85M parameters, 6.97% CIFAR-10 error."""
-    return _cifar_resnet(info, 9, width, shortcut, pretrained)
+    return _cifar_resnet(info, 9, width, shortcut, pretrained, norm)
 
 
 # -- the lottery-ticket Conv nets -----------------------------------------------------------

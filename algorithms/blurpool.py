@@ -40,7 +40,6 @@ Functional twin: :func:`apply_blurpool` (with :func:`blur_2d` and :func:`blur_fi
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +47,7 @@ from torch import nn
 
 from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.event import Event
+from speedup.surgery import replace_modules
 
 __all__ = [
     "BlurConv2d",
@@ -191,21 +191,6 @@ def _strided(stride: int | tuple[int, ...] | None) -> bool:
     return max(values) > 1
 
 
-def _replace(model: nn.Module, build: Callable[[nn.Module], nn.Module | None]) -> int:
-    """Swap every submodule for which ``build`` returns a module; returns how many."""
-    built: dict[int, nn.Module | None] = {}
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if id(child) not in built:  # a module shared by two parents is replaced once
-                built[id(child)] = build(child)
-                count += built[id(child)] is not None
-            new = built[id(child)]
-            if new is not None:
-                setattr(parent, name, new)
-    return count
-
-
 def apply_blurpool(
     model: nn.Module,
     replace_convs: bool = True,
@@ -247,7 +232,7 @@ def apply_blurpool(
             return BlurMaxPool2d.from_maxpool(module)
         return None
 
-    _replace(model, build)
+    replace_modules(model, build)
     return counts
 
 

@@ -36,8 +36,7 @@ import torch
 from speedup.algorithms.mixup import (
     Mixed,
     MixingAlgorithm,
-    check_class_targets,
-    mix_targets,
+    mix_batch,
     random_permutation,
     sample_beta,
 )
@@ -88,12 +87,7 @@ def cutmix_batch(
     ``inputs[permutation]``, ``lam`` = the fraction of each image outside the box (the drawn
     value corrected to the clipped box), and targets ``lam * own + (1 - lam) * partner``.
     """
-    if alpha <= 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
-    check_class_targets(targets, inputs.shape[0], "cutmix")
-    mixed, lam, permutation = _cutmix_inputs(inputs, alpha, generator)
-    soft = mix_targets(targets, targets[permutation], lam, num_classes)
-    return Mixed(mixed, soft, lam, permutation)
+    return mix_batch("cutmix", _cutmix_inputs, inputs, targets, num_classes, alpha, generator)
 
 
 class CutMix(MixingAlgorithm):

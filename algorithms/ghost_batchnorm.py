@@ -34,7 +34,6 @@ Functional twin: :func:`apply_ghost_batchnorm` (and :func:`ghost_batch_norm` on 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +41,7 @@ from torch import nn
 
 from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.event import Event
+from speedup.surgery import replace_modules
 
 __all__ = ["GhostBatchNorm", "GhostBatchNorm2d", "apply_ghost_batchnorm", "ghost_batch_norm"]
 
@@ -169,19 +169,6 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
         return f"{super().extra_repr()}, ghost_batch_size={self.ghost_batch_size}"
 
 
-def _replace(model: nn.Module, build: Callable[[nn.Module], nn.Module | None]) -> int:
-    built: dict[int, nn.Module | None] = {}
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if id(child) not in built:
-                built[id(child)] = build(child)
-                count += built[id(child)] is not None
-            if built[id(child)] is not None:
-                setattr(parent, name, built[id(child)])
-    return count
-
-
 def apply_ghost_batchnorm(model: nn.Module, ghost_batch_size: int = 32) -> int:
     """Replace every ``nn.BatchNorm2d`` in ``model`` by :class:`GhostBatchNorm2d`, in place,
     sharing its tensors (an optimizer built before still holds them). Returns how many."""
@@ -193,7 +180,7 @@ def apply_ghost_batchnorm(model: nn.Module, ghost_batch_size: int = 32) -> int:
             return GhostBatchNorm2d.from_batchnorm(child, ghost_batch_size)
         return None
 
-    return _replace(model, build)
+    return len(replace_modules(model, build))
 
 
 class GhostBatchNorm(Algorithm):

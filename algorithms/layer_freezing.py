@@ -134,7 +134,8 @@ class LayerFreezing(Algorithm):
                 # Re-freezes the saved prefix on resume; the optimizer exists by then.
                 Event.FIT_START: Access(reads={"timestamp", "max_duration"}, writes={"model.mode"}),
                 Event.EPOCH_END: Access(reads={"timestamp"}, writes={"model.mode"}),
-            }
+            },
+            unused_parameters=True,  # frozen layers get no gradient: DDP must expect that
         )
 
     def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001

@@ -28,7 +28,6 @@ Functional twin: :func:`apply_low_precision_groupnorm` (and :func:`low_precision
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +35,7 @@ from torch import nn
 
 from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.event import Event
+from speedup.surgery import replace_modules
 
 __all__ = [
     "LPGroupNorm",
@@ -83,19 +83,6 @@ class LPGroupNorm(nn.GroupNorm):
         return low_precision_group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
-def _replace(model: nn.Module, build: Callable[[nn.Module], nn.Module | None]) -> int:
-    built: dict[int, nn.Module | None] = {}
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if id(child) not in built:
-                built[id(child)] = build(child)
-                count += built[id(child)] is not None
-            if built[id(child)] is not None:
-                setattr(parent, name, built[id(child)])
-    return count
-
-
 def apply_low_precision_groupnorm(model: nn.Module) -> int:
     """Replace every ``nn.GroupNorm`` in ``model`` by :class:`LPGroupNorm`, in place, sharing
     its weight and bias (an optimizer built before still holds them). Returns how many."""
@@ -103,7 +90,7 @@ def apply_low_precision_groupnorm(model: nn.Module) -> int:
     def build(child: nn.Module) -> nn.Module | None:
         return LPGroupNorm.from_groupnorm(child) if type(child) is nn.GroupNorm else None
 
-    return _replace(model, build)
+    return len(replace_modules(model, build))
 
 
 class LowPrecisionGroupNorm(Algorithm):

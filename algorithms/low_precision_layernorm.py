@@ -37,6 +37,7 @@ from torch import nn
 
 from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.event import Event
+from speedup.surgery import replace_modules
 
 __all__ = ["LPLayerNorm", "LowPrecisionLayerNorm", "apply_low_precision_layernorm"]
 
@@ -76,14 +77,11 @@ def apply_low_precision_layernorm(model: nn.Module) -> int:
     """Replace every ``nn.LayerNorm`` in ``model`` (exactly that class) with an
     :class:`LPLayerNorm` sharing its parameters, in place; returns how many were replaced.
     A LayerNorm reachable under several names becomes one LPLayerNorm under all of them."""
-    replaced: dict[int, LPLayerNorm] = {}
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.LayerNorm:
-                if id(child) not in replaced:
-                    replaced[id(child)] = _low_precision(child)
-                setattr(parent, name, replaced[id(child)])
-    return len(replaced)
+
+    def build(child: nn.Module) -> nn.Module | None:
+        return _low_precision(child) if type(child) is nn.LayerNorm else None
+
+    return len(replace_modules(model, build))
 
 
 class LowPrecisionLayerNorm(Algorithm):

@@ -36,6 +36,7 @@ Functional twin: :func:`mixup_batch`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -199,10 +200,32 @@ def mixup_batch(
         x, y, _, _ = mixup_batch(x, y, num_classes=10, alpha=0.2)
         loss = soft_cross_entropy(model(x), y)
     """
+    return mix_batch("mixup", _mixup_inputs, inputs, targets, num_classes, alpha, generator)
+
+
+#: ``mix(inputs, alpha, generator) -> (mixed inputs, lam, permutation)``.
+MixInputs = Callable[
+    [torch.Tensor, float, torch.Generator | None], tuple[torch.Tensor, float, torch.Tensor]
+]
+
+
+def mix_batch(
+    name: str,
+    mix: MixInputs,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    num_classes: int,
+    alpha: float,
+    generator: torch.Generator | None,
+) -> Mixed:
+    """The functional twin of a :class:`MixingAlgorithm` (``name`` in error messages): check
+    ``alpha`` and the class ``targets``, mix the inputs with ``mix`` and the one-hot targets
+    by the same ``lam`` and permutation. :func:`mixup_batch` and CutMix's ``cutmix_batch``
+    are this with their own ``mix``."""
     if alpha <= 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
-    check_class_targets(targets, inputs.shape[0], "mixup")
-    mixed, lam, permutation = _mixup_inputs(inputs, alpha, generator)
+    check_class_targets(targets, inputs.shape[0], name)
+    mixed, lam, permutation = mix(inputs, alpha, generator)
     soft = mix_targets(targets, targets[permutation], lam, num_classes)
     return Mixed(mixed, soft, lam, permutation)
 

@@ -259,35 +259,23 @@ OPS: dict[str, Op] = {
     "sharpness": Op(_sharpness),
 }
 
+_SAFE_OPS = (
+    "autocontrast",
+    "equalize",
+    "posterize",
+    "solarize",
+    "rotate",
+    "shear_x",
+    "shear_y",
+    "translate_x",
+    "translate_y",
+)
+
 #: Named operation lists. ``safe`` leaves out the operations that CIFAR-10-C/ImageNet-C
 #: corruptions are made of (AugMix's list, Hendrycks et al. 2020).
 AUGMENTATION_SETS: dict[str, tuple[str, ...]] = {
-    "all": (
-        "autocontrast",
-        "equalize",
-        "posterize",
-        "solarize",
-        "rotate",
-        "shear_x",
-        "shear_y",
-        "translate_x",
-        "translate_y",
-        "color",
-        "contrast",
-        "brightness",
-        "sharpness",
-    ),
-    "safe": (
-        "autocontrast",
-        "equalize",
-        "posterize",
-        "solarize",
-        "rotate",
-        "shear_x",
-        "shear_y",
-        "translate_x",
-        "translate_y",
-    ),
+    "all": _SAFE_OPS + ("color", "contrast", "brightness", "sharpness"),
+    "safe": _SAFE_OPS,
 }
 
 

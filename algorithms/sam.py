@@ -51,6 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from speedup import distributed
 from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.config import ConfigError
 from speedup.event import Event
@@ -242,6 +243,8 @@ class SAM(Algorithm):
                 if total is not None:
                     loss = loss * (model.loss_weight(mb) / total)
                 loss.backward()
+            # This pass bypasses DDP's hooks: average the perturbed gradients ourselves.
+            distributed.average_gradients(model.parameters())
 
         with bn_stats_frozen(model):
             sam_gradient(model.parameters(), closure, self.rho, self.adaptive, self.epsilon)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +40,7 @@ from torch import nn
 
 from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.event import Event
+from speedup.surgery import replace_modules
 
 __all__ = [
     "SqueezeExcite",
@@ -87,21 +87,6 @@ class SqueezeExciteConv2d(nn.Module):
         return self.se(self.conv(x))
 
 
-def _replace(model: nn.Module, build: Callable[[nn.Module, nn.Module], nn.Module | None]) -> int:
-    """Swap every submodule for which ``build(parent, child)`` returns a module."""
-    built: dict[int, nn.Module | None] = {}
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if id(child) not in built:  # a module shared by two parents is replaced once
-                built[id(child)] = build(parent, child)
-                count += built[id(child)] is not None
-            new = built[id(child)]
-            if new is not None:
-                setattr(parent, name, new)
-    return count
-
-
 def _check(latent_channels: float, min_channels: int, prefix: str = "") -> None:
     whole = latent_channels >= 1 and latent_channels == int(latent_channels)
     if not (whole or 0 < latent_channels < 1):
@@ -124,16 +109,13 @@ def apply_squeeze_excite(
     """
     _check(latent_channels, min_channels)
 
-    def build(parent: nn.Module, child: nn.Module) -> nn.Module | None:
-        if (
-            isinstance(child, nn.Conv2d)
-            and not isinstance(parent, SqueezeExciteConv2d)
-            and child.out_channels >= min_channels
-        ):
+    def build(child: nn.Module) -> nn.Module | None:
+        if isinstance(child, nn.Conv2d) and child.out_channels >= min_channels:
             return SqueezeExciteConv2d(child, latent_width(child.out_channels, latent_channels))
         return None
 
-    return _replace(model, build)
+    # The conv inside an existing SqueezeExciteConv2d is already gated: skip it.
+    return len(replace_modules(model, build, skip_children_of=SqueezeExciteConv2d))
 
 
 class SqueezeExcite(Algorithm):

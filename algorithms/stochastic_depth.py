@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +54,7 @@ from torch import nn
 from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.event import Event
 from speedup.models.vision import _BasicBlock
+from speedup.surgery import replace_modules
 from speedup.time import Time, TimeUnit
 
 __all__ = [
@@ -193,16 +193,6 @@ def _check(drop_rate: float, drop_distribution: str, method: str, prefix: str = 
         raise ValueError(f"{prefix}method must be one of {', '.join(METHODS)}, got {method!r}")
 
 
-def _replace(model: nn.Module, build: Callable[[nn.Module], nn.Module | None]) -> None:
-    built: dict[int, nn.Module | None] = {}
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if id(child) not in built:
-                built[id(child)] = build(child)
-            if built[id(child)] is not None:
-                setattr(parent, name, built[id(child)])
-
-
 def apply_stochastic_depth(
     model: nn.Module,
     drop_rate: float = 0.1,
@@ -228,7 +218,7 @@ def apply_stochastic_depth(
             return StochasticBlock(child, rates[id(child)], method)
         return None
 
-    _replace(model, build)
+    replace_modules(model, build)
     return [m for m in model.modules() if isinstance(m, StochasticBlock)]
 
 
@@ -270,7 +260,13 @@ class StochasticDepth(Algorithm):
         if self.warms_up:
             # The blocks' current drop rates follow the clock; set before each batch's forward.
             events[Event.BEFORE_TRAIN_BATCH] = Access(reads={"timestamp"}, writes={"model.mode"})
-        return Declaration(events=events, model_kinds={"cnn"}, data_kinds={"image"})
+        return Declaration(
+            events=events,
+            model_kinds={"cnn"},
+            data_kinds={"image"},
+            # A block-wise drop skips the branch: its parameters get no gradient that step.
+            unused_parameters=self.method == "block",
+        )
 
     def warmup_factor(self, state) -> float:  # noqa: ANN001
         """How far the rates are through their warmup, in [0, 1]."""

@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from speedup import distributed
 from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.config import ConfigError
 from speedup.event import Event
@@ -339,6 +340,14 @@ class SWA(Algorithm):
                 p.copy_(self.average[name])
         with _rng_preserved(state.device):
             used = update_bn(model, state.train_dataloader, self.bn_batches, state.device)
+        # Each process saw its share of the data: average, so that all hold the same model.
+        distributed.average_buffers(
+            b
+            for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for b in (m.running_mean, m.running_var)
+            if b is not None
+        )
         logger.log_metrics({"swa/bn_batches": used})
 
     # -- resume -------------------------------------------------------------------------------

@@ -107,6 +107,10 @@ class Declaration:
     incompatible_with: frozenset[str] = frozenset()
     model_kinds: frozenset[str] | None = None
     data_kinds: frozenset[str] | None = None
+    #: Some trainable parameters may get no gradient in a step (frozen layers, dropped
+    #: blocks): distributed data parallelism must then look for them each step
+    #: (DDP's ``find_unused_parameters``), which costs a graph traversal, so it is opt-in.
+    unused_parameters: bool = False
 
     def __post_init__(self) -> None:
         for key in ("runs_before", "runs_after", "incompatible_with"):

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from speedup import distributed
 from speedup.callback import Callback
 
 if TYPE_CHECKING:
@@ -183,7 +184,9 @@ def capture(holder: Trainer | State) -> dict[str, Any]:
                 "batches_per_epoch": conv.batches_per_epoch,
                 "samples_per_batch": conv.samples_per_batch,
             },
-            "rng": rng_state(),
+            # Each process's generators: process r resumes with its own stream.
+            "world_size": distributed.world_size(),
+            "rng": distributed.all_gather_objects(rng_state()),
         },
     }
 
@@ -194,6 +197,13 @@ def restore(holder: Trainer | State, parts: dict[str, Any], where: str) -> None:
     t = parts["trainer"]
     loader = t["loader"]
     conv = s.converter
+    saved_world = t.get("world_size", 1)
+    if saved_world != distributed.world_size():
+        raise CheckpointError(
+            f"{where}: saved by a run of {saved_world} process(es), this run has "
+            f"{distributed.world_size()}: each process's data slice and random streams are in "
+            f"the checkpoint, so resume with the same number (speedup run --nproc {saved_world})"
+        )
     if (loader["batches_per_epoch"], loader["samples_per_batch"]) != (
         conv.batches_per_epoch,
         conv.samples_per_batch,
@@ -237,7 +247,7 @@ def restore(holder: Trainer | State, parts: dict[str, Any], where: str) -> None:
     for key, callback in zip(_keyed(s.callbacks, lambda c: type(c).__name__), s.callbacks):
         if key in saved_callbacks:  # callbacks may be added on resume (a profiler, a logger)
             callback.load_state_dict(saved_callbacks[key])
-    set_rng_state(t["rng"])
+    set_rng_state(t["rng"][distributed.rank()])
 
 
 def _check_names(where: str, kind: str, current: list[str], saved: dict[str, Any]) -> None:
@@ -297,11 +307,33 @@ def save_checkpoint(
     """Write the trainer's state as ``folder/ep{E}-ba{B}`` atomically; point ``latest`` at it;
     keep only the ``keep_last`` newest checkpoints (0 keeps all). Returns the directory."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     state = _state(trainer)
     ts = state.timestamp
     name = checkpoint_name(ts.epoch, ts.batch)
-    parts = capture(state)
+    parts = capture(state)  # collective in a distributed run: every process takes part
+    target = folder / name
+    if not distributed.is_main():  # one writer; the others wait until it is in place
+        distributed.barrier()
+        return target
+    try:
+        _write_checkpoint(parts, state, folder, name, config, config_hash, keep_last, final)
+    finally:
+        distributed.barrier()
+    return target
+
+
+def _write_checkpoint(
+    parts: dict[str, Any],
+    state: State,
+    folder: Path,
+    name: str,
+    config: dict[str, Any] | None,
+    config_hash: str | None,
+    keep_last: int,
+    final: bool,
+) -> None:
+    ts = state.timestamp
+    folder.mkdir(parents=True, exist_ok=True)
     for part, obj in parts.items():
         _check_plain(obj, part)
     tmp = folder / f".tmp-{name}-{os.getpid()}"
@@ -343,7 +375,6 @@ def save_checkpoint(
     if keep_last > 0:
         for stale in list_checkpoints(folder)[:-keep_last]:
             _remove(stale)
-    return target
 
 
 def _remove(path: Path) -> None:
@@ -407,7 +438,10 @@ def _written_at(path: Path) -> float:
     try:
         return float(json.loads((path / META).read_text(encoding="utf-8"))["written_at"])
     except (OSError, ValueError, KeyError, TypeError):
-        return path.stat().st_mtime
+        try:
+            return path.stat().st_mtime
+        except OSError:  # deleted meanwhile by the run that owns it (keep_last)
+            return float("-inf")
 
 
 def list_checkpoints(folder: str | Path) -> list[Path]:
@@ -426,7 +460,8 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
         and not p.name.startswith(_HIDDEN)
         and (p / META).exists()
     ]
-    return sorted(found, key=_written_at)
+    # A training run may be deleting old ones while we look (reading while it writes).
+    return [p for _, p in sorted((_written_at(p), p) for p in found) if p.exists()]
 
 
 def verify_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -626,7 +661,8 @@ class CheckpointSaver(Callback):
         self._interval = Interval(self.interval_spec, state.converter)
         self._interval.start(state.timestamp)
         self._pending = False
-        clean_leftovers(self.folder)
+        if distributed.is_main():
+            clean_leftovers(self.folder)
         self._install_handlers()
 
     def batch_checkpoint(self, state: State, logger: Logger) -> None:
@@ -651,6 +687,10 @@ class CheckpointSaver(Callback):
             self.save(state, final=True)
 
     def _stop_if_signalled(self, state: State) -> bool:
+        if distributed.is_distributed():  # stop together: any process's signal stops all
+            received = max(distributed.all_gather_objects(self.signal_received or 0))
+            if received and self.signal_received is None:
+                self.signal_received = received
         if self.signal_received is None:
             return False
         if not state.preempted:

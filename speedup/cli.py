@@ -39,6 +39,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     run = sub.add_parser("run", help="train a recipe and write a run directory")
     _add_recipe_args(run)
+    run.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train with N processes on this machine through torchrun (DDP: one per GPU, or "
+        "gloo on CPUs); data.batch_size stays the global batch",
+    )
     plan = sub.add_parser("plan", help="print the per-event algorithm order and conflicts")
     _add_recipe_args(plan)
     lottery = sub.add_parser(
@@ -289,6 +297,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from speedup import distributed
     from speedup.config import load_config
     from speedup.engine import PlanError
     from speedup.run import plan_config, run_config
@@ -297,7 +306,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     plan, _ = plan_config(cfg)
     if plan.conflicts:  # before any data is loaded
         raise PlanError(plan.conflicts)
+    if args.nproc > 1 and not distributed.launched_by_torchrun():
+        return _launch_torchrun(args, cfg)
     summary = run_config(cfg)
+    if not distributed.is_main():
+        return 0
     if "preempted" in summary:
         print(
             f"{summary['preempted']}: stopped at step {summary['steps']} after saving "
@@ -307,6 +320,35 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 128 + int(summary["signal"] or 15)  # the shell's code for death by that signal
     print(_format_summary(summary))
     return 0
+
+
+def _launch_torchrun(args: argparse.Namespace, cfg: object) -> int:
+    """Re-run this command under torchrun with ``args.nproc`` processes on this machine."""
+    import subprocess
+
+    from speedup.config import ConfigError
+
+    batch_size = cfg.data.batch_size  # type: ignore[attr-defined]
+    if batch_size % args.nproc:
+        raise ConfigError(
+            f"data.batch_size: {batch_size} is the global batch and must divide "
+            f"evenly across --nproc {args.nproc} processes"
+        )
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={args.nproc}",
+        "-m",
+        "speedup",
+        "run",
+        args.recipe,
+        *args.overrides,
+        *(["--smoke"] if args.smoke else []),
+    ]
+    print("launching: " + " ".join(command[1:]), file=sys.stderr)
+    return subprocess.call(command)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

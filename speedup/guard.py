@@ -1,6 +1,7 @@
 """The NaN/Inf guard: a non-finite training loss never reaches the weights.
 
-It checks each batch's loss after the backward pass and before the optimizer step. In
+It checks each batch's loss (summed over processes in a distributed run, so that all of them
+decide alike) after the backward pass and before the optimizer step. In
 ``stop`` mode it raises :class:`NonFiniteLossError` naming the step, before the step is taken,
 so nothing after the last good checkpoint is written. In ``skip`` mode it drops the batch's
 gradients (torch optimizers leave parameters without a gradient untouched: no update, no
@@ -13,6 +14,7 @@ import math
 import warnings
 from typing import TYPE_CHECKING
 
+from speedup import distributed
 from speedup.callback import Callback
 
 if TYPE_CHECKING:
@@ -42,7 +44,10 @@ class NonFiniteGuard(Callback):
         self.skipped = 0
 
     def after_train_batch(self, state: State, logger: Logger) -> None:
-        loss = float(state.train_metrics["loss"])  # one host sync per batch
+        loss = state.train_metrics["loss"]
+        if distributed.is_distributed():  # every process must take the same decision
+            loss = distributed.all_reduce_sum(loss.detach().float().reshape(1).clone())
+        loss = float(loss)  # one host sync per batch
         if math.isfinite(loss):
             return
         ts = state.timestamp

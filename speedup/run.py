@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from speedup.config import DATA_LOADER_KEYS, config_hash, load_config
+from speedup import distributed
+from speedup.config import DATA_LOADER_KEYS, ConfigError, config_hash, load_config
 from speedup.loggers import JSONLLogger, LoggerDestination, ProgressBar
 
 __all__ = [
@@ -81,8 +82,16 @@ def build_trainer(
 
     if cfg.threads:  # oversubscribed machines train faster with fewer intra-op threads
         torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed, cfg.deterministic)  # before any weight is initialised
+    device_type = "cpu" if cfg.device == "cpu" else None
+    distributed.init(device_type)  # under torchrun: join the process group
+    rank, world = distributed.rank(), distributed.world_size()
     data = OmegaConf.to_container(cfg.data)
+    if data["batch_size"] % world:
+        raise ConfigError(
+            f"data.batch_size: {data['batch_size']} is the global batch and must divide evenly "
+            f"across {world} processes (it is split, {data['batch_size'] / world:g} each)"
+        )
+    seed_everything(cfg.seed, cfg.deterministic)  # before any weight is initialised
     dataset_args = {k: v for k, v in data.items() if k not in DATA_LOADER_KEYS}
     splits = DATASETS.get(data["name"])(**dataset_args)
     splits.train = _subset(splits.train, data.get("train_samples"))
@@ -93,6 +102,8 @@ def build_trainer(
         eval_batch_size=data.get("eval_batch_size"),
         seed=cfg.seed if cfg.get("data_seed") is None else cfg.data_seed,
         num_workers=data.get("num_workers") or 0,
+        rank=rank,
+        world_size=world,
     )
     model_args = OmegaConf.to_container(cfg.model)
     model = build_model(model_args.pop("name"), splits.info, **model_args)
@@ -104,7 +115,7 @@ def build_trainer(
         CALLBACKS.get(name)(**(args or {}))
         for name, args in OmegaConf.to_container(cfg.callbacks).items()
     ] + [NonFiniteGuard(cfg.get("nonfinite", "stop")), *extra_callbacks]
-    return Trainer(
+    trainer = Trainer(
         model,
         train_loader,
         cfg.max_duration,
@@ -127,6 +138,11 @@ def build_trainer(
         tokens_per_sample=splits.info.tokens_per_sample,
         trace=trace,
     )
+    if world > 1:
+        # Same initial weights everywhere (seeded above; DDP also broadcasts them), but each
+        # process draws its own dropout and augmentation randomness from here on.
+        seed_everything(cfg.seed * 1_000_003 + rank, cfg.deterministic)
+    return trainer
 
 
 def plan_config(cfg: DictConfig):
@@ -161,31 +177,38 @@ def run_config(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
     from speedup.checkpoint import CheckpointSaver, find_latest, resolve_checkpoint
     from speedup.guard import NonFiniteLossError
 
+    distributed.init("cpu" if cfg.device == "cpu" else None)  # under torchrun
+    main = distributed.is_main()  # only rank 0 logs and writes files
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
     metrics_path = run_dir / "metrics.jsonl"
-    loggers: list[LoggerDestination] = [JSONLLogger(metrics_path)]
-    if cfg.progress_bar:
+    loggers: list[LoggerDestination] = [JSONLLogger(metrics_path)] if main else []
+    if cfg.progress_bar and main:
         loggers.append(ProgressBar())
     options = OmegaConf.to_container(cfg.checkpoint)
     folder = Path(options.pop("folder", None) or run_dir / "checkpoints")
     resolved = OmegaConf.to_container(cfg, resolve=True)
     saver = CheckpointSaver(folder, **options, config=resolved, config_hash=config_hash(cfg))
-    resume_from = _resume_point(cfg, folder, find_latest, resolve_checkpoint)
+    # Rank 0 picks the checkpoint (skipping damaged ones) and tells the others.
+    resume_from = _resume_point(cfg, folder, find_latest, resolve_checkpoint) if main else None
+    resume_from = distributed.broadcast_object(resume_from)
     # Bad data paths fail here, before any file is written.
     trainer = build_trainer(
         cfg, loggers, trace=cfg.trace, extra_callbacks=[saver, *extra_callbacks]
     )
     if resume_from is not None:
         meta = trainer.load_checkpoint(resume_from)
-        _warn_if_config_differs(meta, cfg, resume_from)
-        print(f"resuming from {resume_from}", file=sys.stderr)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
-    if resume_from is None:
-        metrics_path.unlink(missing_ok=True)  # a fresh run of the same config: a fresh log
-        trainer.logger.log_hyperparameters(resolved)
-    else:  # drop what was logged after the checkpoint: the resumed run logs it again
-        truncate_metrics(metrics_path, trainer.state.timestamp.batch)
+        if main:
+            _warn_if_config_differs(meta, cfg, resume_from)
+            print(f"resuming from {resume_from}", file=sys.stderr)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_text = OmegaConf.to_yaml(cfg, resolve=True)
+        (run_dir / "config.yaml").write_text(config_text, encoding="utf-8")
+        if resume_from is None:
+            metrics_path.unlink(missing_ok=True)  # a fresh run of the same config: a fresh log
+            trainer.logger.log_hyperparameters(resolved)
+        else:  # drop what was logged after the checkpoint: the resumed run logs it again
+            truncate_metrics(metrics_path, trainer.state.timestamp.batch)
     try:
         metrics = trainer.fit()
     except NonFiniteLossError as err:
@@ -202,7 +225,7 @@ def run_config(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
             "steps": state.timestamp.batch,
             "checkpoint": str(saver.last_saved) if saver.last_saved else None,
         }
-    if cfg.trace:  # the engine's (event, algorithm/callback) calls, in order
+    if cfg.trace and main:  # the engine's (event, algorithm/callback) calls, in order
         lines = (json.dumps({"event": e, "by": who}) for e, who in trainer.engine.trace)
         (run_dir / "trace.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     ts = state.timestamp
@@ -223,11 +246,13 @@ def run_config(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
         "resumed_from": str(resume_from) if resume_from is not None else None,
         "checkpoint": str(saver.last_saved) if saver.last_saved else None,
         "device": str(state.device),
+        "processes": distributed.world_size(),
         "environment": environment(),
     }
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(run_dir / "summary.json")
+    if main:
+        tmp = run_dir / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(run_dir / "summary.json")
     return summary
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from speedup import distributed
 from speedup.algorithm import Algorithm
 from speedup.callback import Callback
 from speedup.engine import Engine
@@ -44,11 +45,11 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def select_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA, then Apple MPS, then the CPU."""
+    """``auto`` picks CUDA (this process's GPU under torchrun), then Apple MPS, then the CPU."""
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
-        return torch.device("cuda")
+        return torch.device("cuda", distributed.local_rank())
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
@@ -171,11 +172,28 @@ class Trainer:
             ]
         if precision == "fp16":
             state.scaler = torch.amp.GradScaler("cuda")
+        self.world_size = distributed.world_size()
+        #: What training batches go through: the model, or its DDP wrapper (gradients averaged
+        #: across processes in backward); evaluation and algorithms use the model itself.
+        self._forward: Callable[..., Any] = model
+        self._ddp: Any = None
+        if self.world_size > 1:
+            self._forward = self._ddp = self._wrap_ddp(model, device)
         self.engine.run(Event.AFTER_LOAD)
         if compile:
             model.compile()
         self._autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self._clock: float | None = None
+
+    def _wrap_ddp(self, model: Model, device: torch.device) -> Any:
+        from torch.nn.parallel import DistributedDataParallel
+
+        unused = any(d.unused_parameters for d in self.engine.declarations().values())
+        return DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=unused,
+        )
 
     def seek(self, batch: int) -> None:
         """Position a fresh trainer at step ``batch`` of its run: the schedule and the data
@@ -313,27 +331,30 @@ class Trainer:
         microbatches = list(self._microbatches(full_batch))
         total_weight = s.model.loss_weight(full_batch) if len(microbatches) > 1 else None
         batch_loss = None
-        for microbatch in microbatches:
+        for i, microbatch in enumerate(microbatches):
             s.batch = microbatch
-            run(Event.BEFORE_FORWARD)
-            with self._autocast():
-                s.outputs = s.model(s.batch)
-            run(Event.AFTER_FORWARD)
-            run(Event.BEFORE_LOSS)
-            with self._autocast():
-                s.loss = s.model.loss(s.outputs, s.batch)
-            run(Event.AFTER_LOSS)
-            run(Event.BEFORE_BACKWARD)
-            # Each microbatch loss is a mean; weighting it by its share of the batch's loss
-            # elements (samples, or label tokens) makes the accumulated gradient the batch's.
-            if total_weight is None:
-                scaled = s.loss
-            else:
-                scaled = s.loss * (s.model.loss_weight(s.batch) / total_weight)
-            (s.scaler.scale(scaled) if s.scaler else scaled).backward()
-            detached = scaled.detach()
-            batch_loss = detached if batch_loss is None else batch_loss + detached
-            run(Event.AFTER_BACKWARD)
+            # Under DDP, gradients are averaged across processes in the last backward only.
+            last = i == len(microbatches) - 1
+            with contextlib.nullcontext() if self._ddp is None or last else self._ddp.no_sync():
+                run(Event.BEFORE_FORWARD)
+                with self._autocast():
+                    s.outputs = self._forward(s.batch)
+                run(Event.AFTER_FORWARD)
+                run(Event.BEFORE_LOSS)
+                with self._autocast():
+                    s.loss = s.model.loss(s.outputs, s.batch)
+                run(Event.AFTER_LOSS)
+                run(Event.BEFORE_BACKWARD)
+                # Each microbatch loss is a mean; weighting it by its share of the batch's loss
+                # elements (samples, or label tokens) makes the accumulated gradient the batch's.
+                if total_weight is None:
+                    scaled = s.loss
+                else:
+                    scaled = s.loss * (s.model.loss_weight(s.batch) / total_weight)
+                (s.scaler.scale(scaled) if s.scaler else scaled).backward()
+                detached = scaled.detach()
+                batch_loss = detached if batch_loss is None else batch_loss + detached
+                run(Event.AFTER_BACKWARD)
         s.batch = full_batch
         s.train_metrics["loss"] = batch_loss
         if s.scaler:
@@ -346,14 +367,16 @@ class Trainer:
             s.optimizer.step()
         s.optimizer.zero_grad(set_to_none=True)
         tokens = full_batch["input_ids"].numel() if "input_ids" in full_batch else 0
-        s.timestamp.to_next_batch(drawn, tokens)
+        s.timestamp.to_next_batch(drawn * self.world_size, tokens * self.world_size)
         for scheduler in s.schedulers:
             scheduler.step()
         self._tick()
 
     def _log_train(self) -> None:
         s = self.state
-        metrics = {"loss/train": float(s.train_metrics["loss"])}
+        loss = s.train_metrics["loss"].detach().float().reshape(1)
+        loss = distributed.all_reduce_sum(loss.clone()) / self.world_size  # the global mean
+        metrics = {"loss/train": float(loss)}
         metrics["lr"] = s.optimizer.param_groups[0]["lr"]
         if s.timestamp.train_time_s > 0:
             metrics["throughput/samples_per_s"] = s.timestamp.sample / s.timestamp.train_time_s
@@ -385,6 +408,11 @@ class Trainer:
                 total[0] = total[0] + value
                 total[1] += count
             run(Event.EVAL_BATCH_END)
+        if self.world_size > 1:  # every process evaluated its share: add up the sums
+            names = list(totals)  # the same order in every process
+            packed = torch.tensor([[float(totals[n][0]), float(totals[n][1])] for n in names])
+            packed = distributed.all_reduce_sum(packed.double().to(s.device)).cpu()
+            totals = {n: [packed[i, 0].item(), packed[i, 1].item()] for i, n in enumerate(names)}
         averages = {name: float(v) / max(float(n), 1.0) for name, (v, n) in totals.items()}
         s.eval_metrics = s.model.finalize_metrics(averages)
         self.logger.log_metrics({f"eval/{k}": v for k, v in s.eval_metrics.items()})

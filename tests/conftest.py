@@ -8,8 +8,12 @@ import pytest
 import torch
 from torch import nn
 
+from speedup.callback import Callback
 from speedup.data import TensorBatchLoader
 from speedup.models import Classifier
+from speedup.models.nets import SmallCNN2d
+from speedup.models.vision import CifarResNet
+from speedup.trainer import Trainer
 
 # Generated datasets are cached on disk; keep the tests' cache out of the user's home.
 os.environ.setdefault("SPEEDUP_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache"))
@@ -39,3 +43,130 @@ def loaders(data: dict, batch_size: int = 16, seed: int = 0):
     train = TensorBatchLoader(data, batch_size, shuffle=True, drop_last=True, seed=seed)
     evaluation = TensorBatchLoader(data, 32)
     return train, evaluation
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test single-threaded: tiny models run fastest so, above all on a shared CPU.
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Losses(Callback):
+    """Records the training loss after every batch."""
+
+    def __init__(self):
+        self.losses = []
+
+    def batch_end(self, state, logger):
+        self.losses.append(float(state.train_metrics["loss"]))
+
+
+# -- images -----------------------------------------------------------------------------------
+
+
+def random_images(n: int = 32, size: int = 16, classes: int = 4, seed: int = 0) -> dict:
+    """Gaussian images ``[n, 3, size, size]`` and random class targets, from one generator."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "inputs": torch.randn(n, 3, size, size, generator=g),
+        "targets": torch.randint(0, classes, (n,), generator=g),
+    }
+
+
+def image_loader(
+    n: int = 32, size: int = 16, classes: int = 4, batch_size: int = 8
+) -> TensorBatchLoader:
+    """A shuffled training loader over :func:`random_images`."""
+    data = random_images(n, size, classes)
+    return TensorBatchLoader(data, batch_size, shuffle=True, drop_last=True, seed=0)
+
+
+def tiny_resnet(width: int = 8, classes: int = 4, seed: int = 0) -> Classifier:
+    """A one-block-per-stage CIFAR ResNet, seeded."""
+    torch.manual_seed(seed)
+    return Classifier(CifarResNet(1, num_classes=classes, width=width), classes, kind="cnn")
+
+
+def sgd_image_trainer(
+    model: Classifier, algorithm, steps: int = 20, callbacks=(), **kwargs
+) -> Trainer:
+    """A CPU Trainer (SGD, lr 0.05) of ``model`` with ``algorithm`` for ``steps`` batches of
+    :func:`image_loader`; not fitted yet. ``kwargs`` go to the Trainer."""
+    return Trainer(
+        model,
+        image_loader(),
+        f"{steps}ba",
+        algorithms=[algorithm],
+        callbacks=list(callbacks),
+        optimizer={"name": "sgd", "lr": 0.05},
+        device="cpu",
+        data_kind="image",
+        **kwargs,
+    )
+
+
+def optimizer_parameter_ids(trainer: Trainer) -> list[int]:
+    """ids of the tensors the trainer's optimizer holds, in group order."""
+    return [id(p) for group in trainer.state.optimizer.param_groups for p in group["params"]]
+
+
+class SeenInputs(Callback):
+    """Records ``record(inputs)`` of every training and evaluation batch, and the losses."""
+
+    def __init__(self, record=torch.clone):
+        self.record = record
+        self.train, self.eval, self.losses = [], [], []
+
+    def before_forward(self, state, logger):
+        self.train.append(self.record(state.batch["inputs"]))
+
+    def before_backward(self, state, logger):
+        self.losses.append(state.loss.detach())
+
+    def eval_before_forward(self, state, logger):
+        self.eval.append(self.record(state.batch["inputs"]))
+
+
+def fit_small_cnn(
+    data: dict,
+    algorithm,
+    steps: int,
+    callbacks=(),
+    eval_data: dict | None = None,
+    eval_batch_size: int = 16,
+    checkpoint=None,
+    save_to=None,
+):
+    """Train a seeded 10-class SmallCNN2d with ``algorithm`` for ``steps`` batches of 8 from
+    ``data`` (evaluating on ``eval_data`` if given), resuming from ``checkpoint`` if given.
+    Returns the checkpoint saved to ``save_to``, if given."""
+    torch.manual_seed(0)
+    trainer = Trainer(
+        Classifier(SmallCNN2d(3, 10, channels=4), 10),
+        TensorBatchLoader(data, 8, shuffle=True, drop_last=True),
+        f"{steps}ba",
+        eval_dataloader=eval_data and TensorBatchLoader(eval_data, eval_batch_size),
+        algorithms=[algorithm],
+        callbacks=list(callbacks),
+        data_kind="image",
+    )
+    if checkpoint is not None:
+        trainer.load_checkpoint(checkpoint)
+    trainer.fit()
+    return trainer.save_checkpoint(save_to) if save_to is not None else None
+
+
+# -- text -------------------------------------------------------------------------------------
+
+
+def masked_token_data(n: int, seq: int, vocab: int, label_rate: float, seed: int = 0) -> dict:
+    """Random token ids ``[n, seq]`` below ``vocab`` with an all-ones attention mask; about
+    ``label_rate`` of the positions are MLM labels (their own id), the rest ``-100``."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab, (n, seq), generator=g)
+    labels = torch.where(torch.rand(n, seq, generator=g) < label_rate, input_ids, -100)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}

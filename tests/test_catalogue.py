@@ -37,7 +37,8 @@ INCOMPATIBLE = {
 
 
 def test_every_algorithm_is_registered() -> None:
-    assert set(ALGORITHMS.names()) == CATALOGUE
+    # Other test modules register throwaway algorithms named test_*; the rest is the catalogue.
+    assert {n for n in ALGORITHMS.names() if not n.startswith("test_")} == CATALOGUE
 
 
 @pytest.mark.parametrize("name", sorted(CATALOGUE))

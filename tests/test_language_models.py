@@ -16,13 +16,7 @@ from speedup.trainer import Trainer
 SMALL = {"seq_len": 32, "vocab_size": 512, "max_train_tokens": 20_000, "max_eval_tokens": 3_000}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded, above all on a shared, oversubscribed CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def info(vocab=64, seq_len=16):

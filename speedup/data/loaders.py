@@ -90,7 +90,9 @@ class TensorBatchLoader:
 
     Shuffling draws a permutation from a generator seeded by ``(seed, epoch)``, so the order of
     any epoch is reproducible without replaying earlier epochs; call ``set_epoch`` before
-    iterating, as with a DistributedSampler.
+    iterating, as with a DistributedSampler. In a distributed run ``batch_size`` is the global
+    batch: every rank walks the same global batches and takes its ``rank``-th slice of each, so
+    the ranks together see exactly the batches of a single-process run.
     """
 
     def __init__(
@@ -101,7 +103,11 @@ class TensorBatchLoader:
         drop_last: bool = False,
         seed: int = 0,
         transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
+        _check_shard(batch_size, rank, world_size)
+        self.rank, self.world_size = rank, world_size
         self.tensors = tensors
         self.num_samples = _common_length(tensors)
         self.batch_size = batch_size
@@ -130,12 +136,39 @@ class TensorBatchLoader:
         for i in range(first, len(self)):
             start = i * self.batch_size
             stop = min(start + self.batch_size, self.num_samples)
-            if order is None:
+            if order is None and self.world_size == 1:
                 batch = {k: t[start:stop] for k, t in self.tensors.items()}
             else:
-                index = order[start:stop]
+                index = order[start:stop] if order is not None else torch.arange(start, stop)
+                if self.world_size > 1:
+                    index = index.tensor_split(self.world_size)[self.rank]
                 batch = {k: t[index] for k, t in self.tensors.items()}
             yield batch if self.transform is None else self.transform(batch)
+
+
+def _check_shard(batch_size: int, rank: int, world_size: int) -> None:
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside a world of {world_size}")
+    if batch_size % world_size:
+        raise ValueError(
+            f"data.batch_size {batch_size} is the global batch and must divide evenly across "
+            f"{world_size} processes (per process: {batch_size / world_size:g})"
+        )
+
+
+def shard(split: Any, rank: int, world_size: int) -> Any:
+    """Rank ``rank``'s contiguous share of ``split`` (dict of tensors or Dataset): evaluation
+    data is split once, each rank evaluates its share and the metric sums are reduced."""
+    if world_size == 1 or split is None:
+        return split
+    n = len(next(iter(split.values()))) if isinstance(split, dict) else len(split)
+    bounds = [n * r // world_size for r in range(world_size + 1)]
+    lo, hi = bounds[rank], bounds[rank + 1]
+    if isinstance(split, dict):
+        return {k: v[lo:hi] for k, v in split.items()}
+    from torch.utils.data import Subset
+
+    return Subset(split, range(lo, hi))
 
 
 # -- the torch Dataset path: resumable, with augmentation seeded per sample ---------------------
@@ -203,9 +236,13 @@ class ResumableBatchSampler(Sampler[list[SampleKey]]):
         shuffle: bool = False,
         drop_last: bool = False,
         seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        _check_shard(batch_size, rank, world_size)
+        self.rank, self.world_size = rank, world_size
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -241,7 +278,13 @@ class ResumableBatchSampler(Sampler[list[SampleKey]]):
         size = self.batch_size
         for b in range(first, len(self)):
             stop = min((b + 1) * size, self.num_samples)
-            yield [SampleKey(order[p], _derive(base, p)) for p in range(b * size, stop)]
+            positions = range(b * size, stop)
+            if self.world_size > 1:  # this rank's slice of the global batch
+                n = len(positions)
+                lo = n * self.rank // self.world_size
+                hi = n * (self.rank + 1) // self.world_size
+                positions = positions[lo:hi]
+            yield [SampleKey(order[p], _derive(base, p)) for p in positions]
 
 
 class _SeededDataset(Dataset):
@@ -305,9 +348,13 @@ class ResumableDataLoader(DataLoader):
         transform: Callable[[dict], dict] | None = None,
         pin_memory: bool | None = None,
         persistent_workers: bool | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         num_samples = len(dataset)  # type: ignore[arg-type]
-        sampler = ResumableBatchSampler(num_samples, batch_size, shuffle, drop_last, seed)
+        sampler = ResumableBatchSampler(
+            num_samples, batch_size, shuffle, drop_last, seed, rank, world_size
+        )
         self._resumable_sampler = sampler
         if persistent_workers is None:
             persistent_workers = num_workers > 0
@@ -344,11 +391,23 @@ def _loader(
     seed: int,
     num_workers: int,
     transform: Callable[[dict], dict] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Any:
     if isinstance(split, dict):
-        return TensorBatchLoader(split, batch_size, shuffle, drop_last, seed, transform)
+        return TensorBatchLoader(
+            split, batch_size, shuffle, drop_last, seed, transform, rank, world_size
+        )
     return ResumableDataLoader(
-        split, batch_size, shuffle, drop_last, seed, num_workers=num_workers, transform=transform
+        split,
+        batch_size,
+        shuffle,
+        drop_last,
+        seed,
+        num_workers=num_workers,
+        transform=transform,
+        rank=rank,
+        world_size=world_size,
     )
 
 
@@ -359,15 +418,35 @@ def build_dataloaders(
     seed: int = 0,
     num_workers: int = 0,
     drop_last: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> tuple[Any, Any]:
-    """Train loader (shuffled, seeded) and eval loader (in order) for ``splits``."""
+    """Train loader (shuffled, seeded) and eval loader (in order) for ``splits``.
+
+    Batch sizes are global. With ``world_size`` > 1 the train loader yields this rank's slice
+    of each global batch; the eval data is split into contiguous shares, evaluated in batches
+    of ``eval_batch_size / world_size`` (rounded up)."""
     train = _loader(
-        splits.train, batch_size, True, drop_last, seed, num_workers, splits.train_transform
+        splits.train,
+        batch_size,
+        True,
+        drop_last,
+        seed,
+        num_workers,
+        splits.train_transform,
+        rank,
+        world_size,
     )
     eval_loader = None
     if splits.eval is not None:
-        size = eval_batch_size or batch_size
+        size = -(-(eval_batch_size or batch_size) // world_size)
         eval_loader = _loader(
-            splits.eval, size, False, False, seed, num_workers, splits.eval_transform
+            shard(splits.eval, rank, world_size),
+            size,
+            False,
+            False,
+            seed,
+            num_workers,
+            splits.eval_transform,
         )
     return train, eval_loader

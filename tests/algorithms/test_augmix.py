@@ -1,15 +1,12 @@
 import pytest
 import torch
+from conftest import SeenInputs, fit_small_cnn, random_images
 from speedup.algorithms.augmix import AugMix, augmix_batch, augmix_weights
 from speedup.algorithms.randaugment import MAX_ENHANCE, RandAugment
 
-from speedup.callback import Callback
 from speedup.data import TensorBatchLoader
 from speedup.engine import build_plan
 from speedup.event import Event
-from speedup.models import Classifier
-from speedup.models.nets import SmallCNN2d
-from speedup.trainer import Trainer
 
 # -- the math ---------------------------------------------------------------------------------
 
@@ -94,37 +91,10 @@ def test_declaration_orders_it_after_randaugment():
 # -- in a run ---------------------------------------------------------------------------------
 
 
-class Seen(Callback):
-    def __init__(self):
-        self.train, self.eval, self.losses = [], [], []
-
-    def before_forward(self, state, logger):
-        self.train.append(state.batch["inputs"].clone())
-
-    def before_backward(self, state, logger):
-        self.losses.append(state.loss.detach())
-
-    def eval_before_forward(self, state, logger):
-        self.eval.append(state.batch["inputs"].clone())
-
-
 def test_twenty_steps_train_on_augmixed_images_and_eval_is_clean():
-    g = torch.Generator().manual_seed(0)
-    data = {
-        "inputs": torch.randn(32, 3, 12, 12, generator=g),
-        "targets": torch.randint(0, 10, (32,), generator=g),
-    }
-    seen = Seen()
-    torch.manual_seed(0)
-    Trainer(
-        Classifier(SmallCNN2d(3, 10, channels=4), 10),
-        TensorBatchLoader(data, 8, shuffle=True, drop_last=True),
-        "20ba",
-        eval_dataloader=TensorBatchLoader(data, 32),
-        algorithms=[AugMix()],
-        callbacks=[seen],
-        data_kind="image",
-    ).fit()
+    data = random_images(32, 12, 10)
+    seen = SeenInputs()
+    fit_small_cnn(data, AugMix(), 20, [seen], eval_data=data, eval_batch_size=32)
     assert len(seen.losses) == 20 and all(torch.isfinite(loss) for loss in seen.losses)
     clean = TensorBatchLoader(data, 8, shuffle=True, drop_last=True)
     clean.set_epoch(0)

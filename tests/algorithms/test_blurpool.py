@@ -3,6 +3,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import optimizer_parameter_ids, sgd_image_trainer, tiny_resnet
 from speedup.algorithms.blurpool import (
     BlurConv2d,
     BlurMaxPool2d,
@@ -13,23 +14,10 @@ from speedup.algorithms.blurpool import (
 )
 from torch import nn
 
-from speedup.data import TensorBatchLoader
 from speedup.engine import build_plan
 from speedup.event import Event
-from speedup.models import Classifier
-from speedup.models.vision import CifarResNet
-from speedup.trainer import Trainer
 
 BINOMIAL = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
-
-
-def image_loader(n=32, size=16, classes=4, batch_size=8):
-    g = torch.Generator().manual_seed(0)
-    data = {
-        "inputs": torch.randn(n, 3, size, size, generator=g),
-        "targets": torch.randint(0, classes, (n,), generator=g),
-    }
-    return TensorBatchLoader(data, batch_size, shuffle=True, drop_last=True, seed=0)
 
 
 class Net(nn.Module):
@@ -163,25 +151,16 @@ def test_declaration_is_surgery_at_init_for_conv_nets_on_images():
 
 
 def test_twenty_steps_train_through_the_blurred_layers():
-    torch.manual_seed(0)
-    model = Classifier(CifarResNet(1, num_classes=4, width=8), 4, kind="cnn")
+    model = tiny_resnet()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     blurpool = BlurPool(min_channels=8)
-    trainer = Trainer(
-        model,
-        image_loader(),
-        "20ba",
-        algorithms=[blurpool],
-        optimizer={"name": "sgd", "lr": 0.05},
-        device="cpu",
-        data_kind="image",
-    )
+    trainer = sgd_image_trainer(model, blurpool)
     model = trainer.state.model
     blurred = [m for m in model.modules() if isinstance(m, BlurConv2d)]
     assert blurpool.replaced == {"convs": 2, "maxpools": 0} and len(blurred) == 2
     # the optimizer holds exactly the model's trainable parameters, the same tensors
-    held = [p for group in trainer.state.optimizer.param_groups for p in group["params"]]
-    assert [id(p) for p in held] == [id(p) for p in model.parameters() if p.requires_grad]
+    held = optimizer_parameter_ids(trainer)
+    assert held == [id(p) for p in model.parameters() if p.requires_grad]
     assert set(before) == {n for n, _ in model.named_parameters()}
     calls = []
     handles = [m.register_forward_hook(lambda *_: calls.append(1)) for m in blurred]

@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+from conftest import image_loader, optimizer_parameter_ids, tiny_resnet
 from speedup.algorithms.blurpool import BlurConv2d, BlurPool
 from speedup.algorithms.channels_last import ChannelsLast, apply_channels_last, to_channels_last
 from speedup.algorithms.ghost_batchnorm import GhostBatchNorm, GhostBatchNorm2d
@@ -13,24 +14,13 @@ from speedup.algorithms.weight_standardization import WeightStandardization
 from torch import nn
 
 from speedup.callback import Callback
-from speedup.data import TensorBatchLoader
 from speedup.engine import build_plan
 from speedup.event import Event
 from speedup.models import Classifier
 from speedup.models.nets import SmallCNN2d
-from speedup.models.vision import CifarResNet
 from speedup.trainer import Trainer
 
 CL = torch.channels_last
-
-
-def image_loader(n=32, size=16, classes=4, batch_size=8):
-    g = torch.Generator().manual_seed(0)
-    data = {
-        "inputs": torch.randn(n, 3, size, size, generator=g),
-        "targets": torch.randint(0, classes, (n,), generator=g),
-    }
-    return TensorBatchLoader(data, batch_size, shuffle=True, drop_last=True, seed=0)
 
 
 def is_channels_last(t: torch.Tensor) -> bool:
@@ -138,8 +128,8 @@ def test_twenty_steps_keep_weights_and_inputs_channels_last():
         device="cpu",
         data_kind="image",
     )
-    held = [p for group in trainer.state.optimizer.param_groups for p in group["params"]]
-    assert [id(p) for p in held] == [id(p) for p in model.parameters()]
+    held = optimizer_parameter_ids(trainer)
+    assert held == [id(p) for p in model.parameters()]
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     outputs = []
     convs[-1].register_forward_hook(lambda m, i, o: outputs.append(is_channels_last(o)))
@@ -161,8 +151,7 @@ class StopAt(Callback):
 
 
 def all_surgery_trainer(steps, callbacks=()):
-    torch.manual_seed(0)
-    model = Classifier(CifarResNet(1, num_classes=4, width=8), 4, kind="cnn")
+    model = tiny_resnet()
     algorithms = [a for a in surgery().values() if a.name != "low_precision_groupnorm"]
     return Trainer(
         model,

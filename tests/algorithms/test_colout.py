@@ -2,15 +2,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import SeenInputs, fit_small_cnn, random_images
 from speedup.algorithms.colout import ColOut, colout_batch, colout_indices
 
-from speedup.callback import Callback
-from speedup.data import TensorBatchLoader
 from speedup.engine import build_plan
 from speedup.event import Event
-from speedup.models import Classifier
-from speedup.models.nets import SmallCNN2d
-from speedup.trainer import Trainer
 
 
 def coordinates(n=4, height=20, width=30):
@@ -94,37 +90,10 @@ def test_declared_for_conv_nets_on_images_only():
 # -- in a run ---------------------------------------------------------------------------------
 
 
-class Sizes(Callback):
-    def __init__(self):
-        self.train, self.eval, self.losses = [], [], []
-
-    def before_forward(self, state, logger):
-        self.train.append(tuple(state.batch["inputs"].shape[-2:]))
-
-    def before_backward(self, state, logger):
-        self.losses.append(state.loss.detach())
-
-    def eval_before_forward(self, state, logger):
-        self.eval.append(tuple(state.batch["inputs"].shape[-2:]))
-
-
 def test_twenty_steps_train_on_smaller_images_and_evaluate_at_full_size():
-    g = torch.Generator().manual_seed(0)
-    data = {
-        "inputs": torch.randn(32, 3, 16, 16, generator=g),
-        "targets": torch.randint(0, 10, (32,), generator=g),
-    }
-    sizes = Sizes()
-    torch.manual_seed(0)
-    Trainer(
-        Classifier(SmallCNN2d(3, 10, channels=4), 10),
-        TensorBatchLoader(data, 8, shuffle=True, drop_last=True),
-        "20ba",
-        eval_dataloader=TensorBatchLoader(data, 16),
-        algorithms=[ColOut(p_row=0.15, p_col=0.3)],
-        callbacks=[sizes],
-        data_kind="image",
-    ).fit()
+    data = random_images(32, 16, 10)
+    sizes = SeenInputs(record=lambda inputs: tuple(inputs.shape[-2:]))
+    fit_small_cnn(data, ColOut(p_row=0.15, p_col=0.3), 20, [sizes], eval_data=data)
     assert len(sizes.losses) == 20 and all(torch.isfinite(loss) for loss in sizes.losses)
     assert set(sizes.train) == {(14, 11)}  # 16 - round(2.4), 16 - round(4.8)
     assert set(sizes.eval) == {(16, 16)}

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from conftest import random_images
 from speedup.algorithms.cutmix import CutMix, cutmix_batch, cutmix_box
 from speedup.algorithms.label_smoothing import LabelSmoothing
 from speedup.algorithms.mixup import mix_targets
@@ -18,11 +19,7 @@ CLASSES = 10
 
 
 def images(n=32, size=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "inputs": torch.randn(n, 3, size, size, generator=g),
-        "targets": torch.randint(0, CLASSES, (n,), generator=g),
-    }
+    return random_images(n, size, CLASSES, seed)
 
 
 def pasted_box(mixed, inputs, permutation):

@@ -2,15 +2,11 @@ import math
 
 import pytest
 import torch
+from conftest import SeenInputs, fit_small_cnn
 from speedup.algorithms.cutout import CutOut, cutout_batch, hole_side
 
-from speedup.callback import Callback
-from speedup.data import TensorBatchLoader
 from speedup.engine import build_plan
 from speedup.event import Event
-from speedup.models import Classifier
-from speedup.models.nets import SmallCNN2d
-from speedup.trainer import Trainer
 
 
 def positive_images(n=64, size=16, seed=0):
@@ -108,34 +104,11 @@ def test_declaration_orders_it_between_the_policies_and_the_resizers():
 # -- in a run ---------------------------------------------------------------------------------
 
 
-class Seen(Callback):
-    def __init__(self):
-        self.train, self.eval, self.losses = [], [], []
-
-    def before_forward(self, state, logger):
-        self.train.append(state.batch["inputs"].clone())
-
-    def before_backward(self, state, logger):
-        self.losses.append(state.loss.detach())
-
-    def eval_before_forward(self, state, logger):
-        self.eval.append(state.batch["inputs"].clone())
-
-
 def test_twenty_steps_see_holes_and_eval_does_not():
     g = torch.Generator().manual_seed(0)
     data = {"inputs": positive_images(32, 12), "targets": torch.randint(0, 10, (32,), generator=g)}
-    seen = Seen()
-    torch.manual_seed(0)
-    Trainer(
-        Classifier(SmallCNN2d(3, 10, channels=4), 10),
-        TensorBatchLoader(data, 8, shuffle=True, drop_last=True),
-        "20ba",
-        eval_dataloader=TensorBatchLoader(data, 16),
-        algorithms=[CutOut(num_holes=1, length=0.5)],
-        callbacks=[seen],
-        data_kind="image",
-    ).fit()
+    seen = SeenInputs()
+    fit_small_cnn(data, CutOut(num_holes=1, length=0.5), 20, [seen], eval_data=data)
     assert len(seen.losses) == 20 and all(torch.isfinite(loss) for loss in seen.losses)
     for inputs in seen.train:
         counts = holes_of(inputs).flatten(1).sum(1)

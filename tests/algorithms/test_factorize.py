@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import Losses
 from speedup.algorithms.factorize import (
     Factorize,
     FactorizedConv2d,
@@ -16,21 +17,13 @@ from speedup.algorithms.factorize import (
 )
 from torch import nn
 
-from speedup.callback import Callback
 from speedup.data import TensorBatchLoader
 from speedup.event import Event
 from speedup.models import Classifier
 from speedup.models.nets import SmallCNN2d
 from speedup.trainer import Trainer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded, above all on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def truncated_svd(matrix, rank):
@@ -220,14 +213,6 @@ def blobs(n=64, features=16, image=False):
     return TensorBatchLoader(
         {"inputs": inputs, "targets": targets}, 16, shuffle=True, drop_last=True, seed=0
     )
-
-
-class Losses(Callback):
-    def __init__(self):
-        self.losses = []
-
-    def batch_end(self, state, logger):
-        self.losses.append(float(state.train_metrics["loss"]))
 
 
 def test_the_optimizer_holds_exactly_the_factorized_model_parameters():

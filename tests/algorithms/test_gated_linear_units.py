@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import Losses, masked_token_data
 from speedup.algorithms.gated_linear_units import (
     GatedFeedForward,
     GatedLinearUnits,
@@ -11,7 +12,6 @@ from speedup.algorithms.gated_linear_units import (
 )
 from torch import nn
 
-from speedup.callback import Callback
 from speedup.data import DataInfo, TensorBatchLoader
 from speedup.engine import PlanError
 from speedup.event import Event
@@ -23,12 +23,7 @@ INFO = DataInfo(kind="text", input_shape=(SEQ,), num_classes=VOCAB, tokens_per_s
 HIDDEN, FFN, LAYERS = 128, 512, 2  # BERT_SIZES["tiny"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_bert(seed=0):
@@ -146,18 +141,7 @@ def test_declaration():
 
 
 def mlm_data(n=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, VOCAB, (n, SEQ), generator=g)
-    labels = torch.where(torch.rand(n, SEQ, generator=g) < 0.15, input_ids, -100)
-    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
-
-
-class Losses(Callback):
-    def __init__(self):
-        self.losses = []
-
-    def batch_end(self, state, logger):
-        self.losses.append(float(state.train_metrics["loss"]))
+    return masked_token_data(n, SEQ, VOCAB, 0.15, seed)
 
 
 def test_twenty_steps_train_the_gated_bert_and_the_optimizer_holds_its_parameters():

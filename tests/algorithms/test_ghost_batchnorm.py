@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import image_loader, optimizer_parameter_ids
 from speedup.algorithms.ghost_batchnorm import (
     GhostBatchNorm,
     GhostBatchNorm2d,
@@ -10,20 +11,10 @@ from speedup.algorithms.ghost_batchnorm import (
 from torch import nn
 
 from speedup.callback import Callback
-from speedup.data import TensorBatchLoader
 from speedup.event import Event
 from speedup.models import Classifier
 from speedup.models.nets import SmallCNN2d
 from speedup.trainer import Trainer
-
-
-def image_loader(n=64, size=16, classes=4, batch_size=16):
-    g = torch.Generator().manual_seed(0)
-    data = {
-        "inputs": torch.randn(n, 3, size, size, generator=g),
-        "targets": torch.randint(0, classes, (n,), generator=g),
-    }
-    return TensorBatchLoader(data, batch_size, shuffle=True, drop_last=True, seed=0)
 
 
 def per_chunk(x, size, weight, bias, eps=1e-5):
@@ -161,7 +152,7 @@ def test_twenty_steps_normalise_per_ghost_batch():
     ghost = GhostBatchNorm(ghost_batch_size=4)
     trainer = Trainer(
         model,
-        image_loader(),
+        image_loader(n=64, batch_size=16),
         "20ba",
         algorithms=[ghost],
         callbacks=[check],
@@ -170,8 +161,8 @@ def test_twenty_steps_normalise_per_ghost_batch():
         data_kind="image",
     )
     assert ghost.replaced == 4
-    held = [p for group in trainer.state.optimizer.param_groups for p in group["params"]]
-    assert [id(p) for p in held] == [id(p) for p in trainer.state.model.parameters()]
+    held = optimizer_parameter_ids(trainer)
+    assert held == [id(p) for p in trainer.state.model.parameters()]
     layer = next(m for m in model.modules() if isinstance(m, GhostBatchNorm2d))
     trainer.fit()
     assert len(check.errors) == 20 and max(check.errors) < 1e-4

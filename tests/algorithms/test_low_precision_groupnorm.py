@@ -1,5 +1,6 @@
 import pytest
 import torch
+from conftest import image_loader, optimizer_parameter_ids
 from speedup.algorithms.low_precision_groupnorm import (
     LowPrecisionGroupNorm,
     LPGroupNorm,
@@ -9,19 +10,9 @@ from speedup.algorithms.low_precision_groupnorm import (
 from torch import nn
 
 from speedup.callback import Callback
-from speedup.data import TensorBatchLoader
 from speedup.event import Event
 from speedup.models import Classifier
 from speedup.trainer import Trainer
-
-
-def image_loader(n=32, size=8, classes=4, batch_size=8):
-    g = torch.Generator().manual_seed(0)
-    data = {
-        "inputs": torch.randn(n, 3, size, size, generator=g),
-        "targets": torch.randint(0, classes, (n,), generator=g),
-    }
-    return TensorBatchLoader(data, batch_size, shuffle=True, drop_last=True, seed=0)
 
 
 def gn_net():
@@ -95,7 +86,7 @@ def test_at_fp32_it_does_nothing_and_says_so():
     model = Classifier(gn_net(), 4, kind="cnn")
     algorithm = LowPrecisionGroupNorm()
     with pytest.warns(UserWarning, match="no effect at precision 'fp32'"):
-        trainer = Trainer(model, image_loader(), "1ba", algorithms=[algorithm], device="cpu")
+        trainer = Trainer(model, image_loader(size=8), "1ba", algorithms=[algorithm], device="cpu")
     assert algorithm.replaced == 0
     assert not any(isinstance(m, LPGroupNorm) for m in trainer.state.model.modules())
 
@@ -119,7 +110,7 @@ def test_twenty_bf16_steps_run_groupnorm_in_bf16():
     dtypes = Dtypes()
     trainer = Trainer(
         model,
-        image_loader(),
+        image_loader(size=8),
         "20ba",
         algorithms=[algorithm],
         callbacks=[dtypes],
@@ -129,8 +120,8 @@ def test_twenty_bf16_steps_run_groupnorm_in_bf16():
         data_kind="image",
     )
     assert algorithm.replaced == 2
-    held = [p for group in trainer.state.optimizer.param_groups for p in group["params"]]
-    assert [id(p) for p in held] == [id(p) for p in trainer.state.model.parameters()]
+    held = optimizer_parameter_ids(trainer)
+    assert held == [id(p) for p in trainer.state.model.parameters()]
     norm = next(m for m in trainer.state.model.modules() if isinstance(m, LPGroupNorm))
     start = norm.weight.detach().clone()
     trainer.fit()

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from conftest import masked_token_data
 from speedup.algorithms.alibi import Alibi
 from speedup.algorithms.gated_linear_units import GatedFeedForward, GatedLinearUnits
 from speedup.algorithms.low_precision_layernorm import (
@@ -24,12 +25,7 @@ SEQ, VOCAB = 16, 64
 INFO = DataInfo(kind="text", input_shape=(SEQ,), num_classes=VOCAB, tokens_per_sample=SEQ)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pair(shape=(4, 7, 32), seed=0):
@@ -101,10 +97,7 @@ def test_declaration():
 
 
 def data(n=32, seq=SEQ, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, VOCAB, (n, seq), generator=g)
-    labels = torch.where(torch.rand(n, seq, generator=g) < 0.3, input_ids, -100)
-    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    return masked_token_data(n, seq, VOCAB, 0.3, seed)
 
 
 class NormDtypes(Callback):

@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import fit_small_cnn, random_images
 from speedup.algorithms.augmix import AugMix
 from speedup.algorithms.colout import ColOut
 from speedup.algorithms.cutmix import CutMix
@@ -30,11 +31,7 @@ CLASSES = 10
 
 
 def images(n=32, size=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "inputs": torch.randn(n, 3, size, size, generator=g),
-        "targets": torch.randint(0, CLASSES, (n,), generator=g),
-    }
+    return random_images(n, size, CLASSES, seed)
 
 
 def cnn():
@@ -300,18 +297,10 @@ def test_label_smoothing_smooths_the_mixed_targets_per_microbatch_and_targets_co
 
 
 def run(steps, callbacks=(), checkpoint=None, save_to=None):
-    trainer = Trainer(
-        cnn(),
-        loader(images(n=32)),
-        f"{steps}ba",
-        algorithms=[MixUp(alpha=1.0)],
-        callbacks=list(callbacks),
-        data_kind="image",
+    algorithm = MixUp(alpha=1.0)
+    return fit_small_cnn(
+        images(n=32), algorithm, steps, callbacks, checkpoint=checkpoint, save_to=save_to
     )
-    if checkpoint is not None:
-        trainer.load_checkpoint(checkpoint)
-    trainer.fit()
-    return trainer.save_checkpoint(save_to) if save_to is not None else None
 
 
 def test_a_resumed_run_draws_the_same_mixes(tmp_path):

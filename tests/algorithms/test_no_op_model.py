@@ -3,6 +3,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import Losses
 from speedup.algorithms.factorize import Factorize
 from speedup.algorithms.gyro_dropout import GyroDropout
 from speedup.algorithms.magnitude_pruning import MagnitudePruning
@@ -15,7 +16,6 @@ from speedup.algorithms.no_op_model import (
 )
 from torch import nn
 
-from speedup.callback import Callback
 from speedup.data import DataInfo, TensorBatchLoader
 from speedup.engine import PlanError
 from speedup.event import Event
@@ -25,22 +25,7 @@ from speedup.models.language import gpt2
 from speedup.models.nets import SmallCNN2d
 from speedup.trainer import Trainer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded, above all on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class Losses(Callback):
-    def __init__(self):
-        self.losses = []
-
-    def batch_end(self, state, logger):
-        self.losses.append(float(state.train_metrics["loss"]))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def image_loader(n=64, batch_size=16):

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from conftest import SeenInputs, fit_small_cnn, random_images
 from speedup.algorithms.randaugment import (
     AUGMENTATION_SETS,
     MAX_ENHANCE,
@@ -15,12 +16,8 @@ from speedup.algorithms.randaugment import (
     to_unit,
 )
 
-from speedup.callback import Callback
 from speedup.data import TensorBatchLoader
 from speedup.event import Event
-from speedup.models import Classifier
-from speedup.models.nets import SmallCNN2d
-from speedup.trainer import Trainer
 
 
 def unit_images(n=4, size=16, seed=0, low=0.0, high=1.0):
@@ -234,47 +231,19 @@ def test_declaration():
 # -- in a run ---------------------------------------------------------------------------------
 
 
-class Seen(Callback):
-    def __init__(self):
-        self.train, self.eval, self.losses = [], [], []
-
-    def before_forward(self, state, logger):
-        self.train.append(state.batch["inputs"].clone())
-
-    def before_backward(self, state, logger):
-        self.losses.append(state.loss.detach())
-
-    def eval_before_forward(self, state, logger):
-        self.eval.append(state.batch["inputs"].clone())
-
-
 def image_data(n=32, size=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "inputs": torch.randn(n, 3, size, size, generator=g),
-        "targets": torch.randint(0, 10, (n,), generator=g),
-    }
+    return random_images(n, size, 10, seed)
 
 
 def train(steps, callbacks=(), checkpoint=None, save_to=None, eval_data=None):
-    torch.manual_seed(0)
-    trainer = Trainer(
-        Classifier(SmallCNN2d(3, 10, channels=4), 10),
-        TensorBatchLoader(image_data(), 8, shuffle=True, drop_last=True),
-        f"{steps}ba",
-        eval_dataloader=eval_data and TensorBatchLoader(eval_data, 16),
-        algorithms=[RandAugment(depth=2, severity=9)],
-        callbacks=list(callbacks),
-        data_kind="image",
+    algorithm = RandAugment(depth=2, severity=9)
+    return fit_small_cnn(
+        image_data(), algorithm, steps, callbacks, eval_data, checkpoint=checkpoint, save_to=save_to
     )
-    if checkpoint is not None:
-        trainer.load_checkpoint(checkpoint)
-    trainer.fit()
-    return trainer.save_checkpoint(save_to) if save_to is not None else None
 
 
 def test_twenty_steps_train_on_augmented_images_and_eval_is_clean():
-    seen = Seen()
+    seen = SeenInputs()
     eval_data = image_data(n=16, seed=1)
     train(20, [seen], eval_data=eval_data)
     assert len(seen.losses) == 20 and all(torch.isfinite(loss) for loss in seen.losses)
@@ -287,7 +256,7 @@ def test_twenty_steps_train_on_augmented_images_and_eval_is_clean():
 
 
 def test_a_resumed_run_augments_exactly_as_an_uninterrupted_one(tmp_path):
-    full, resumed = Seen(), Seen()
+    full, resumed = SeenInputs(), SeenInputs()
     train(6, [full])
     path = train(3, save_to=tmp_path)
     train(6, [resumed], checkpoint=path)

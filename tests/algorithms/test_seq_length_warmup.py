@@ -20,12 +20,7 @@ from speedup.trainer import Trainer
 SEQ, VOCAB = 32, 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def token_data(n=64, seq=SEQ, seed=0):

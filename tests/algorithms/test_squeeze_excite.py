@@ -3,6 +3,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import image_loader, optimizer_parameter_ids, sgd_image_trainer, tiny_resnet
 from speedup.algorithms.squeeze_excite import (
     SqueezeExcite,
     SqueezeExcite2d,
@@ -12,20 +13,10 @@ from speedup.algorithms.squeeze_excite import (
 )
 from torch import nn
 
-from speedup.data import TensorBatchLoader
 from speedup.event import Event
 from speedup.models import Classifier
 from speedup.models.vision import CifarResNet
 from speedup.trainer import Trainer
-
-
-def image_loader(n=32, size=16, classes=4, batch_size=8):
-    g = torch.Generator().manual_seed(0)
-    data = {
-        "inputs": torch.randn(n, 3, size, size, generator=g),
-        "targets": torch.randint(0, classes, (n,), generator=g),
-    }
-    return TensorBatchLoader(data, batch_size, shuffle=True, drop_last=True, seed=0)
 
 
 def count(module):
@@ -106,25 +97,16 @@ def test_narrow_network_warns_that_nothing_was_added():
 
 
 def test_twenty_steps_train_the_new_gates():
-    torch.manual_seed(0)
-    model = Classifier(CifarResNet(1, num_classes=4, width=8), 4, kind="cnn")
+    model = tiny_resnet()
     plain = copy.deepcopy(model)
     se = SqueezeExcite(latent_channels=4, min_channels=16)
-    trainer = Trainer(
-        model,
-        image_loader(),
-        "20ba",
-        algorithms=[se],
-        optimizer={"name": "sgd", "lr": 0.05},
-        device="cpu",
-        data_kind="image",
-    )
+    trainer = sgd_image_trainer(model, se)
     model = trainer.state.model
     gates = [m for m in model.modules() if isinstance(m, SqueezeExcite2d)]
     assert se.added == len(gates) == 4  # the 16- and 32-channel convolutions
     assert count(model) > count(plain)
-    held = [p for group in trainer.state.optimizer.param_groups for p in group["params"]]
-    assert [id(p) for p in held] == [id(p) for p in model.parameters() if p.requires_grad]
+    held = optimizer_parameter_ids(trainer)
+    assert held == [id(p) for p in model.parameters() if p.requires_grad]
     start = {n: p.detach().clone() for n, p in model.named_parameters() if ".se." in n}
     assert len(start) == 4 * len(gates)
     trainer.fit()

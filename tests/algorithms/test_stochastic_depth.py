@@ -3,6 +3,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import optimizer_parameter_ids, sgd_image_trainer, tiny_resnet
 from speedup.algorithms.stochastic_depth import (
     StochasticBlock,
     StochasticDepth,
@@ -13,20 +14,8 @@ from speedup.algorithms.stochastic_depth import (
 from torch import nn
 
 from speedup.callback import Callback
-from speedup.data import TensorBatchLoader
 from speedup.event import Event
-from speedup.models import Classifier
 from speedup.models.vision import CifarResNet
-from speedup.trainer import Trainer
-
-
-def image_loader(n=32, size=16, classes=4, batch_size=8):
-    g = torch.Generator().manual_seed(0)
-    data = {
-        "inputs": torch.randn(n, 3, size, size, generator=g),
-        "targets": torch.randint(0, classes, (n,), generator=g),
-    }
-    return TensorBatchLoader(data, batch_size, shuffle=True, drop_last=True, seed=0)
 
 
 def test_linear_rule_rises_to_drop_rate_at_the_last_block():
@@ -149,19 +138,7 @@ class Rates(Callback):
 
 
 def train(algorithm, steps=20, callbacks=(), width=4):
-    torch.manual_seed(0)
-    model = Classifier(CifarResNet(1, num_classes=4, width=width), 4, kind="cnn")
-    trainer = Trainer(
-        model,
-        image_loader(),
-        f"{steps}ba",
-        algorithms=[algorithm],
-        callbacks=list(callbacks),
-        optimizer={"name": "sgd", "lr": 0.05},
-        device="cpu",
-        data_kind="image",
-    )
-    return trainer
+    return sgd_image_trainer(tiny_resnet(width), algorithm, steps, callbacks)
 
 
 def test_warmup_ramps_every_rate_linearly_over_its_time():
@@ -211,8 +188,8 @@ def test_twenty_block_wise_steps_skip_branches_and_train():
     trainer = train(sd, width=8)
     model = trainer.state.model
     assert len(sd.blocks) == 3
-    held = [p for group in trainer.state.optimizer.param_groups for p in group["params"]]
-    assert [id(p) for p in held] == [id(p) for p in model.parameters() if p.requires_grad]
+    held = optimizer_parameter_ids(trainer)
+    assert held == [id(p) for p in model.parameters() if p.requires_grad]
     branch_runs = [0, 0, 0]
     for i, block in enumerate(sd.blocks):
         block.conv1.register_forward_hook(

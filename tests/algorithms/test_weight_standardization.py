@@ -3,6 +3,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import optimizer_parameter_ids, sgd_image_trainer, tiny_resnet
 from speedup.algorithms.magnitude_pruning import MagnitudePruning
 from speedup.algorithms.weight_standardization import (
     WeightStandardization,
@@ -14,21 +15,9 @@ from speedup.algorithms.weight_standardization import (
 from torch import nn
 from torch.nn.utils import parametrize
 
-from speedup.data import TensorBatchLoader
 from speedup.engine import build_plan
 from speedup.event import Event
-from speedup.models import Classifier
 from speedup.models.vision import CifarResNet
-from speedup.trainer import Trainer
-
-
-def image_loader(n=32, size=16, classes=4, batch_size=8):
-    g = torch.Generator().manual_seed(0)
-    data = {
-        "inputs": torch.randn(n, 3, size, size, generator=g),
-        "targets": torch.randint(0, classes, (n,), generator=g),
-    }
-    return TensorBatchLoader(data, batch_size, shuffle=True, drop_last=True, seed=0)
 
 
 def assert_standardized(weight, raw, eps=1e-5):
@@ -124,22 +113,12 @@ def test_declared_incompatible_with_magnitude_pruning():
 
 
 def test_twenty_steps_train_the_raw_weights_and_stay_standardized():
-    torch.manual_seed(0)
-    model = Classifier(CifarResNet(1, num_classes=4, width=8), 4, kind="cnn")
     ws = WeightStandardization()
-    trainer = Trainer(
-        model,
-        image_loader(),
-        "20ba",
-        algorithms=[ws],
-        optimizer={"name": "sgd", "lr": 0.05},
-        device="cpu",
-        data_kind="image",
-    )
+    trainer = sgd_image_trainer(tiny_resnet(), ws)
     assert ws.standardized == 7
     model = trainer.state.model
-    held = [p for group in trainer.state.optimizer.param_groups for p in group["params"]]
-    assert [id(p) for p in held] == [id(p) for p in model.parameters() if p.requires_grad]
+    held = optimizer_parameter_ids(trainer)
+    assert held == [id(p) for p in model.parameters() if p.requires_grad]
     raw = {
         n: p.detach().clone()
         for n, p in model.named_parameters()

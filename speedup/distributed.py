@@ -1,0 +1,131 @@
+"""torch.distributed, as launched by torchrun: process group, rank queries and the few
+collectives the trainer needs.
+
+speedup never manages processes itself: ``speedup run --nproc N`` runs
+``python -m torch.distributed.run --standalone --nproc-per-node N -m speedup run ...``, and any
+torchrun invocation (multi-node included) works the same way. Each process reads ``RANK``,
+``WORLD_SIZE`` and ``LOCAL_RANK`` from the environment torchrun sets; :func:`init` joins the
+process group (NCCL on GPUs, gloo on CPUs). Outside torchrun everything here is a no-op for a
+world of one.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "init",
+    "is_distributed",
+    "rank",
+    "local_rank",
+    "world_size",
+    "is_main",
+    "barrier",
+    "all_reduce_sum",
+    "broadcast_object",
+    "all_gather_objects",
+    "launched_by_torchrun",
+    "average_gradients",
+    "average_buffers",
+]
+
+
+def launched_by_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def init(device_type: str | None = None) -> bool:
+    """Join the process group torchrun describes (once); True when distributed."""
+    if is_distributed():
+        return True
+    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) <= 1:
+        return False
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return True
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    """Rank 0 (or a single process): the one that logs and writes files."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks (in place, also returned); the tensor itself in a world of one."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(obj: Any, source: int = 0) -> Any:
+    """Rank ``source``'s ``obj`` on every rank (small picklable values only)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=source)
+    return box[0]
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (small picklable values only)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def average_gradients(parameters: Any) -> None:
+    """Average ``.grad`` across processes: for algorithms that run an extra backward pass
+    outside DDP's hooks (SAM's second pass). A no-op in a world of one."""
+    if not is_distributed():
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def average_buffers(buffers: Any) -> None:
+    """Average floating-point buffers across processes (BatchNorm statistics recomputed on
+    each process's share of the data). A no-op in a world of one."""
+    if not is_distributed():
+        return
+    for buffer in buffers:
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+            buffer /= world_size()

@@ -1,0 +1,215 @@
+"""Distributed data parallelism through real torchrun: two CPU processes with gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from speedup.checkpoint import list_checkpoints, read_checkpoint, resolve_checkpoint
+from speedup.config import load_config
+from speedup.run import run_config
+
+#: An MLP on MNIST-1D (no BatchNorm, no random augmentation), so that two processes with half
+#: the global batch each compute exactly the single-process gradient, up to summation order.
+RUN = [
+    "mnist1d-lottery-mlp",
+    "--smoke",
+    "device=cpu",
+    "threads=1",
+    "progress_bar=false",
+    "max_duration=24ba",
+    "log_interval=1ba",
+    "eval_interval=8ba",
+]
+
+
+def speedup(*args: str, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "speedup", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kwargs,
+    )
+
+
+def processes_with(marker: str) -> list[int]:
+    """PIDs of live processes whose command line contains ``marker`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        if marker in cmdline and "State:\tZ" not in status:  # zombies are already dead
+            found.append(int(entry.name))
+    return found
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path) -> None:
+    single = run_config(load_config(RUN[0], [*RUN[2:], f"run_dir={tmp_path / 'one'}"], True))
+    done = speedup("run", *RUN, "--nproc", "2", "run_dir=two", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "launching: -m torch.distributed.run" in done.stderr
+    assert done.stdout.count("final eval") == 1  # printed by rank 0 only
+
+    # Exactly one run directory, with one set of checkpoints and one log, written by rank 0.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]
+    two = tmp_path / "two"
+    assert sorted(p.name for p in two.iterdir()) == [
+        "checkpoints",
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+    ]
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == single["steps"] == 24
+    assert summary["samples"] == single["samples"]  # global samples, not one process's
+
+    a, b = records(tmp_path / "one"), records(two)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key, value in ra.items():
+            if key.startswith(("loss/", "eval/")):
+                assert rb[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (ra["step"], key)
+    for key, value in single["metrics"].items():
+        assert summary["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6)
+    _, parts = read_checkpoint(resolve_checkpoint(two))
+    assert parts["trainer"]["world_size"] == 2 and len(parts["trainer"]["rng"]) == 2
+
+
+def test_batch_size_must_divide_across_processes(tmp_path: Path) -> None:
+    done = speedup("run", *RUN, "--nproc", "3", "run_dir=x", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "data.batch_size: 8 is the global batch and must divide evenly" in done.stderr
+    assert not (tmp_path / "x").exists()
+
+
+MASKS_SCRIPT = """
+import json, sys
+import torch
+from speedup import distributed
+from speedup.callback import Callback
+from speedup.config import load_config
+from speedup.run import build_trainer
+
+class Gather(Callback):
+    def batch_end(self, state, logger):
+        if state.timestamp.batch != 6:
+            return
+        mine = {k: v.cpu() for k, v in state.masks.items()}
+        weights = {k: v.detach().cpu() for k, v in state.model.state_dict().items()}
+        masks_all = distributed.all_gather_objects(mine)
+        weights_all = distributed.all_gather_objects(weights)
+        same_masks = all(
+            torch.equal(masks_all[0][k], other[k]) for other in masks_all for k in mine
+        )
+        same_weights = all(
+            torch.equal(weights_all[0][k], other[k]) for other in weights_all for k in weights
+        )
+        if distributed.is_main():
+            pruned = sum(int((~m).sum()) for m in mine.values())
+            out = {"masks": len(mine), "pruned": pruned, "same_masks": same_masks,
+                   "same_weights": same_weights, "world": distributed.world_size()}
+            open(sys.argv[1], "w").write(json.dumps(out))
+
+cfg = load_config("mnist1d-lottery-mlp", [
+    "device=cpu", "threads=1", "progress_bar=false", "max_duration=8ba",
+    "algorithms.magnitude_pruning.sparsity=0.7",
+    "algorithms.magnitude_pruning.schedule=gradual",
+    "algorithms.magnitude_pruning.start=2ba",
+    "algorithms.magnitude_pruning.end=6ba",
+    "algorithms.magnitude_pruning.every=2ba",
+    "algorithms.ema.half_life=2ba",
+], smoke=True)
+build_trainer(cfg, extra_callbacks=[Gather()]).fit()
+"""
+
+
+def test_pruning_masks_are_bit_identical_across_processes(tmp_path: Path) -> None:
+    script = tmp_path / "gather_masks.py"
+    script.write_text(textwrap.dedent(MASKS_SCRIPT))
+    out = tmp_path / "result.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    done = subprocess.run(
+        [*command, "--nproc-per-node=2", str(script), str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["world"] == 2 and result["masks"] > 0 and result["pruned"] > 0
+    assert result["same_masks"] and result["same_weights"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs Linux /proc")
+def test_killed_two_process_run_resumes_to_the_uninterrupted_weights(tmp_path: Path) -> None:
+    long_run = [
+        *RUN[:-3],
+        "max_duration=400ba",
+        "log_interval=10ba",
+        "eval_interval=100ba",
+        "checkpoint.interval=3ba",
+        "deterministic=true",
+        "--nproc",
+        "2",
+    ]
+    reference = speedup("run", *long_run, "run_dir=reference", cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    run_dir = tmp_path / "killed"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "speedup", "run", *long_run, "run_dir=killed"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        saved = list_checkpoints(run_dir / "checkpoints")
+        if any(not p.name.endswith("-ba0") and not p.name.startswith("ep0-") for p in saved):
+            break
+        time.sleep(0.005)
+    assert process.poll() is None, "the run finished before it could be killed"
+    # torchrun starts its workers in sessions of their own: kill every process of this run,
+    # as a lost machine would.
+    marker = "run_dir=killed"
+    for pid in [process.pid, *processes_with(marker)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait()
+    deadline = time.time() + 30
+    while processes_with(marker) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not processes_with(marker)
+
+    resumed = speedup("run", *long_run, "run_dir=killed", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr
+    a = read_checkpoint(resolve_checkpoint(tmp_path / "reference"))[1]["model"]
+    b = read_checkpoint(resolve_checkpoint(run_dir))[1]["model"]
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

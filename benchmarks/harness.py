@@ -345,9 +345,19 @@ def _curve(run_dir: Path, metric: str) -> list[dict[str, Any]]:
 
 
 def run_suite(
-    suite: Suite, out: str | Path, force: bool = False, progress: bool = True
+    suite: Suite,
+    out: str | Path,
+    force: bool = False,
+    progress: bool = True,
+    parallel: int = 1,
+    nproc: int = 1,
 ) -> dict[str, Any]:
-    """Run (or resume) the sweep; write results.json and the report; return the results."""
+    """Run (or resume) the sweep; write results.json and the report; return the results.
+
+    ``parallel`` > 1 runs that many of the sweep's independent runs at once, each in its own
+    process (``nproc`` > 1: each through torchrun with that many processes). Concurrent runs
+    share the machine, so their wall-clock times are only comparable with each other when
+    each has its own devices (GPUs are split between the slots)."""
     from speedup.benchmarks.analysis import time_to_target
     from speedup.benchmarks.report import write_report
     from tqdm.auto import tqdm
@@ -388,16 +398,28 @@ def run_suite(
     results.update(timing)
 
     jobs = [(a, s) for a in runnable for s in suite.seeds]
-    bar = tqdm(jobs, desc="runs", unit="run", disable=not progress)
-    for algorithms, seed in bar:
+    todo = []
+    for algorithms, seed in jobs:
+        cfg = _config(suite, algorithms, seed, out)
+        run_dir = out / "runs" / f"{config_name(algorithms)}-seed{seed}-{config_hash(cfg)}"
+        cfg.run_dir = str(run_dir)
+        if force or not (run_dir / "summary.json").exists():
+            todo.append(cfg)
+    fresh_dirs = {str(_run_dir(cfg)) for cfg in todo}
+    bar = tqdm(total=len(jobs), desc="runs", unit="run", disable=not progress)
+    bar.update(len(jobs) - len(todo))
+    if parallel > 1 or nproc > 1:
+        run_in_processes(todo, out / "requests", parallel, nproc, on_done=lambda _: bar.update())
+    else:
+        for cfg in todo:
+            bar.set_postfix_str(Path(cfg.run_dir).name)
+            run_config(cfg, extra_callbacks=[FlopsMeter()])
+            bar.update()
+    for algorithms, seed in jobs:
         name = config_name(algorithms)
-        bar.set_postfix_str(f"{name} seed {seed}")
         cfg = _config(suite, algorithms, seed, out)
         run_dir = out / "runs" / f"{name}-seed{seed}-{config_hash(cfg)}"
-        cached = (run_dir / "summary.json").exists() and not force
-        if not cached:
-            cfg.run_dir = str(run_dir)
-            run_config(cfg, extra_callbacks=[FlopsMeter()])
+        cached = str(run_dir) not in fresh_dirs
         summary = json.loads((run_dir / "summary.json").read_text())
         print(
             f"{'cached' if cached else 'ran   '} {name} seed {seed}: "
@@ -430,7 +452,88 @@ def run_suite(
     return results
 
 
+def _run_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.run_dir)
+
+
+def run_in_processes(
+    configs: list[DictConfig],
+    requests: Path,
+    parallel: int,
+    nproc: int = 1,
+    on_done: Any = None,
+) -> None:
+    """Run each config (``run_dir`` set) in a process of its own, ``parallel`` at a time;
+    with ``nproc`` > 1 each run is a torchrun job. On a machine with GPUs, slot ``i`` gets
+    GPUs ``i*nproc .. (i+1)*nproc - 1``. Raises if any run fails, naming its log."""
+    import os
+    import subprocess
+    import sys
+
+    from omegaconf import OmegaConf
+
+    requests.mkdir(parents=True, exist_ok=True)
+    gpus = torch.cuda.device_count()
+    if gpus == 0 and parallel > 1:
+        print(f"note: {parallel} runs share the CPU cores: their timings include contention")
+    pending = list(configs)
+    running: dict[int, tuple[subprocess.Popen, Path, Any]] = {}  # slot -> process
+    failures = []
+    while pending or running:
+        for slot in [s for s in range(parallel) if s not in running]:
+            if not pending:
+                break
+            cfg = pending.pop(0)
+            name = Path(cfg.run_dir).name
+            request = requests / f"{name}.yaml"
+            request.write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
+            worker = ["-m", "speedup.benchmarks.harness", "--run-request", str(request)]
+            if nproc > 1:
+                command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+                command += [f"--nproc-per-node={nproc}", *worker]
+            else:
+                command = [sys.executable, *worker]
+            env = dict(os.environ)
+            if gpus >= (slot + 1) * nproc:
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(
+                    str(g) for g in range(slot * nproc, (slot + 1) * nproc)
+                )
+            log = request.with_suffix(".log")
+            with log.open("w") as handle:
+                process = subprocess.Popen(command, stdout=handle, stderr=handle, env=env)
+            running[slot] = (process, log, cfg)
+        time.sleep(0.2)
+        for slot, (process, log, cfg) in list(running.items()):
+            if process.poll() is None:
+                continue
+            del running[slot]
+            if process.returncode != 0:
+                failures.append(f"{Path(cfg.run_dir).name} (exit {process.returncode}, log {log})")
+            elif on_done is not None:
+                on_done(cfg)
+    if failures:
+        raise RuntimeError("benchmark runs failed: " + "; ".join(failures))
+
+
+def _run_request(path: str) -> None:
+    """A worker: train one requested config (written by :func:`run_in_processes`)."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(path)
+    OmegaConf.set_struct(cfg, False)
+    run_config(cfg, extra_callbacks=[FlopsMeter()])
+
+
 def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     tmp.replace(path)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--run-request":
+        _run_request(sys.argv[2])
+    else:
+        raise SystemExit("usage: python -m speedup.benchmarks.harness --run-request FILE.yaml")

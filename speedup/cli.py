@@ -116,6 +116,16 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", help="output directory (default runs/bench-<suite>)")
     bench.add_argument("--smoke", action="store_true", help="the suite's smoke: settings")
     bench.add_argument("--force", action="store_true", help="recompute finished runs")
+    bench.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        metavar="K",
+        help="run K of the sweep's runs at once, each in its own process (GPUs split between them)",
+    )
+    bench.add_argument(
+        "--nproc", type=int, default=1, metavar="N", help="each run with N processes (torchrun)"
+    )
     report = sub.add_parser("report", help="rebuild a benchmark report from results.json")
     report.add_argument("dir", help="a `speedup bench` output directory")
     listing = sub.add_parser("list", help="list registered components")
@@ -448,7 +458,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite, smoke=args.smoke)
     suite.overrides = [*suite.overrides, *args.overrides]
     out = args.out or f"runs/bench-{suite.name}{'-smoke' if args.smoke else ''}"
-    run_suite(suite, out, force=args.force)
+    if args.parallel < 1 or args.nproc < 1:
+        from speedup.config import ConfigError
+
+        raise ConfigError("--parallel and --nproc must be >= 1")
+    run_suite(suite, out, force=args.force, parallel=args.parallel, nproc=args.nproc)
     print((Path(out) / "report.md").read_text().split("\n## ")[0])
     print(f"report: {Path(out) / 'report.md'}")
     return 0

@@ -129,3 +129,19 @@ def test_cli_bench_list_and_report_errors(capsys, tmp_path):
     assert "unknown suite 'nope'" in capsys.readouterr().err
     assert main(["report", str(tmp_path)]) == 2
     assert "no results.json here" in capsys.readouterr().err
+
+
+def test_parallel_sweep_runs_in_separate_processes_with_the_same_results(tmp_path):
+    from speedup.benchmarks.harness import run_suite
+
+    text = BASE + "\nalgorithms: {label_smoothing: {alpha: 0.1}}\ncombinations: [singles]\n"
+    suite = load_suite(str(write_suite(tmp_path, text)))
+    serial = run_suite(suite, tmp_path / "serial", progress=False)
+    parallel = run_suite(suite, tmp_path / "parallel", progress=False, parallel=2)
+    assert [r["config"] for r in parallel["runs"]] == [r["config"] for r in serial["runs"]]
+    assert not any(r["cached"] for r in parallel["runs"])
+    for a, b in zip(serial["runs"], parallel["runs"]):
+        assert a["final"] == pytest.approx(b["final"], rel=1e-6)  # same seeds, same runs
+        assert b["curve"][-1]["flops"] == a["curve"][-1]["flops"]
+    logs = sorted(p.name for p in (tmp_path / "parallel" / "requests").glob("*.log"))
+    assert len(logs) == len(parallel["runs"]) == 2

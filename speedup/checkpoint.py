@@ -163,9 +163,10 @@ def capture(holder: Trainer | State) -> dict[str, Any]:
         scheduler_states.append(sd)
     algorithms = dict(zip(_keyed(s.algorithms, lambda a: a.name), s.algorithms))
     callbacks = dict(zip(_keyed(s.callbacks, lambda c: type(c).__name__), s.callbacks))
+    model_state, optimizer_state = _model_and_optimizer_states(s)
     return {
-        "model": s.model.state_dict(),
-        "optimizer": s.optimizer.state_dict() if s.optimizer is not None else {},
+        "model": model_state,
+        "optimizer": optimizer_state,
         "algorithms": {
             "algorithms": {key: a.state_dict() for key, a in algorithms.items()},
             "callbacks": {key: c.state_dict() for key, c in callbacks.items()},
@@ -189,6 +190,57 @@ def capture(holder: Trainer | State) -> dict[str, Any]:
             "rng": distributed.all_gather_objects(rng_state()),
         },
     }
+
+
+def _sharded(model: torch.nn.Module) -> bool:
+    """True when FSDP2 has sharded the model (``fully_shard`` makes it an FSDPModule; its
+    parameters are DTensors, or unsharded copies between a forward and a backward)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without distributed support
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def _full_state_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _model_and_optimizer_states(s: State) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Plain (unsharded) states: under FSDP2 gathered whole onto rank 0 (collective), keyed
+    by parameter name, so a checkpoint loads the same at any sharding or none."""
+    if not _sharded(s.model):
+        optimizer = s.optimizer.state_dict() if s.optimizer is not None else {}
+        return s.model.state_dict(), optimizer
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model, optimizer = get_state_dict(s.model, s.optimizer, options=_full_state_options())
+    return model, optimizer
+
+
+def _load_model_and_optimizer(s: State, parts: dict[str, Any], where: str) -> None:
+    if _sharded(s.model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(
+            s.model,
+            s.optimizer,
+            model_state_dict=parts["model"],
+            optim_state_dict=parts["optimizer"],
+            options=StateDictOptions(full_state_dict=True),
+        )
+        return
+    try:
+        s.model.load_state_dict(parts["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{where}: model.pt does not fit this model: {err}") from None
+    if s.optimizer is not None:
+        try:
+            s.optimizer.load_state_dict(parts["optimizer"])
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"{where}: optimizer.pt does not fit: {err}") from None
 
 
 def restore(holder: Trainer | State, parts: dict[str, Any], where: str) -> None:
@@ -215,15 +267,7 @@ def restore(holder: Trainer | State, parts: dict[str, Any], where: str) -> None:
             "be resumed exactly (was data.batch_size or the dataset changed?)"
         )
     _check_names(where, "algorithms", _keyed(s.algorithms, lambda a: a.name), parts["algorithms"])
-    try:
-        s.model.load_state_dict(parts["model"])
-    except RuntimeError as err:
-        raise CheckpointError(f"{where}: model.pt does not fit this model: {err}") from None
-    if s.optimizer is not None:
-        try:
-            s.optimizer.load_state_dict(parts["optimizer"])
-        except (ValueError, KeyError) as err:
-            raise CheckpointError(f"{where}: optimizer.pt does not fit: {err}") from None
+    _load_model_and_optimizer(s, parts, where)
     if len(t["schedulers"]) != len(s.schedulers):
         raise CheckpointError(
             f"{where}: {len(t['schedulers'])} LR scheduler(s) saved, this run has "

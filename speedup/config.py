@@ -80,6 +80,11 @@ class RunConfig:
     resume: str = "auto"
     #: What a NaN/Inf training loss does: ``stop`` the run, or ``skip`` the batch.
     nonfinite: str = "stop"
+    #: Under torchrun: ``strategy`` ``ddp`` (replicas, averaged gradients) or ``fsdp`` (FSDP2
+    #: ``fully_shard`` of each block), and FSDP's compute ``param_dtype`` (bf16, fp16, fp32).
+    distributed: dict[str, Any] = field(
+        default_factory=lambda: {"strategy": "ddp", "param_dtype": None}
+    )
     threads: int | None = None
     progress_bar: bool = True
     trace: bool = False
@@ -340,6 +345,7 @@ def _validate(cfg: DictConfig, origin: dict[str, str]) -> None:
     if cfg.microbatch_size is not None and cfg.microbatch_size <= 0:
         raise ConfigError(f"{src('microbatch_size')}: microbatch_size: must be > 0")
     _validate_checkpointing(cfg, src)
+    _validate_distributed(cfg, src)
 
     def component(section: str, registry: Any, reserved: dict[str, type] | None = None) -> None:
         spec = OmegaConf.to_container(cfg[section])
@@ -423,6 +429,40 @@ def _validate(cfg: DictConfig, origin: dict[str, str]) -> None:
                 cls(**(args or {}))
             except (ValueError, TypeError) as err:
                 raise ConfigError(f"{src(f'{section}.{name}')}: {section}.{name}: {err}") from None
+
+
+def _validate_distributed(cfg: DictConfig, src: Any) -> None:
+    allowed = {
+        "strategy": ("ddp", "fsdp"),
+        "param_dtype": (None, "fp32", "bf16", "fp16"),
+    }
+    for key, value in OmegaConf.to_container(cfg.distributed).items():
+        if key not in allowed:
+            raise ConfigError(
+                f"{src('distributed.' + key)}: distributed.{key}: unknown key"
+                f"{suggest(str(key), list(allowed))}; allowed: {', '.join(allowed)}"
+            )
+        if value not in allowed[key]:
+            shown = ", ".join("null" if v is None else v for v in allowed[key])
+            raise ConfigError(
+                f"{src('distributed.' + key)}: distributed.{key}: {value!r} is not allowed; "
+                f"allowed: {shown}"
+            )
+    if cfg.distributed.get("strategy") == "fsdp":
+        from speedup.algorithm import ALGORITHMS
+        from speedup.distributed import fsdp_incompatible
+
+        algorithms = {
+            name: ALGORITHMS.get(name)(**(args or {}))
+            for name, args in OmegaConf.to_container(cfg.algorithms).items()
+        }
+        refused = fsdp_incompatible({n: a.declare() for n, a in algorithms.items()})
+        if refused:
+            raise ConfigError(
+                f"{src('distributed.strategy')}: distributed.strategy: fsdp shards the weights, "
+                f"and {', '.join(refused)} read or write them directly during training; use "
+                "strategy ddp with these algorithms"
+            )
 
 
 def _validate_checkpointing(cfg: DictConfig, src: Any) -> None:
@@ -545,5 +585,7 @@ def config_hash(cfg: DictConfig) -> str:
         data.pop(key, None)
     if data.get("nonfinite") == "stop":  # the default: older run directories keep their names
         data.pop("nonfinite")
+    if data.get("distributed", {}).get("strategy", "ddp") == "ddp":  # ddp: the same training
+        data.pop("distributed", None)
     text = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:8]

@@ -31,7 +31,19 @@ __all__ = [
     "launched_by_torchrun",
     "average_gradients",
     "average_buffers",
+    "STRATEGIES",
+    "shard_fsdp",
+    "BLOCK_NAME",
+    "fsdp_incompatible",
 ]
+
+#: How the model is replicated across processes: DDP keeps a full copy on each and averages
+#: gradients; FSDP2 (``fully_shard``) splits parameters, gradients and optimizer state.
+STRATEGIES = ("ddp", "fsdp")
+#: FSDP shards these modules one by one (then the root): residual and transformer blocks,
+#: matched by class name (torchvision BasicBlock/Bottleneck, CIFAR ResNet blocks, GPT2Block,
+#: BertLayer, ...). Smaller units mean less memory held at once, more communication calls.
+BLOCK_NAME = ("Block", "Bottleneck", "Layer")
 
 
 def launched_by_torchrun() -> bool:
@@ -129,3 +141,42 @@ def average_buffers(buffers: Any) -> None:
         if buffer.is_floating_point():
             dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
             buffer /= world_size()
+
+
+def shard_fsdp(model: torch.nn.Module, param_dtype: str | None = None) -> list[str]:
+    """Apply FSDP2's ``fully_shard`` to each block of ``model`` (by class name, outermost
+    only), then to the root; returns the sharded blocks' names. ``param_dtype`` ("bf16",
+    "fp16") computes in that precision while gradients are reduced in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    dtypes = {None: None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    policy = MixedPrecisionPolicy(param_dtype=dtypes[param_dtype], reduce_dtype=torch.float32)
+    blocks: list[str] = []
+    for name, module in model.named_modules():
+        if module is model or any(name.startswith(b + ".") for b in blocks):
+            continue
+        if type(module).__name__.endswith(BLOCK_NAME) and any(
+            p.requires_grad for p in module.parameters()
+        ):
+            blocks.append(name)
+    for name in blocks:
+        fully_shard(model.get_submodule(name), mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return blocks
+
+
+def fsdp_incompatible(declarations: dict[str, Any]) -> list[str]:
+    """Algorithms that touch the weights, gradients or masks after INIT: under FSDP each
+    process holds only a shard of those, so these algorithms cannot run there (yet)."""
+    from speedup.event import Event
+
+    direct = {"model.weights", "model.grads", "masks"}
+    return sorted(
+        name
+        for name, declaration in declarations.items()
+        if any(
+            direct & (access.reads | access.writes)
+            for event, access in declaration.events.items()
+            if event != Event.INIT
+        )
+    )

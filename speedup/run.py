@@ -137,6 +137,8 @@ def build_trainer(
         data_kind=splits.info.kind,
         tokens_per_sample=splits.info.tokens_per_sample,
         trace=trace,
+        strategy=cfg.distributed.get("strategy", "ddp"),
+        fsdp_param_dtype=cfg.distributed.get("param_dtype"),
     )
     if world > 1:
         # Same initial weights everywhere (seeded above; DDP also broadcasts them), but each

@@ -120,6 +120,8 @@ class Trainer:
         data_kind: str | None = None,
         tokens_per_sample: int | None = None,
         trace: bool = False,
+        strategy: str = "ddp",
+        fsdp_param_dtype: str | None = None,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r}: allowed {', '.join(PRECISIONS)}")
@@ -161,6 +163,15 @@ class Trainer:
         self.engine.run(Event.INIT)
         model = state.model  # surgery at INIT may have replaced it (NoOpModel)
         model.to(device)
+        self.world_size = distributed.world_size()
+        if strategy not in distributed.STRATEGIES:
+            raise ValueError(f"strategy {strategy!r}: allowed {', '.join(distributed.STRATEGIES)}")
+        #: The FSDP2-sharded model (its parameters become DTensors: shard before the optimizer).
+        self._fsdp: Any = None
+        if self.world_size > 1 and strategy == "fsdp":
+            self._check_fsdp_algorithms()
+            distributed.shard_fsdp(model, fsdp_param_dtype)
+            self._fsdp = model
         params = [p for p in model.parameters() if p.requires_grad]
         if callable(optimizer):
             state.optimizer = optimizer(params)
@@ -172,18 +183,29 @@ class Trainer:
             ]
         if precision == "fp16":
             state.scaler = torch.amp.GradScaler("cuda")
-        self.world_size = distributed.world_size()
         #: What training batches go through: the model, or its DDP wrapper (gradients averaged
         #: across processes in backward); evaluation and algorithms use the model itself.
         self._forward: Callable[..., Any] = model
         self._ddp: Any = None
-        if self.world_size > 1:
+        if self.world_size > 1 and self._fsdp is None:
             self._forward = self._ddp = self._wrap_ddp(model, device)
         self.engine.run(Event.AFTER_LOAD)
         if compile:
             model.compile()
         self._autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self._clock: float | None = None
+
+    def _check_fsdp_algorithms(self) -> None:
+        """FSDP shards the weights: algorithms that read or write them after INIT would see
+        only this process's shard, so they are refused up front."""
+        from speedup.config import ConfigError
+
+        refused = distributed.fsdp_incompatible(self.engine.declarations())
+        if refused:
+            raise ConfigError(
+                f"strategy fsdp shards the weights, and {', '.join(refused)} read or write them "
+                "directly during training; use distributed.strategy=ddp with these algorithms"
+            )
 
     def _wrap_ddp(self, model: Model, device: torch.device) -> Any:
         from torch.nn.parallel import DistributedDataParallel
@@ -335,6 +357,8 @@ class Trainer:
             s.batch = microbatch
             # Under DDP, gradients are averaged across processes in the last backward only.
             last = i == len(microbatches) - 1
+            if self._fsdp is not None:  # FSDP reduce-scatters gradients after the last only
+                self._fsdp.set_requires_gradient_sync(last)
             with contextlib.nullcontext() if self._ddp is None or last else self._ddp.no_sync():
                 run(Event.BEFORE_FORWARD)
                 with self._autocast():
@@ -408,6 +432,11 @@ class Trainer:
                 total[0] = total[0] + value
                 total[1] += count
             run(Event.EVAL_BATCH_END)
+        if self._fsdp is not None:  # sharded forwards are collective: match the longest share
+            extra = max(distributed.all_gather_objects(len(s.eval_dataloader)))
+            for _ in range(extra - len(s.eval_dataloader)):
+                with self._autocast():
+                    s.model.eval_forward(s.batch)
         if self.world_size > 1:  # every process evaluated its share: add up the sums
             names = list(totals)  # the same order in every process
             packed = torch.tensor([[float(totals[n][0]), float(totals[n][1])] for n in names])

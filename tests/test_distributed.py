@@ -213,3 +213,82 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_weights(tmp_path: P
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_fsdp_two_processes_match_one_and_checkpoint_plain_tensors(tmp_path: Path) -> None:
+    single = run_config(load_config(RUN[0], [*RUN[2:], f"run_dir={tmp_path / 'one'}"], True))
+    done = speedup(
+        "run", *RUN, "--nproc", "2", "run_dir=fsdp", "distributed.strategy=fsdp", cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = records(tmp_path / "one"), records(tmp_path / "fsdp")
+    for ra, rb in zip(a, b, strict=True):
+        for key, value in ra.items():
+            if key.startswith(("loss/", "eval/")):
+                assert rb[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (ra["step"], key)
+    summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
+    for key, value in single["metrics"].items():
+        assert summary["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6)
+    # The checkpoint holds whole, plain tensors (gathered from the shards), keyed by name.
+    _, parts = read_checkpoint(resolve_checkpoint(tmp_path / "fsdp"))
+    one = read_checkpoint(resolve_checkpoint(tmp_path / "one"))[1]
+    assert parts["model"].keys() == one["model"].keys()
+    for name, tensor in parts["model"].items():
+        assert type(tensor) is torch.Tensor and tensor.shape == one["model"][name].shape
+        assert torch.allclose(tensor, one["model"][name], atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs Linux /proc")
+def test_fsdp_gpt2_blocks_stop_on_sigterm_and_resume_exactly(tmp_path: Path) -> None:
+    gpt = [
+        "stdlib-gpt",
+        "--smoke",
+        "device=cpu",
+        "threads=1",
+        "progress_bar=false",
+        "max_duration=40ba",
+        "log_interval=5ba",
+        "microbatch_size=2",
+        "checkpoint.interval=5ba",
+        "deterministic=true",
+        "distributed.strategy=fsdp",
+        "--nproc",
+        "2",
+    ]
+    straight = speedup("run", *gpt, "run_dir=straight", cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    marker = "run_dir=stopped"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "speedup", "run", *gpt, marker],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    folder = tmp_path / "stopped" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None and not list_checkpoints(folder):
+        time.sleep(0.005)
+    assert process.poll() is None, "the run finished before it could be stopped"
+    for pid in processes_with(marker):  # as a cluster scheduler signals every process of a job
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    process.wait(timeout=120)
+    deadline = time.time() + 60
+    while processes_with(marker) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not (tmp_path / "stopped" / "summary.json").exists()  # stopped before the end
+    stopped_at = read_checkpoint(resolve_checkpoint(tmp_path / "stopped"))[0]["timestamp"]
+    assert 0 < stopped_at["batch"] < 40
+
+    resumed = speedup("run", *gpt, marker, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr
+    a = read_checkpoint(resolve_checkpoint(tmp_path / "straight"))[1]["model"]
+    b = read_checkpoint(resolve_checkpoint(tmp_path / "stopped"))[1]["model"]
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

@@ -1,4 +1,4 @@
-"""The ``speedup`` command line: run, plan, list, describe.
+"""The ``speedup`` command line: run, plan, list, describe, report, bench, lottery, export.
 
 Imports are deferred to the command that needs them, so ``speedup --help`` stays fast.
 Bad input exits with code 2 and one message naming the key and file; ``--debug`` adds the
@@ -126,8 +126,15 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--nproc", type=int, default=1, metavar="N", help="each run with N processes (torchrun)"
     )
-    report = sub.add_parser("report", help="rebuild a benchmark report from results.json")
-    report.add_argument("dir", help="a `speedup bench` output directory")
+    report = sub.add_parser(
+        "report",
+        help="plot a run (PNGs in RUN_DIR/plots) or rebuild a benchmark report",
+        description="Given a `speedup run` directory (it has metrics.jsonl), write PNG plots of "
+        "the training loss, eval metrics, learning rate, throughput and, for pruning runs, "
+        "sparsity into DIR/plots/. Given a `speedup bench` output directory (results.json), "
+        "rebuild report.md and its plots.",
+    )
+    report.add_argument("dir", help="a `speedup run` directory or a `speedup bench` output dir")
     listing = sub.add_parser("list", help="list registered components")
     listing.add_argument(
         "what",
@@ -156,11 +163,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _first_line(obj: object) -> str:
-    doc = (getattr(obj, "__doc__", None) or "").strip()
-    return doc.splitlines()[0] if doc else ""
-
-
 def cmd_list(args: argparse.Namespace) -> int:
     kinds = list(args.what) or list(LISTABLE)
     unknown = [k for k in kinds if k not in LISTABLE]
@@ -171,8 +173,10 @@ def cmd_list(args: argparse.Namespace) -> int:
             f"cannot list {unknown[0]!r}{suggest(unknown[0], list(LISTABLE))}; "
             f"kinds: {', '.join(LISTABLE)}"
         )
+    from speedup.listing import listing  # reads source files: no component (nor torch) imported
+
     for kind in kinds:
-        rows = _listing(kind)
+        rows = listing(kind)
         print(f"{kind}:")
         if not rows:
             print("  (none)")
@@ -180,28 +184,6 @@ def cmd_list(args: argparse.Namespace) -> int:
         for name, summary in rows:
             print(f"  {name.ljust(width)}  {summary}".rstrip())
     return 0
-
-
-def _listing(kind: str) -> list[tuple[str, str]]:
-    if kind == "recipes":
-        from speedup.config import recipe_names, resolve_recipe
-
-        rows = []
-        for name in recipe_names():
-            text = resolve_recipe(name).read_text(encoding="utf-8")
-            first = next((ln[1:].strip() for ln in text.splitlines() if ln.startswith("#")), "")
-            rows.append((name, first))
-        return rows
-    if kind == "optimizers":
-        from speedup.optim import optimizer_names
-
-        return [(n, "") for n in optimizer_names()]
-    if kind == "schedules":
-        from speedup.optim import SCHEDULES
-
-        return [(n, "") for n in SCHEDULES]
-    registry = _registry(kind)
-    return [(n, _first_line(registry.get(n))) for n in registry.names()]
 
 
 def _registry(kind: str):  # noqa: ANN202
@@ -469,29 +451,42 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from speedup.benchmarks.report import rebuild
+    from speedup.config import ConfigError
 
     directory = Path(args.dir)
-    if not (directory / "results.json").is_file():
-        from speedup.config import ConfigError
+    if not directory.is_dir():
+        raise ConfigError(f"speedup report: {directory}: no such directory")
+    if (directory / "results.json").is_file():  # a `speedup bench` output directory
+        from speedup.benchmarks.report import rebuild
 
-        raise ConfigError(f"{directory}: no results.json here (a `speedup bench` output dir?)")
-    rebuild(directory)
-    print(f"report: {directory / 'report.md'}")
+        rebuild(directory)
+        print(f"report: {directory / 'report.md'}")
+        return 0
+    if not (directory / "metrics.jsonl").is_file():
+        raise ConfigError(
+            f"speedup report: {directory} has neither metrics.jsonl (a `speedup run` "
+            "directory) nor results.json (a `speedup bench` output directory)"
+        )
+    from speedup.run_report import plot_run
+
+    paths = plot_run(directory)
+    if not paths:
+        raise ConfigError(
+            f"speedup report: {directory / 'metrics.jsonl'} holds no metrics to plot "
+            "(did the run stop before its first log_interval?)"
+        )
+    for path in paths:
+        print(path)
     return 0
 
 
 def _format_summary(summary: dict) -> str:
-    metrics = "  ".join(f"{k}={v:.4f}" for k, v in summary["metrics"].items())
-    return "\n".join(
-        [
-            f"recipe {summary['recipe']}  seed {summary['seed']}  steps {summary['steps']}  "
-            f"epochs {summary['epochs']}",
-            f"train time {summary['train_time_s']:.1f}s  eval time {summary['eval_time_s']:.1f}s",
-            f"final eval: {metrics or '(no eval data)'}",
-            f"run dir: {summary['run_dir']}",
-        ]
-    )
+    """The end-of-run table, with the best evaluations read back from ``metrics.jsonl``."""
+    from speedup.run_report import format_run_summary, read_metrics
+
+    metrics = Path(summary["run_dir"]) / "metrics.jsonl"
+    records = read_metrics(metrics) if metrics.is_file() else []
+    return format_run_summary(summary, records)
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

@@ -154,7 +154,16 @@ class LayerFreezing(Algorithm):
                     f"algorithms.layer_freezing.freeze_start: {self.freeze_start} is at or after "
                     "the end of training; nothing would freeze"
                 )
-            if self.frozen_layers:  # resumed: the saved prefix, before any step runs
+            if not self.frozen_layers and state.timestamp.epoch > 0:
+                # Started part-way (seek: rewinding, timing a late phase): freeze what the
+                # schedule had frozen at the last epoch end, as a run from step 0 would have.
+                conv = state.converter
+                total = conv.to_batches(state.max_duration)
+                boundary = state.timestamp.epoch * conv.batches_per_epoch
+                elapsed = min(1.0, boundary / total) if total else 1.0
+                fraction = freeze_fraction(elapsed, self._start_fraction, self.freeze_level)
+                self.frozen_layers = math.floor(fraction * len(layers) + 1e-9)
+            if self.frozen_layers:  # resumed (or started part-way): before any step runs
                 _freeze_first(layers, self.frozen_layers)
             return
         fraction = freeze_fraction(state.elapsed_fraction, self._start_fraction, self.freeze_level)

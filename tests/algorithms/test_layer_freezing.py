@@ -262,3 +262,16 @@ def test_the_optimizer_holds_every_parameter_and_skips_frozen_ones():
     held = [p for group in optimizer.param_groups for p in group["params"]]
     assert len(held) == len(list(model.parameters()))
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+@pytest.mark.parametrize(("seek_to", "frozen"), [(3, 0), (12, 2), (13, 2), (15, 3)])
+def test_a_run_started_part_way_freezes_what_the_schedule_had_frozen(seek_to, frozen):
+    # 8 epochs of 2 batches: after epoch e the schedule has floor(4 * (e/8 - 0.5) / 0.5) frozen
+    freezing = LayerFreezing(freeze_start="0.5dur", freeze_level=1.0)
+    loader = TensorBatchLoader(data(), 8, shuffle=True, drop_last=True, seed=0)
+    trainer = Trainer(four_layer_model(), loader, "8ep", algorithms=[freezing], optimizer=SGD)
+    trainer.seek(seek_to)
+    trainer.engine.run(Event.FIT_START)
+    assert freezing.frozen_layers == frozen
+    grads = [p.requires_grad for p in trainer.state.model.parameters()]
+    assert grads == [False] * (2 * frozen) + [True] * (8 - 2 * frozen)

@@ -58,6 +58,9 @@ class RunConfig:
     scheduler: dict[str, Any] = field(default_factory=lambda: {"name": "constant"})
     algorithms: dict[str, Any] = field(default_factory=dict)
     callbacks: dict[str, Any] = field(default_factory=dict)
+    #: Metric destinations besides the always-on ``metrics.jsonl``: ``name -> arguments``
+    #: (``csv``, ``tensorboard``, ``mlflow``; see docs/logging.md).
+    loggers: dict[str, Any] = field(default_factory=dict)
     max_duration: str = "1ep"
     eval_interval: str = "1ep"
     log_interval: str = "10ba"
@@ -346,6 +349,7 @@ def _validate(cfg: DictConfig, origin: dict[str, str]) -> None:
         raise ConfigError(f"{src('microbatch_size')}: microbatch_size: must be > 0")
     _validate_checkpointing(cfg, src)
     _validate_distributed(cfg, src)
+    _validate_loggers(cfg, src)
 
     def component(section: str, registry: Any, reserved: dict[str, type] | None = None) -> None:
         spec = OmegaConf.to_container(cfg[section])
@@ -429,6 +433,34 @@ def _validate(cfg: DictConfig, origin: dict[str, str]) -> None:
                 cls(**(args or {}))
             except (ValueError, TypeError) as err:
                 raise ConfigError(f"{src(f'{section}.{name}')}: {section}.{name}: {err}") from None
+
+
+def _validate_loggers(cfg: DictConfig, src: Any) -> None:
+    from speedup.loggers import LOGGERS
+
+    section = cfg.get("loggers")
+    for name, args in (OmegaConf.to_container(section) if section is not None else {}).items():
+        where = src(f"loggers.{name}")
+        if name == "jsonl":
+            raise ConfigError(
+                f"{where}: loggers.jsonl: metrics.jsonl is always written, it needs no entry; "
+                f"available loggers: {', '.join(LOGGERS.names())}"
+            )
+        try:
+            cls = LOGGERS.get(name)
+        except UnknownNameError as err:
+            raise ConfigError(f"{where}: loggers: {err}") from None
+        if args is not None and not isinstance(args, dict):
+            raise ConfigError(
+                f"{where}: loggers.{name}: expected a mapping of arguments (or {{}} for "
+                f"defaults), got {args!r}"
+            )
+        check_arguments(cls, args or {}, f"loggers.{name}", where, skip=("run_dir",))
+        try:  # values beyond types; constructing a logger touches no file
+            cls(**(args or {}))
+            cls.check_installed()  # a missing package fails here, before anything trains
+        except (ValueError, TypeError, ImportError) as err:
+            raise ConfigError(f"{where}: loggers.{name}: {err}") from None
 
 
 def _validate_distributed(cfg: DictConfig, src: Any) -> None:
@@ -581,7 +613,9 @@ def config_hash(cfg: DictConfig) -> str:
     """A short hash of the resolved config, the run's identity: keys that cannot change what
     is trained (where it is written, how it is shown, checkpointing) are left out."""
     data = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("run_dir", "progress_bar", "trace", "threads", "smoke", "checkpoint", "resume"):
+    # ``loggers`` only chooses where metrics go (and keeps older run directories' names).
+    dropped = ("run_dir", "progress_bar", "trace", "threads", "smoke", "checkpoint", "resume")
+    for key in (*dropped, "loggers"):
         data.pop(key, None)
     if data.get("nonfinite") == "stop":  # the default: older run directories keep their names
         data.pop("nonfinite")

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from speedup import distributed
 from speedup.config import DATA_LOADER_KEYS, ConfigError, config_hash, load_config
-from speedup.loggers import JSONLLogger, LoggerDestination, ProgressBar
+from speedup.loggers import JSONLLogger, LoggerDestination, ProgressBar, build_loggers
 
 __all__ = [
     "build_trainer",
@@ -183,7 +183,12 @@ def run_config(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
     main = distributed.is_main()  # only rank 0 logs and writes files
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
     metrics_path = run_dir / "metrics.jsonl"
-    loggers: list[LoggerDestination] = [JSONLLogger(metrics_path)] if main else []
+    loggers: list[LoggerDestination] = []
+    if main:  # JSONL always; the recipe's ``loggers:`` (csv, tensorboard, mlflow) besides
+        loggers.append(JSONLLogger(metrics_path))
+        section = cfg.get("loggers")
+        chosen = OmegaConf.to_container(section) if section is not None else {}
+        loggers.extend(build_loggers(chosen, run_dir))
     if cfg.progress_bar and main:
         loggers.append(ProgressBar())
     options = OmegaConf.to_container(cfg.checkpoint)
@@ -278,7 +283,16 @@ def _warn_if_config_differs(meta: dict[str, Any], cfg: DictConfig, path: Path) -
     if not isinstance(saved, dict) or meta.get("config_hash") == config_hash(cfg):
         return
     current = OmegaConf.to_container(cfg, resolve=True)
-    ignored = {"run_dir", "progress_bar", "trace", "threads", "smoke", "checkpoint", "resume"}
+    ignored = {
+        "run_dir",
+        "progress_bar",
+        "trace",
+        "threads",
+        "smoke",
+        "checkpoint",
+        "resume",
+        "loggers",
+    }
     changed = sorted(
         k for k in set(saved) | set(current) if k not in ignored and saved.get(k) != current.get(k)
     )

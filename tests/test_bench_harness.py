@@ -128,7 +128,7 @@ def test_cli_bench_list_and_report_errors(capsys, tmp_path):
     assert main(["bench", "nope"]) == 2
     assert "unknown suite 'nope'" in capsys.readouterr().err
     assert main(["report", str(tmp_path)]) == 2
-    assert "no results.json here" in capsys.readouterr().err
+    assert "nor results.json" in capsys.readouterr().err
 
 
 def test_parallel_sweep_runs_in_separate_processes_with_the_same_results(tmp_path):

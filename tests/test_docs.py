@@ -56,3 +56,18 @@ def test_quickstart_python_api_example():
     namespace: dict = {}
     exec(code, namespace)
     assert namespace["trainer"].state.eval_metrics["accuracy"] > 0.3
+
+
+def test_every_recipe_key_is_in_the_recipes_reference():
+    from dataclasses import fields
+    from pathlib import Path
+
+    from speedup.config import RunConfig
+
+    text = (Path(__file__).parent.parent / "docs" / "recipes.md").read_text()
+    rows = {
+        line.split("|")[1].strip().strip("`")
+        for line in text.splitlines()
+        if line.startswith("| `")
+    }
+    assert {f.name for f in fields(RunConfig)} <= rows

@@ -14,7 +14,7 @@ import inspect
 import json
 import types
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -92,6 +92,117 @@ class RunConfig:
     progress_bar: bool = True
     trace: bool = False
     smoke: dict[str, Any] = field(default_factory=dict)
+
+
+#: The recipes reference: key -> (type, meaning). The keys table of docs/recipes.md is
+#: generated from it and from the schema defaults (``python -m speedup.config``); a test
+#: keeps the two equal.
+REFERENCE: dict[str, tuple[str, str]] = {
+    "extends": ("str", "a recipe name or path (relative to this file) to start from"),
+    "description": ("str", "free text"),
+    "model": ("mapping", "`name` (see `speedup list models`) plus that model's arguments"),
+    "data": (
+        "mapping",
+        (
+            "`name` (see `speedup list datasets`), loader keys `batch_size` (required), "
+            "`eval_batch_size`, `num_workers`, `train_samples`, `eval_samples` (take the first "
+            "N), plus the dataset's arguments"
+        ),
+    ),
+    "optimizer": (
+        "mapping",
+        (
+            "`name` from torch.optim or torch-optimizer (case-insensitive) plus its constructor "
+            "arguments"
+        ),
+    ),
+    "scheduler": (
+        "mapping",
+        (
+            "`name`: constant, linear (`start_factor`, `end_factor`), cosine (`alpha_f`), step "
+            "(`step_size`, `gamma`), multistep (`milestones`, `gamma`); `warmup` (a Time) and "
+            "`scale_warmup` for all"
+        ),
+    ),
+    "algorithms": ("mapping", "algorithm name -> its arguments (`{}` for defaults)"),
+    "callbacks": ("mapping", "callback name -> its arguments"),
+    "max_duration": ("Time", "run length in `ep`, `ba`, `sp`, `tok` or `sec` (not `dur`)"),
+    "eval_interval": (
+        "Time",
+        ("evaluate every ...; `0ba` evaluates only at the end (the end is always evaluated)"),
+    ),
+    "log_interval": ("Time", "log training loss, LR and throughput every ..."),
+    "seed": ("int", "seeds python, numpy, torch and the data order"),
+    "data_seed": (
+        "int or null",
+        ("seeds the data order alone (default: `seed`); instability analysis varies it"),
+    ),
+    "deterministic": ("bool", "`torch.use_deterministic_algorithms(True)`"),
+    "microbatch_size": (
+        "int or null",
+        ("split each batch for gradient accumulation (same gradient as the whole batch)"),
+    ),
+    "precision": (
+        "str",
+        ("`fp32`, `bf16` (autocast, CPU or GPU), `fp16` (autocast with GradScaler, CUDA only)"),
+    ),
+    "device": ("str", "`auto` (CUDA, then MPS, then CPU), or any torch device string"),
+    "compile": ("bool", "`torch.compile` the model"),
+    "threads": (
+        "int or null",
+        ("`torch.set_num_threads` (1 is often fastest on busy or 2-core machines)"),
+    ),
+    "scale_schedule_ratio": (
+        "float",
+        (
+            "stretch the run and every schedule milestone by this factor (warmup only with "
+            "`scale_warmup`)"
+        ),
+    ),
+    "run_dir": (
+        "str or null",
+        ("where the run writes; default `runs/<recipe>-<hash of the resolved config>`"),
+    ),
+    "checkpoint": (
+        "mapping",
+        (
+            "checkpoints into `<run_dir>/checkpoints` (or `folder`): every `interval` (a Time; "
+            "`0ba` only saves at the end), keeping the `keep_last` newest (0 keeps all); see "
+            "[checkpoints.md](checkpoints.md)"
+        ),
+    ),
+    "resume": (
+        "str",
+        (
+            "`auto` continues from the run directory's newest complete checkpoint (so the same "
+            "command resumes); `never` starts from scratch; or a checkpoint / run directory path"
+        ),
+    ),
+    "nonfinite": (
+        "str",
+        (
+            "a NaN/Inf training loss `stop`s the run before the optimizer step (exit 1, naming "
+            "the step), or `skip`s that batch"
+        ),
+    ),
+    "loggers": (
+        "mapping",
+        (
+            "extra metric destinations besides `metrics.jsonl`: `csv`, `tensorboard`, `mlflow`, "
+            "each with its arguments (`{}` for defaults); see [logging.md](logging.md)"
+        ),
+    ),
+    "distributed": (
+        "mapping",
+        (
+            "under torchrun (`--nproc N`): `ddp`, or `fsdp` (FSDP2, with `param_dtype` "
+            "bf16/fp16/fp32); see [distributed.md](distributed.md)"
+        ),
+    ),
+    "progress_bar": ("bool", "a tqdm bar for training and evaluation"),
+    "trace": ("bool", "write `trace.jsonl`: every (event, algorithm/callback) call in order"),
+    "smoke": ("mapping", "overrides applied under `--smoke` (after the built-in smoke settings)"),
+}
 
 
 #: Keys of the ``data`` section that configure the loaders, not the dataset builder.
@@ -623,3 +734,35 @@ def config_hash(cfg: DictConfig) -> str:
         data.pop("distributed", None)
     text = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def _shown_default(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return f"`{value}`" if value else '`""`'
+    if isinstance(value, dict):
+        inner = ", ".join(f"{k}: {_shown_default(v).strip('`')}" for k, v in value.items())
+        return f"`{{{inner}}}`"
+    return str(value)
+
+
+def reference_table() -> str:
+    """The keys table of docs/recipes.md: every schema key with its type, default and meaning."""
+    defaults = {}
+    for f in fields(RunConfig):
+        if f.default_factory is not MISSING:  # type: ignore[misc]
+            defaults[f.name] = f.default_factory()  # type: ignore[misc]
+        else:
+            defaults[f.name] = f.default
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, (kind, meaning) in REFERENCE.items():
+        shown = "-" if key in ("extends", "model", "data") else _shown_default(defaults[key])
+        rows.append(f"| `{key}` | {kind} | {shown} | {meaning} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_table(), end="")

@@ -140,6 +140,9 @@ class WeightStandardization(Algorithm):
         #: How many convolutions the last surgery standardised.
         self.standardized = 0
 
+    def exported_weights(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return standardized_state_dict(weights, self.eps)
+
     def declare(self) -> Declaration:
         return Declaration(
             events={Event.INIT: Access(reads={"model.modules"}, writes={"model.modules"})},

@@ -145,6 +145,12 @@ class Algorithm:
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         raise NotImplementedError
 
+    def exported_weights(self, weights: dict[str, Any]) -> dict[str, Any]:
+        """The weights a plain network (without this algorithm) needs to compute what the
+        trained one computes; ``speedup export`` applies it. Default: unchanged. Algorithms
+        that reparametrise weights (weight standardisation) override it."""
+        return weights
+
     def check_composition(self, algorithms: Mapping[str, Algorithm]) -> list[str]:
         """Problems with this algorithm's arguments given the others present (e.g. a rewind
         point after the pruning time). Each message becomes a plan conflict."""

@@ -70,6 +70,7 @@ def export_model(source: str | Path, out: str | Path | None = None, ema: bool = 
         weights = _ema_weights(parts)
         if weights is None:
             raise CheckpointError(f"{checkpoint}: --ema: this run has no EMA weights")
+    weights = _plain_network_weights(weights, meta)
     tensors = _separate(network_weights(weights))
     out = Path(out) if out is not None else _run_dir_of(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
@@ -87,6 +88,23 @@ def export_model(source: str | Path, out: str | Path | None = None, ema: bool = 
     if meta.get("config") is not None:
         (out / "speedup_config.json").write_text(json.dumps(meta["config"], indent=2) + "\n")
     return path
+
+
+def _plain_network_weights(weights: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """Let each algorithm of the run turn its reparametrised weights into plain ones
+    (``Algorithm.exported_weights``), looked up by name in the registry like any plugin."""
+    from speedup.algorithm import ALGORITHMS
+
+    arguments = (meta.get("config") or {}).get("algorithms") or {}
+    for name in meta.get("algorithms", []):
+        if name not in ALGORITHMS:
+            continue
+        try:
+            algorithm = ALGORITHMS.get(name)(**(arguments.get(name) or {}))
+        except (TypeError, ValueError):  # saved by another version: use the defaults
+            algorithm = ALGORITHMS.get(name)()
+        weights = algorithm.exported_weights(weights)
+    return weights
 
 
 def _run_dir_of(checkpoint: Path) -> Path:

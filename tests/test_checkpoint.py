@@ -476,3 +476,25 @@ def test_export_hugging_face_model_loads_with_from_pretrained(tmp_path: Path) ->
     assert state.keys() == {k.removeprefix("net.") for k in saved}
     for name, tensor in state.items():
         assert torch.equal(tensor, saved[f"net.{name}"]), name
+
+
+def test_export_of_a_weight_standardized_model_loads_into_the_plain_network(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from speedup.export import export_model
+    from speedup.models.vision import CifarResNet
+
+    cfg = composed(
+        tmp_path / "run", "max_duration=6ba", "~algorithms", "algorithms.weight_standardization={}"
+    )
+    run_config(cfg)
+    trainer = build_trainer(cfg)
+    trainer.load_checkpoint(tmp_path / "run")
+    trained = trainer.state.model.eval()
+    tensors = load_file(str(export_model(tmp_path / "run")))
+    assert not any("parametrizations" in k for k in tensors)
+    net = CifarResNet(3, num_classes=10, width=4).eval()
+    net.load_state_dict(tensors)  # strict: exactly the plain network's keys
+    inputs = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net(inputs), trained.net(inputs), rtol=1e-4, atol=1e-5)

@@ -8,6 +8,7 @@ instability copies) is a sequence of these.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from speedup.callback import Callback
-from speedup.config import with_changes
+from speedup.checkpoint import CheckpointSaver, find_latest
+from speedup.config import config_hash, with_changes
 from speedup.data.cache import atomic_save
 from speedup.loggers import JSONLLogger
-from speedup.run import build_trainer
+from speedup.run import build_trainer, truncate_metrics
 
 __all__ = ["RunResult", "initial_weights", "train_run", "load_result", "weights_path"]
 
@@ -62,13 +64,18 @@ def train_run(
     data_seed: int | None = None,
     max_duration: str | None = None,
     stop_at_batch: int | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> RunResult:
     """Train ``cfg`` in ``run_dir`` unless a finished result is already there.
 
     ``weights`` replace the initial weights (a rewind point); ``masks`` (parameter name -> bool)
     are held fixed, pruned weights kept at exactly zero; ``start_batch`` starts the run at that
     step of its schedule and data order (rewinding to step k); ``data_seed`` changes only the
-    data order; ``stop_at_batch`` ends the run early at that step (a pretraining phase).
+    data order; ``stop_at_batch`` ends the run early at that step (a pretraining phase);
+    ``callbacks`` are added to the run.
+
+    The run checkpoints into ``run_dir/checkpoints`` at ``cfg.checkpoint.interval`` (newest
+    only): an interrupted level resumes where it stopped, exactly, instead of starting over.
     """
     run_dir = Path(run_dir)
     done = load_result(run_dir)
@@ -83,17 +90,38 @@ def train_run(
     cfg = with_changes(cfg, progress_bar=False, **changes)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     metrics = run_dir / "metrics.jsonl"
-    metrics.unlink(missing_ok=True)
+    folder = run_dir / "checkpoints"
+    saver = CheckpointSaver(
+        folder,
+        interval=str(cfg.checkpoint.get("interval", "1ep")),
+        keep_last=1,
+        save_final=False,  # the result is final.pt; a finished level is never resumed
+        config_hash=config_hash(cfg),
+    )
     stops = [StopAt(stop_at_batch)] if stop_at_batch is not None else []
     trainer = build_trainer(
-        cfg, [JSONLLogger(metrics)], extra_algorithms=_mask_holder(masks), extra_callbacks=stops
+        cfg,
+        [JSONLLogger(metrics)],
+        extra_algorithms=_mask_holder(masks),
+        extra_callbacks=[*stops, saver, *callbacks],
     )
     state = trainer.state
-    if weights is not None:
-        state.model.load_state_dict({k: v.to(state.device) for k, v in weights.items()})
-    if start_batch:
-        trainer.seek(start_batch)
+    resume_from = find_latest(folder)
+    if resume_from is not None:  # an interrupted level: its own weights, masks, position
+        trainer.load_checkpoint(resume_from)
+        truncate_metrics(metrics, state.timestamp.batch)
+    else:
+        metrics.unlink(missing_ok=True)
+        if weights is not None:
+            state.model.load_state_dict({k: v.to(state.device) for k, v in weights.items()})
+        if start_batch:
+            trainer.seek(start_batch)
     final_metrics = trainer.fit()
+    if state.preempted:
+        raise KeyboardInterrupt(
+            f"{run_dir}: stopped by a signal after saving {saver.last_saved}; run the same "
+            "command again to resume"
+        )
     atomic_save({k: v.detach().cpu() for k, v in state.model.state_dict().items()}, run_dir / FINAL)
     summary = RunResult(
         run_dir=str(run_dir),

@@ -398,8 +398,9 @@ class Factorize(Algorithm):
         self.factorize_linears = factorize_linears
         self.min_channels, self.latent_channels = min_channels, latent_channels
         self.min_features, self.latent_features = min_features, latent_features
-        #: Names of the modules replaced at INIT.
+        #: Names of the modules replaced at INIT, and those made from transformers Conv1D.
         self.replaced: list[str] = []
+        self.transposed: list[str] = []
 
     def declare(self) -> Declaration:
         return Declaration(
@@ -441,4 +442,39 @@ class Factorize(Algorithm):
                 "not reduce the cost); the model is unchanged",
                 stacklevel=2,
             )
+        self.transposed = [
+            n for n in self.replaced if getattr(state.model.get_submodule(n), "transposed", False)
+        ]
         logger.log_metrics({"factorize/num_replaced": len(self.replaced)})
+
+    # -- export and resume ------------------------------------------------------------------
+
+    def exported_weights(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each factor pair's product under the original layer's keys (Eckart-Young: the
+        best rank-r weight), so the export loads into the unfactorized architecture."""
+        out = dict(weights)
+        for key in [k for k in weights if k.endswith(".first.weight")]:
+            prefix = key[: -len(".first.weight")]
+            second = weights.get(f"{prefix}.second.weight")
+            if second is None:
+                continue
+            first = weights[key]
+            if first.dim() == 2:  # Linear: [out, r] @ [r, in]
+                merged = second @ first
+                if prefix in self.transposed:  # transformers Conv1D stores [in, out]
+                    merged = merged.t()
+            else:  # k x k conv to r channels, then 1 x 1 conv to d channels
+                merged = torch.einsum("dr,rchw->dchw", second[:, :, 0, 0], first)
+            del out[key], out[f"{prefix}.second.weight"]
+            out[f"{prefix}.weight"] = merged.contiguous()
+            if f"{prefix}.second.bias" in out:
+                out[f"{prefix}.bias"] = out.pop(f"{prefix}.second.bias")
+        return out
+
+    def state_dict(self) -> dict:
+        # The surgery reruns at INIT on resume; which layers were Conv1D is kept for export.
+        return {"replaced": list(self.replaced), "transposed": list(self.transposed)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.replaced = list(state.get("replaced", self.replaced))
+        self.transposed = list(state.get("transposed", []))

@@ -70,7 +70,7 @@ def export_model(source: str | Path, out: str | Path | None = None, ema: bool = 
         weights = _ema_weights(parts)
         if weights is None:
             raise CheckpointError(f"{checkpoint}: --ema: this run has no EMA weights")
-    weights = _plain_network_weights(weights, meta)
+    weights = _plain_network_weights(weights, meta, parts["algorithms"]["algorithms"])
     tensors = _separate(network_weights(weights))
     out = Path(out) if out is not None else _run_dir_of(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
@@ -90,7 +90,9 @@ def export_model(source: str | Path, out: str | Path | None = None, ema: bool = 
     return path
 
 
-def _plain_network_weights(weights: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+def _plain_network_weights(
+    weights: dict[str, Any], meta: dict[str, Any], saved_states: dict[str, Any]
+) -> dict[str, Any]:
     """Let each algorithm of the run turn its reparametrised weights into plain ones
     (``Algorithm.exported_weights``), looked up by name in the registry like any plugin."""
     from speedup.algorithm import ALGORITHMS
@@ -103,6 +105,9 @@ def _plain_network_weights(weights: dict[str, Any], meta: dict[str, Any]) -> dic
             algorithm = ALGORITHMS.get(name)(**(arguments.get(name) or {}))
         except (TypeError, ValueError):  # saved by another version: use the defaults
             algorithm = ALGORITHMS.get(name)()
+        saved = saved_states.get(f"{name}#0")
+        if saved:
+            algorithm.load_state_dict(saved)
         weights = algorithm.exported_weights(weights)
     return weights
 

@@ -498,3 +498,29 @@ def test_export_of_a_weight_standardized_model_loads_into_the_plain_network(tmp_
     inputs = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(net(inputs), trained.net(inputs), rtol=1e-4, atol=1e-5)
+
+
+def test_export_of_a_factorized_gpt2_loads_into_the_plain_architecture(tmp_path: Path) -> None:
+    import transformers
+
+    from speedup.export import export_model
+
+    overrides = [
+        f"run_dir={tmp_path / 'run'}",
+        "progress_bar=false",
+        "max_duration=4ba",
+        "algorithms.factorize.min_features=64",
+        "algorithms.factorize.latent_features=16",
+    ]
+    cfg = load_config("stdlib-gpt", overrides, smoke=True)
+    run_config(cfg)
+    trainer = build_trainer(cfg)
+    trainer.load_checkpoint(tmp_path / "run")
+    factorize = next(a for a in trainer.state.algorithms if a.name == "factorize")
+    assert factorize.replaced and factorize.transposed  # GPT-2's Conv1D layers were split
+    export_model(tmp_path / "run", out=tmp_path / "hf")
+    net = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, net.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        expected = trainer.state.model.eval().net(input_ids=ids).logits
+        torch.testing.assert_close(net(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)

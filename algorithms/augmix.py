@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 
 import torch
-from speedup.algorithms.mixup import ordering, sample_beta, sample_dirichlet
+from speedup.algorithms.mixup import image_augmentation, sample_beta, sample_dirichlet
 from speedup.algorithms.randaugment import (
     apply_ops,
     augmentation_ops,
@@ -48,7 +48,7 @@ from speedup.algorithms.randaugment import (
     to_unit,
 )
 
-from speedup.algorithm import Access, Algorithm, Declaration
+from speedup.algorithm import Algorithm, Declaration
 from speedup.event import Event
 
 __all__ = ["AugMix", "augmix_batch", "augmix_weights"]
@@ -149,15 +149,7 @@ class AugMix(Algorithm):
         self.augmentation_set = augmentation_set
 
     def declare(self) -> Declaration:
-        runs_after, runs_before = ordering(self.name)
-        return Declaration(
-            events={
-                Event.AFTER_DATALOADER: Access(reads={"batch.inputs"}, writes={"batch.inputs"})
-            },
-            runs_after=runs_after,
-            runs_before=runs_before,
-            data_kinds={"image"},
-        )
+        return image_augmentation(self.name)
 
     def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
         batch = state.batch

@@ -29,9 +29,9 @@ from __future__ import annotations
 import math
 
 import torch
-from speedup.algorithms.mixup import ordering
+from speedup.algorithms.mixup import image_augmentation
 
-from speedup.algorithm import Access, Algorithm, Declaration
+from speedup.algorithm import Algorithm, Declaration
 from speedup.event import Event
 
 __all__ = ["CutOut", "cutout_batch", "hole_side"]
@@ -100,15 +100,7 @@ class CutOut(Algorithm):
         self.fill = float(fill)
 
     def declare(self) -> Declaration:
-        runs_after, runs_before = ordering(self.name)
-        return Declaration(
-            events={
-                Event.AFTER_DATALOADER: Access(reads={"batch.inputs"}, writes={"batch.inputs"})
-            },
-            runs_after=runs_after,
-            runs_before=runs_before,
-            data_kinds={"image"},
-        )
+        return image_augmentation(self.name)
 
     def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
         batch = state.batch

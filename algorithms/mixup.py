@@ -85,6 +85,18 @@ def ordering(name: str) -> tuple[frozenset[str], frozenset[str]]:
     )
 
 
+def image_augmentation(name: str) -> Declaration:
+    """The declaration of a per-image augmentation (randaugment, augmix, cutout): rewrites
+    ``batch.inputs`` at AFTER_DATALOADER, in its place of :data:`AUGMENTATION_ORDER`."""
+    runs_after, runs_before = ordering(name)
+    return Declaration(
+        events={Event.AFTER_DATALOADER: Access(reads={"batch.inputs"}, writes={"batch.inputs"})},
+        runs_after=runs_after,
+        runs_before=runs_before,
+        data_kinds={"image"},
+    )
+
+
 # -- random draws (CPU, from torch's global RNG or a generator) --------------------------------
 
 

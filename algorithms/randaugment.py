@@ -51,9 +51,9 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from speedup.algorithms.mixup import ordering
+from speedup.algorithms.mixup import image_augmentation
 
-from speedup.algorithm import Access, Algorithm, Declaration
+from speedup.algorithm import Algorithm, Declaration
 from speedup.event import Event
 
 __all__ = [
@@ -429,15 +429,7 @@ class RandAugment(Algorithm):
         self.augmentation_set = augmentation_set
 
     def declare(self) -> Declaration:
-        runs_after, runs_before = ordering(self.name)
-        return Declaration(
-            events={
-                Event.AFTER_DATALOADER: Access(reads={"batch.inputs"}, writes={"batch.inputs"})
-            },
-            runs_after=runs_after,
-            runs_before=runs_before,
-            data_kinds={"image"},
-        )
+        return image_augmentation(self.name)
 
     def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
         batch = state.batch

@@ -398,14 +398,14 @@ def run_suite(
     results.update(timing)
 
     jobs = [(a, s) for a in runnable for s in suite.seeds]
-    todo = []
+    configs = []
     for algorithms, seed in jobs:
         cfg = _config(suite, algorithms, seed, out)
         run_dir = out / "runs" / f"{config_name(algorithms)}-seed{seed}-{config_hash(cfg)}"
         cfg.run_dir = str(run_dir)
-        if force or not (run_dir / "summary.json").exists():
-            todo.append(cfg)
-    fresh_dirs = {str(_run_dir(cfg)) for cfg in todo}
+        configs.append(cfg)
+    todo = [c for c in configs if force or not (Path(c.run_dir) / "summary.json").exists()]
+    fresh_dirs = {c.run_dir for c in todo}
     bar = tqdm(total=len(jobs), desc="runs", unit="run", disable=not progress)
     bar.update(len(jobs) - len(todo))
     if parallel > 1 or nproc > 1:
@@ -415,11 +415,10 @@ def run_suite(
             bar.set_postfix_str(Path(cfg.run_dir).name)
             run_config(cfg, extra_callbacks=[FlopsMeter()])
             bar.update()
-    for algorithms, seed in jobs:
+    for (algorithms, seed), cfg in zip(jobs, configs):
         name = config_name(algorithms)
-        cfg = _config(suite, algorithms, seed, out)
-        run_dir = out / "runs" / f"{name}-seed{seed}-{config_hash(cfg)}"
-        cached = str(run_dir) not in fresh_dirs
+        run_dir = Path(cfg.run_dir)
+        cached = cfg.run_dir not in fresh_dirs
         summary = json.loads((run_dir / "summary.json").read_text())
         print(
             f"{'cached' if cached else 'ran   '} {name} seed {seed}: "
@@ -450,10 +449,6 @@ def run_suite(
     bar.close()
     write_report(out, results)
     return results
-
-
-def _run_dir(cfg: DictConfig) -> Path:
-    return Path(cfg.run_dir)
 
 
 def run_in_processes(

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from speedup.callback import Callback
-from speedup.checkpoint import CheckpointSaver, find_latest
+from speedup.checkpoint import CheckpointSaver, load_checkpoint, verified_latest
 from speedup.config import config_hash, with_changes
 from speedup.data.cache import atomic_save
 from speedup.loggers import JSONLLogger
@@ -106,9 +106,9 @@ def train_run(
         extra_callbacks=[*stops, saver, *callbacks],
     )
     state = trainer.state
-    resume_from = find_latest(folder)
-    if resume_from is not None:  # an interrupted level: its own weights, masks, position
-        trainer.load_checkpoint(resume_from)
+    found = verified_latest(folder)
+    if found is not None:  # an interrupted level: its own weights, masks, position
+        load_checkpoint(trainer, *found)
         truncate_metrics(metrics, state.timestamp.batch)
     else:
         metrics.unlink(missing_ok=True)

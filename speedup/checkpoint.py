@@ -53,6 +53,7 @@ __all__ = [
     "verify_checkpoint",
     "list_checkpoints",
     "find_latest",
+    "verified_latest",
     "resolve_checkpoint",
 ]
 
@@ -547,13 +548,16 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Verify and load a checkpoint: ``(meta, parts)`` with every tensor on the CPU.
+def read_checkpoint(
+    path: str | Path, meta: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Verify and load a checkpoint: ``(meta, parts)`` with every tensor on the CPU. ``meta``
+    from an earlier :func:`verify_checkpoint` of ``path`` skips hashing the files again.
 
     Only tensors and plain containers are accepted: a file holding other pickled objects is
     refused, because unpickling them can run arbitrary code."""
     path = Path(path)
-    meta = verify_checkpoint(path)
+    meta = verify_checkpoint(path) if meta is None else meta
     parts = {}
     for part in PARTS:
         file = path / f"{part}.pt"
@@ -573,10 +577,14 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return meta, parts
 
 
-def load_checkpoint(trainer: Trainer | State, path: str | Path) -> dict[str, Any]:
-    """Restore ``trainer`` (freshly built from the same config) from ``path``; returns meta."""
-    path = resolve_checkpoint(path)
-    meta, parts = read_checkpoint(path)
+def load_checkpoint(
+    trainer: Trainer | State, path: str | Path, meta: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Restore ``trainer`` (freshly built from the same config) from ``path``; returns meta.
+    ``meta`` from :func:`verified_latest` (``path`` is then that checkpoint) skips re-hashing."""
+    if meta is None:
+        path = resolve_checkpoint(path)
+    meta, parts = read_checkpoint(path, meta)
     restore(trainer, parts, str(path))
     return meta
 
@@ -586,6 +594,12 @@ def find_latest(folder: str | Path) -> Path | None:
 
     Damaged ones (a truncated file, a write cut short) are skipped with a warning naming them
     and the checkpoint used instead."""
+    found = verified_latest(folder)
+    return found[0] if found is not None else None
+
+
+def verified_latest(folder: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """:func:`find_latest`, with the meta its verification read."""
     folder = Path(folder)
     candidates = list_checkpoints(folder)
     pointed = _latest_name(folder)
@@ -594,7 +608,7 @@ def find_latest(folder: str | Path) -> Path | None:
     skipped: list[str] = []
     for candidate in reversed(candidates):
         try:
-            verify_checkpoint(candidate)
+            meta = verify_checkpoint(candidate)
         except CheckpointError as err:
             skipped.append(str(err))
             continue
@@ -603,13 +617,13 @@ def find_latest(folder: str | Path) -> Path | None:
                 "skipped damaged checkpoint(s): "
                 + "; ".join(skipped)
                 + f"; resuming from the previous complete one, {candidate}",
-                stacklevel=2,
+                stacklevel=3,
             )
-        return candidate
+        return candidate, meta
     if skipped:
         warnings.warn(
             "no complete checkpoint: " + "; ".join(skipped) + "; starting from scratch",
-            stacklevel=2,
+            stacklevel=3,
         )
     return None
 
@@ -732,7 +746,7 @@ class CheckpointSaver(Callback):
 
     def _stop_if_signalled(self, state: State) -> bool:
         if distributed.is_distributed():  # stop together: any process's signal stops all
-            received = max(distributed.all_gather_objects(self.signal_received or 0))
+            received = distributed.all_reduce_max(self.signal_received or 0)
             if received and self.signal_received is None:
                 self.signal_received = received
         if self.signal_received is None:

@@ -318,14 +318,9 @@ def _launch_torchrun(args: argparse.Namespace, cfg: object) -> int:
     """Re-run this command under torchrun with ``args.nproc`` processes on this machine."""
     import subprocess
 
-    from speedup.config import ConfigError
+    from speedup.config import check_global_batch
 
-    batch_size = cfg.data.batch_size  # type: ignore[attr-defined]
-    if batch_size % args.nproc:
-        raise ConfigError(
-            f"data.batch_size: {batch_size} is the global batch and must divide "
-            f"evenly across --nproc {args.nproc} processes"
-        )
+    check_global_batch(cfg.data.batch_size, args.nproc)  # type: ignore[attr-defined]
     command = [
         sys.executable,
         "-m",

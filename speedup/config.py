@@ -129,28 +129,28 @@ REFERENCE: dict[str, tuple[str, str]] = {
     "max_duration": ("Time", "run length in `ep`, `ba`, `sp`, `tok` or `sec` (not `dur`)"),
     "eval_interval": (
         "Time",
-        ("evaluate every ...; `0ba` evaluates only at the end (the end is always evaluated)"),
+        "evaluate every ...; `0ba` evaluates only at the end (the end is always evaluated)",
     ),
     "log_interval": ("Time", "log training loss, LR and throughput every ..."),
     "seed": ("int", "seeds python, numpy, torch and the data order"),
     "data_seed": (
         "int or null",
-        ("seeds the data order alone (default: `seed`); instability analysis varies it"),
+        "seeds the data order alone (default: `seed`); instability analysis varies it",
     ),
     "deterministic": ("bool", "`torch.use_deterministic_algorithms(True)`"),
     "microbatch_size": (
         "int or null",
-        ("split each batch for gradient accumulation (same gradient as the whole batch)"),
+        "split each batch for gradient accumulation (same gradient as the whole batch)",
     ),
     "precision": (
         "str",
-        ("`fp32`, `bf16` (autocast, CPU or GPU), `fp16` (autocast with GradScaler, CUDA only)"),
+        "`fp32`, `bf16` (autocast, CPU or GPU), `fp16` (autocast with GradScaler, CUDA only)",
     ),
     "device": ("str", "`auto` (CUDA, then MPS, then CPU), or any torch device string"),
     "compile": ("bool", "`torch.compile` the model"),
     "threads": (
         "int or null",
-        ("`torch.set_num_threads` (1 is often fastest on busy or 2-core machines)"),
+        "`torch.set_num_threads` (1 is often fastest on busy or 2-core machines)",
     ),
     "scale_schedule_ratio": (
         "float",
@@ -161,7 +161,7 @@ REFERENCE: dict[str, tuple[str, str]] = {
     ),
     "run_dir": (
         "str or null",
-        ("where the run writes; default `runs/<recipe>-<hash of the resolved config>`"),
+        "where the run writes; default `runs/<recipe>-<hash of the resolved config>`",
     ),
     "checkpoint": (
         "mapping",
@@ -572,6 +572,15 @@ def _validate_loggers(cfg: DictConfig, src: Any) -> None:
             cls.check_installed()  # a missing package fails here, before anything trains
         except (ValueError, TypeError, ImportError) as err:
             raise ConfigError(f"{where}: loggers.{name}: {err}") from None
+
+
+def check_global_batch(batch_size: int, processes: int) -> None:
+    """``data.batch_size`` is the global batch: it must split evenly across the processes."""
+    if batch_size % processes:
+        raise ConfigError(
+            f"data.batch_size: {batch_size} is the global batch and must divide evenly across "
+            f"{processes} processes (it is split, {batch_size / processes:g} each)"
+        )
 
 
 def _validate_distributed(cfg: DictConfig, src: Any) -> None:

@@ -26,6 +26,7 @@ __all__ = [
     "is_main",
     "barrier",
     "all_reduce_sum",
+    "all_reduce_max",
     "broadcast_object",
     "all_gather_objects",
     "launched_by_torchrun",
@@ -95,6 +96,18 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_reduce_max(value: int) -> int:
+    """The largest ``value`` over ranks (one small tensor collective, no pickling: cheap
+    enough for every step); ``value`` itself in a world of one."""
+    if not is_distributed():
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
 
 
 def broadcast_object(obj: Any, source: int = 0) -> Any:

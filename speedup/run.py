@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from speedup import distributed
-from speedup.config import DATA_LOADER_KEYS, ConfigError, config_hash, load_config
+from speedup.config import DATA_LOADER_KEYS, check_global_batch, config_hash, load_config
 from speedup.loggers import JSONLLogger, LoggerDestination, ProgressBar, build_loggers
 
 __all__ = [
@@ -82,15 +82,10 @@ def build_trainer(
 
     if cfg.threads:  # oversubscribed machines train faster with fewer intra-op threads
         torch.set_num_threads(cfg.threads)
-    device_type = "cpu" if cfg.device == "cpu" else None
-    distributed.init(device_type)  # under torchrun: join the process group
+    _init_distributed(cfg)
     rank, world = distributed.rank(), distributed.world_size()
     data = OmegaConf.to_container(cfg.data)
-    if data["batch_size"] % world:
-        raise ConfigError(
-            f"data.batch_size: {data['batch_size']} is the global batch and must divide evenly "
-            f"across {world} processes (it is split, {data['batch_size'] / world:g} each)"
-        )
+    check_global_batch(data["batch_size"], world)
     seed_everything(cfg.seed, cfg.deterministic)  # before any weight is initialised
     dataset_args = {k: v for k, v in data.items() if k not in DATA_LOADER_KEYS}
     splits = DATASETS.get(data["name"])(**dataset_args)
@@ -176,10 +171,10 @@ def run_config(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
     same command in the same run directory continues from the newest complete one. A run
     stopped by SIGTERM/SIGINT returns ``{"preempted": ...}`` and writes no summary.
     ``extra_callbacks`` are instances added by drivers (e.g. the harness's FLOPs meter)."""
-    from speedup.checkpoint import CheckpointSaver, find_latest, resolve_checkpoint
+    from speedup.checkpoint import CheckpointSaver, load_checkpoint
     from speedup.guard import NonFiniteLossError
 
-    distributed.init("cpu" if cfg.device == "cpu" else None)  # under torchrun
+    _init_distributed(cfg)
     main = distributed.is_main()  # only rank 0 logs and writes files
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
     metrics_path = run_dir / "metrics.jsonl"
@@ -196,14 +191,14 @@ def run_config(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     saver = CheckpointSaver(folder, **options, config=resolved, config_hash=config_hash(cfg))
     # Rank 0 picks the checkpoint (skipping damaged ones) and tells the others.
-    resume_from = _resume_point(cfg, folder, find_latest, resolve_checkpoint) if main else None
+    resume_from, verified = _resume_point(cfg, folder) if main else (None, None)
     resume_from = distributed.broadcast_object(resume_from)
     # Bad data paths fail here, before any file is written.
     trainer = build_trainer(
         cfg, loggers, trace=cfg.trace, extra_callbacks=[saver, *extra_callbacks]
     )
     if resume_from is not None:
-        meta = trainer.load_checkpoint(resume_from)
+        meta = load_checkpoint(trainer, resume_from, verified)  # rank 0 hashed it already
         if main:
             _warn_if_config_differs(meta, cfg, resume_from)
             print(f"resuming from {resume_from}", file=sys.stderr)
@@ -263,17 +258,23 @@ def run_config(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
     return summary
 
 
-def _resume_point(cfg: DictConfig, folder: Path, find_latest: Any, resolve: Any) -> Path | None:
-    """Where ``cfg.resume`` says to continue from (None: from scratch)."""
-    from speedup.checkpoint import CheckpointError
+def _init_distributed(cfg: DictConfig) -> None:
+    """Join torchrun's process group, if launched by it (idempotent)."""
+    distributed.init("cpu" if cfg.device == "cpu" else None)
+
+
+def _resume_point(cfg: DictConfig, folder: Path) -> tuple[Path | None, dict[str, Any] | None]:
+    """Where ``cfg.resume`` says to continue from (None: from scratch), with the checkpoint's
+    meta when finding it already verified its hashes."""
+    from speedup.checkpoint import CheckpointError, resolve_checkpoint, verified_latest
 
     choice = str(cfg.resume).strip()
     if choice == "never":
-        return None
+        return None, None
     if choice == "auto":
-        return find_latest(folder)
+        return verified_latest(folder) or (None, None)
     try:
-        return resolve(choice)
+        return resolve_checkpoint(choice), None
     except CheckpointError as err:
         raise CheckpointError(f"resume={choice}: {err}") from None
 

@@ -170,3 +170,27 @@ def masked_token_data(n: int, seq: int, vocab: int, label_rate: float, seed: int
     input_ids = torch.randint(0, vocab, (n, seq), generator=g)
     labels = torch.where(torch.rand(n, seq, generator=g) < label_rate, input_ids, -100)
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+
+
+# -- interrupting runs ------------------------------------------------------------------------
+
+
+class CrashAt(Callback):
+    """Simulates a crash (an exception) after step ``batch``."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+
+    def batch_end(self, state, logger) -> None:  # noqa: ANN001
+        if state.timestamp.batch == self.batch:
+            raise RuntimeError(f"simulated crash at step {self.batch}")
+
+
+class CountBatches(Callback):
+    """Counts the batches the data loader delivered (a resume must not load skipped ones)."""
+
+    def __init__(self) -> None:
+        self.loaded = 0
+
+    def after_dataloader(self, state, logger) -> None:  # noqa: ANN001
+        self.loaded += 1

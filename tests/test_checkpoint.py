@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CountBatches, CrashAt
 
 from speedup.callback import Callback
 from speedup.checkpoint import (
@@ -56,25 +57,6 @@ COMPOSED = [
 
 def composed(run_dir: Path, *extra: str):
     return load_config("shapes2d-baseline", [*COMPOSED, f"run_dir={run_dir}", *extra], smoke=True)
-
-
-class CrashAt(Callback):
-    """Simulates a crash (an exception) after step ``batch``."""
-
-    def __init__(self, batch: int) -> None:
-        self.batch = batch
-
-    def batch_end(self, state, logger) -> None:  # noqa: ANN001
-        if state.timestamp.batch == self.batch:
-            raise RuntimeError(f"simulated crash at step {self.batch}")
-
-
-class CountBatches(Callback):
-    def __init__(self) -> None:
-        self.loaded = 0
-
-    def after_dataloader(self, state, logger) -> None:  # noqa: ANN001
-        self.loaded += 1
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:

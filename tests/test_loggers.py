@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import CrashAt
 
 from speedup.callback import Callback
 from speedup.config import ConfigError, config_hash, load_config
@@ -116,15 +117,6 @@ def test_csv_columns_grow_as_new_metric_names_appear(tmp_path: Path) -> None:
     ]
     assert len(rows) == len(jsonl(run_dir))  # earlier rows were kept through the rewrites
     assert not (run_dir / "metrics.csv.tmp").exists()
-
-
-class CrashAt(Callback):
-    def __init__(self, batch: int) -> None:
-        self.batch = batch
-
-    def batch_end(self, state, logger) -> None:  # noqa: ANN001
-        if state.timestamp.batch == self.batch:
-            raise RuntimeError(f"simulated crash at step {self.batch}")
 
 
 def test_resumed_run_logs_each_step_once_and_the_config_once(tmp_path: Path) -> None:

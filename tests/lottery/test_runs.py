@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import CountBatches, CrashAt
 from speedup.lottery.runs import initial_weights, train_run
 
-from speedup.callback import Callback
 from speedup.config import load_config
 
 OVERRIDES = [
@@ -17,23 +17,6 @@ OVERRIDES = [
     "deterministic=true",
     "threads=1",
 ]
-
-
-class CrashAt(Callback):
-    def __init__(self, batch: int) -> None:
-        self.batch = batch
-
-    def batch_end(self, state, logger) -> None:  # noqa: ANN001
-        if state.timestamp.batch == self.batch:
-            raise RuntimeError(f"simulated crash at step {self.batch}")
-
-
-class CountBatches(Callback):
-    def __init__(self) -> None:
-        self.loaded = 0
-
-    def after_dataloader(self, state, logger) -> None:  # noqa: ANN001
-        self.loaded += 1
 
 
 def test_an_interrupted_level_resumes_mid_run_to_the_same_weights(tmp_path) -> None:

@@ -11,6 +11,7 @@ world of one.
 
 from __future__ import annotations
 
+import atexit
 import os
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch.distributed as dist
 
 __all__ = [
     "init",
+    "shutdown",
     "is_distributed",
     "rank",
     "local_rank",
@@ -62,7 +64,18 @@ def init(device_type: str | None = None) -> bool:
     if device_type == "cuda":
         torch.cuda.set_device(local_rank())
     dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    # Leaving the process group alive until interpreter teardown lets gloo's worker threads
+    # be destroyed while still joinable, which aborts the process ("terminate called without
+    # an active exception") after a successful run; leave it explicitly instead.
+    atexit.register(shutdown)
     return True
+
+
+def shutdown() -> None:
+    """Leave the process group, if joined (idempotent; also runs at exit after :func:`init`).
+    No barrier: a rank that failed must be able to exit without waiting on the others."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_distributed() -> bool:

@@ -340,6 +340,11 @@ class Trainer:
             if s.evaluated_at != s.timestamp.batch and not s.preempted:
                 self.eval()
             run(Event.FIT_END)
+            # Every rank ends fit together. Besides keeping ranks in step, this makes gloo's
+            # worker threads let go of the last collective's Python tensors while the
+            # interpreter is still alive: released during interpreter shutdown instead, they
+            # abort the process ("terminate called without an active exception").
+            distributed.barrier()
         finally:
             self._clock = None
             for hook in [*s.callbacks, *self.logger.destinations]:

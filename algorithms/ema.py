@@ -57,7 +57,7 @@ from torch import nn
 from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.config import ConfigError
 from speedup.event import Event
-from speedup.time import Time, TimeUnit
+from speedup.time import schedule_time
 
 __all__ = ["EMA", "compute_ema", "smoothing_from_half_life"]
 
@@ -121,18 +121,6 @@ def _exchange(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
         y.copy_(held)
 
 
-def _parse(key: str, text: str, positive: bool) -> Time:
-    try:
-        time = Time.parse(text)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"ema.{key}: {err}") from None
-    if time.unit == TimeUnit.SECOND:
-        raise ValueError(f"ema.{key}: {text!r} is wall-clock; use ba, ep, sp, tok or dur")
-    if positive and time.value <= 0:
-        raise ValueError(f"ema.{key} must be > 0, got {text!r}")
-    return time
-
-
 class EMA(Algorithm):
     """Average the weights exponentially; evaluate with, and finish on, the average.
 
@@ -161,10 +149,14 @@ class EMA(Algorithm):
             raise ValueError(f"ema.smoothing must be in (0, 1), got {smoothing}")
         if smoothing is None and half_life is None:
             half_life = DEFAULT_HALF_LIFE
-        self.half_life = _parse("half_life", half_life, True) if half_life is not None else None
+        self.half_life = (
+            schedule_time("ema.half_life", half_life, positive=True)
+            if half_life is not None
+            else None
+        )
         self.smoothing = smoothing
-        self.update_interval = _parse("update_interval", update_interval, True)
-        self.ema_start = _parse("ema_start", ema_start, False)
+        self.update_interval = schedule_time("ema.update_interval", update_interval, positive=True)
+        self.ema_start = schedule_time("ema.ema_start", ema_start)
         self.eval_with_ema = eval_with_ema
         #: The copy this algorithm holds, by parameter/buffer name: the average during
         #: training; the training weights while ``model_holds_ema`` (after fit).

@@ -50,7 +50,7 @@ from torch import nn
 from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.config import ConfigError
 from speedup.event import Event
-from speedup.time import Time, TimeUnit
+from speedup.time import TimeUnit, schedule_time
 
 __all__ = ["LayerFreezing", "freezable_layers", "freeze_fraction", "freeze_layers"]
 
@@ -107,19 +107,9 @@ class LayerFreezing(Algorithm):
     name = "layer_freezing"
 
     def __init__(self, freeze_start: str = "0.5dur", freeze_level: float = 1.0) -> None:
-        try:
-            start = Time.parse(freeze_start)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"layer_freezing.freeze_start: {err}") from None
-        if start.unit == TimeUnit.SECOND:
-            raise ValueError(
-                f"layer_freezing.freeze_start: {freeze_start!r} is wall-clock; use ba, ep, sp, "
-                "tok or dur"
-            )
-        if start.unit == TimeUnit.DURATION and not 0.0 <= start.value < 1.0:
+        start = schedule_time("layer_freezing.freeze_start", freeze_start)
+        if start.unit == TimeUnit.DURATION and start.value >= 1.0:
             raise ValueError(f"layer_freezing.freeze_start must be in [0dur, 1dur), got {start}")
-        if start.value < 0:
-            raise ValueError(f"layer_freezing.freeze_start must be >= 0, got {start}")
         if not 0.0 < freeze_level <= 1.0:
             raise ValueError(f"layer_freezing.freeze_level must be in (0, 1], got {freeze_level}")
         self.freeze_start = start

@@ -53,7 +53,7 @@ from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.config import ConfigError
 from speedup.event import Event
 from speedup.models.base import Model
-from speedup.time import Time, TimeUnit
+from speedup.time import schedule_time
 
 __all__ = ["SelectiveBackprop", "highest_loss_indices", "kept_count", "select_using_loss"]
 
@@ -118,20 +118,6 @@ def select_using_loss(
     return selected, index
 
 
-def _parse(key: str, text: str) -> Time:
-    try:
-        time = Time.parse(text)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"selective_backprop.{key}: {err}") from None
-    if time.unit == TimeUnit.SECOND:
-        raise ValueError(
-            f"selective_backprop.{key}: {text!r} is wall-clock; use ba, ep, sp, tok or dur"
-        )
-    if time.value < 0:
-        raise ValueError(f"selective_backprop.{key} must be >= 0, got {text!r}")
-    return time
-
-
 class SelectiveBackprop(Algorithm):
     """Backpropagate only the highest-loss fraction of each batch in a window of the run."""
 
@@ -146,7 +132,10 @@ class SelectiveBackprop(Algorithm):
         interval: int = 2,
         input_key: str = "inputs",
     ) -> None:
-        self.start, self.end = _parse("start", start), _parse("end", end)
+        self.start, self.end = (
+            schedule_time("selective_backprop.start", start),
+            schedule_time("selective_backprop.end", end),
+        )
         if self.start.unit == self.end.unit and self.end <= self.start:
             raise ValueError(
                 f"selective_backprop.end must be after start, got start={start!r} end={end!r}"

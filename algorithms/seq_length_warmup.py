@@ -47,7 +47,7 @@ import torch
 from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.config import ConfigError
 from speedup.event import Event
-from speedup.time import Time, TimeUnit
+from speedup.time import schedule_time
 
 __all__ = ["SeqLengthWarmup", "set_batch_sequence_length", "warmup_sequence_length"]
 
@@ -128,15 +128,7 @@ class SeqLengthWarmup(Algorithm):
         step_size: int = 8,
         truncate: bool = True,
     ) -> None:
-        try:
-            parsed = Time.parse(duration)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"seq_length_warmup.duration: {err}") from None
-        if parsed.unit == TimeUnit.SECOND:
-            raise ValueError(
-                f"seq_length_warmup.duration: {duration!r} is wall-clock; use ba, ep, sp, tok "
-                "or dur"
-            )
+        parsed = schedule_time("seq_length_warmup.duration", duration)
         _multiple_of_8("min_seq_length", min_seq_length)
         _multiple_of_8("step_size", step_size)
         self.duration = parsed

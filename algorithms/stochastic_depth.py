@@ -55,7 +55,7 @@ from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.event import Event
 from speedup.models.vision import _BasicBlock
 from speedup.surgery import replace_modules
-from speedup.time import Time, TimeUnit
+from speedup.time import schedule_time
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -235,15 +235,7 @@ class StochasticDepth(Algorithm):
         drop_warmup: str = "0.0dur",
     ) -> None:
         _check(drop_rate, drop_distribution, method, "stochastic_depth.")
-        try:
-            warmup = Time.parse(drop_warmup)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"stochastic_depth.drop_warmup: {err}") from None
-        if warmup.unit == TimeUnit.SECOND or warmup.value < 0:
-            raise ValueError(
-                "stochastic_depth.drop_warmup must be a non-negative Time in ba, ep, sp, tok or "
-                f"dur, got {drop_warmup!r}"
-            )
+        warmup = schedule_time("stochastic_depth.drop_warmup", drop_warmup)
         self.drop_rate = drop_rate
         self.drop_distribution = drop_distribution
         self.method = method

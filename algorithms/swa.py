@@ -53,7 +53,7 @@ from speedup import distributed
 from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.config import ConfigError
 from speedup.event import Event
-from speedup.time import Time, TimeUnit
+from speedup.time import TimeUnit, schedule_time
 
 __all__ = ["ANNEAL_STRATEGIES", "SWA", "average_weights", "swa_lr_factor", "update_bn"]
 
@@ -173,18 +173,6 @@ def update_bn(
     return used
 
 
-def _parse(key: str, text: str, positive: bool) -> Time:
-    try:
-        time = Time.parse(text)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"swa.{key}: {err}") from None
-    if time.unit == TimeUnit.SECOND:
-        raise ValueError(f"swa.{key}: {text!r} is wall-clock; use ba, ep, sp, tok or dur")
-    if time.value < 0 or (positive and time.value == 0):
-        raise ValueError(f"swa.{key} must be {'> 0' if positive else '>= 0'}, got {text!r}")
-    return time
-
-
 class SWA(Algorithm):
     """Average the weights with equal weights late in training; end on the average."""
 
@@ -199,13 +187,13 @@ class SWA(Algorithm):
         anneal_strategy: str = "cos",
         bn_batches: int | None = None,
     ) -> None:
-        self.swa_start = _parse("swa_start", swa_start, positive=False)
+        self.swa_start = schedule_time("swa.swa_start", swa_start)
         if self.swa_start.unit == TimeUnit.DURATION and self.swa_start.value >= 1:
             raise ValueError(f"swa.swa_start must be before the end (< 1dur), got {swa_start!r}")
-        self.update_interval = _parse("update_interval", update_interval, positive=True)
+        self.update_interval = schedule_time("swa.update_interval", update_interval, positive=True)
         if swa_lr is not None and not swa_lr >= 0:
             raise ValueError(f"swa.swa_lr must be >= 0 (or None), got {swa_lr}")
-        self.anneal_steps = _parse("anneal_steps", anneal_steps, positive=False)
+        self.anneal_steps = schedule_time("swa.anneal_steps", anneal_steps)
         if anneal_strategy not in ANNEAL_STRATEGIES:
             raise ValueError(
                 f"swa.anneal_strategy must be one of {', '.join(ANNEAL_STRATEGIES)}, "

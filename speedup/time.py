@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import Any
 
-__all__ = ["TimeUnit", "Time", "TimeConverter", "Timestamp"]
+__all__ = ["TimeUnit", "Time", "schedule_time", "TimeConverter", "Timestamp"]
 
 
 class TimeUnit(str, Enum):
@@ -115,6 +115,25 @@ class Time:
 
     def __ge__(self, other: Time) -> bool:
         return self.value >= self._same_unit(other).value
+
+
+def schedule_time(key: str, text: str | Time, *, positive: bool = False) -> Time:
+    """``text`` parsed for the algorithm argument ``key`` (e.g. ``"ema.half_life"``): a point or
+    interval of an algorithm's schedule, in ``ba``, ``ep``, ``sp``, ``tok`` or ``dur``.
+
+    Wall-clock (``sec``) is refused: a schedule tied to machine speed would not replay the same
+    on resume or on other hardware. ``positive`` also refuses zero (intervals, half-lives).
+    Every error names ``key``.
+    """
+    try:
+        time = Time.parse(text)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{key}: {err}") from None
+    if time.unit == TimeUnit.SECOND:
+        raise ValueError(f"{key}: {text!r} is wall-clock; use ba, ep, sp, tok or dur")
+    if positive and time.value == 0:
+        raise ValueError(f"{key} must be > 0, got {text!r}")
+    return time
 
 
 @dataclass(frozen=True)

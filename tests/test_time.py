@@ -1,6 +1,6 @@
 import pytest
 
-from speedup.time import Time, TimeConverter, Timestamp, TimeUnit
+from speedup.time import Time, TimeConverter, Timestamp, TimeUnit, schedule_time
 
 
 @pytest.mark.parametrize(
@@ -78,3 +78,18 @@ def test_timestamp_counts():
     copy = Timestamp()
     copy.load_state_dict(ts.state_dict())
     assert copy == ts
+
+
+def test_schedule_time_names_the_argument_and_refuses_wall_clock_and_zero_intervals():
+    assert schedule_time("ema.ema_start", "0ba") == Time(0, TimeUnit.BATCH)
+    assert schedule_time("swa.update_interval", "0.5dur", positive=True) == Time(
+        0.5, TimeUnit.DURATION
+    )
+    with pytest.raises(ValueError, match=r"^ema.half_life: '10sec' is wall-clock"):
+        schedule_time("ema.half_life", "10sec")
+    with pytest.raises(ValueError, match=r"^swa.update_interval must be > 0, got '0ep'"):
+        schedule_time("swa.update_interval", "0ep", positive=True)
+    with pytest.raises(ValueError, match=r"^layer_freezing.freeze_start: duration '-1ba'"):
+        schedule_time("layer_freezing.freeze_start", "-1ba")
+    with pytest.raises(ValueError, match=r"^selective_backprop.end: malformed duration"):
+        schedule_time("selective_backprop.end", "later")

@@ -1,8 +1,14 @@
 """Label smoothing.
 
-**What.** Replaces each one-hot target with ``(1 - alpha) * onehot + alpha / K``, so the loss
-stops pushing logits towards infinity (Szegedy et al. 2016, "Rethinking the Inception
-architecture", section 7).
+**What.** Replaces each target distribution ``q`` with ``q' = (1 - alpha) * q + alpha / K``
+over ``K`` classes, so the loss stops pushing logits towards infinity (Szegedy et al. 2016,
+"Rethinking the Inception architecture", section 7, where ``q`` is the one-hot label and
+``u = 1/K`` the uniform prior). ``alpha`` is in ``[0, 1]``; ``alpha = 1`` gives uniform
+targets. Whether targets are class indices or class probabilities is decided by shape, as
+``F.cross_entropy`` does, never by dtype: targets with as many dims as the logits (class dim
+1 of size ``K``) are probabilities (one-hot, multi-hot or soft, of any dtype); targets with
+one dim fewer are indices, one-hot encoded along dim 1 (class-first, like the logits:
+segmentation targets ``[N, H, W]`` become ``[N, K, H, W]``).
 
 **When it helps.** Classification trained long enough to overfit its confidence. Szegedy et
 al. report about 0.2 points absolute on ImageNet top-1 and top-5 error at alpha 0.1; Composer's
@@ -28,20 +34,44 @@ from speedup.event import Event
 __all__ = ["LabelSmoothing", "smooth_labels"]
 
 
-def smooth_labels(
-    targets: torch.Tensor, num_classes: int, alpha: float = 0.1, binary: bool = False
-) -> torch.Tensor:
-    """Smooth class indices or per-class probabilities.
+def _check_alpha(alpha: float, key: str) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"{key} must be a number in [0, 1], got {alpha!r}")
 
-    ``targets`` of integer dtype are class indices ``[N]``; floating targets ``[N, K]`` are
-    probabilities (soft labels from MixUp/CutMix) and are smoothed as they are. With
-    ``binary=True`` each of the K outputs is its own two-class problem (BCE-style losses):
-    every target moves towards 0.5 instead of 1/K.
+
+def smooth_labels(
+    targets: torch.Tensor,
+    num_classes: int,
+    alpha: float = 0.1,
+    binary: bool = False,
+    *,
+    logits_ndim: int = 2,
+) -> torch.Tensor:
+    """Smoothed class probabilities ``(1 - alpha) * q + alpha / K``, shaped like the logits.
+
+    ``logits_ndim`` is the number of dims of the logits the targets go with (2 for ``[N, K]``
+    classification, 4 for ``[N, K, H, W]`` segmentation). Targets with that many dims are
+    probabilities ``q`` with the class dim 1 of size ``num_classes`` (one-hot of any dtype,
+    or soft labels from MixUp/CutMix); targets with one dim fewer are class indices, one-hot
+    encoded along dim 1. With ``binary=True`` each of the K outputs is its own two-class
+    problem (BCE-style losses): every target moves towards 0.5 instead of 1/K; a single
+    logit per sample is ``logits_ndim=1`` with targets ``[N]``.
     """
-    if not 0.0 <= alpha < 1.0:
-        raise ValueError(f"alpha must be in [0, 1), got {alpha}")
-    if not targets.dtype.is_floating_point:
-        targets = F.one_hot(targets.long(), num_classes)
+    _check_alpha(alpha, "alpha")
+    if logits_ndim >= 2 and targets.dim() == logits_ndim - 1:
+        if targets.dtype.is_floating_point:  # F.cross_entropy refuses them too
+            raise ValueError(
+                f"class-index targets (one dim fewer than the {logits_ndim}-dim logits) must be "
+                f"integers, got {targets.dtype}"
+            )
+        # Class indices: one-hot along the class dim, which is dim 1 like the logits'.
+        targets = F.one_hot(targets.long(), num_classes).movedim(-1, 1)
+    elif targets.dim() != logits_ndim or (logits_ndim >= 2 and targets.shape[1] != num_classes):
+        raise ValueError(
+            f"targets of shape {tuple(targets.shape)} fit neither class indices "
+            f"({logits_ndim - 1} dims) nor probabilities ({logits_ndim} dims, dim 1 of size "
+            f"{num_classes}) for {logits_ndim}-dim logits"
+        )
     targets = targets.float()
     spread = 0.5 if binary else 1.0 / num_classes
     return targets * (1.0 - alpha) + alpha * spread
@@ -53,8 +83,7 @@ class LabelSmoothing(Algorithm):
     name = "label_smoothing"
 
     def __init__(self, alpha: float = 0.1, binary: bool = False) -> None:
-        if not 0.0 <= alpha < 1.0:
-            raise ValueError(f"label_smoothing.alpha must be in [0, 1), got {alpha}")
+        _check_alpha(alpha, "label_smoothing.alpha")
         self.alpha = alpha
         self.binary = binary
         self._original: torch.Tensor | None = None
@@ -75,8 +104,16 @@ class LabelSmoothing(Algorithm):
         batch = state.batch
         if event == Event.BEFORE_LOSS:
             self._original = batch["targets"]
-            classes = state.outputs.shape[-1]
-            batch["targets"] = smooth_labels(self._original, classes, self.alpha, self.binary)
+            outputs = state.outputs
+            # The class dim is 1, as for F.cross_entropy ([N, K] or [N, K, H, W] logits); a
+            # single binary logit per sample ([N]) has no class dim.
+            batch["targets"] = smooth_labels(
+                self._original,
+                outputs.shape[1] if outputs.dim() >= 2 else 1,
+                self.alpha,
+                self.binary,
+                logits_ndim=outputs.dim(),
+            )
         elif self._original is not None:
             batch["targets"] = self._original
             self._original = None

@@ -7,11 +7,16 @@ accelerate training by progressively freezing layers") anneals each layer's lear
 zero on a schedule that ends earlier for earlier layers, then excludes it from the backward
 pass. This is Composer's simpler form: at each epoch end, the fraction of layers frozen is
 ``freeze_level * (t - freeze_start) / (1 - freeze_start)`` for elapsed fraction
-``t > freeze_start`` (0 before), and the first ``floor(fraction * L)`` layers are frozen. A
-frozen parameter gets ``requires_grad = False``: backward no longer computes its gradient
-(nor, once a whole prefix is frozen, anything below it), its ``.grad`` stays None, and
-optimizers skip parameters without a gradient, so the weight stays exactly constant (no
-momentum, no weight decay). Freezing is never undone.
+``t > freeze_start`` (0 before), and the first ``floor(fraction * (L - 1))`` of the ``L``
+layers are frozen. The last layer (the output layer) is never frozen, even at
+``freeze_level: 1.0``: freeze training freezes lower layers while the top keeps learning
+(Raghu et al. 2017), and Composer's reference ``freeze_layers``
+(composer/algorithms/layer_freezing/layer_freezing.py) counts and freezes only
+``flat_children[0:-1]``, every layer but the last. A frozen parameter gets
+``requires_grad = False``: backward no longer computes its gradient (nor, once a whole prefix
+is frozen, anything below it), its ``.grad`` stays None, and optimizers skip parameters
+without a gradient, so the weight stays exactly constant (no momentum, no weight decay).
+Freezing is never undone.
 
 **Layers.** The ordered list of modules that own parameters directly
 (``module.parameters(recurse=False)`` is non-empty), in ``named_modules()`` order, which is
@@ -21,8 +26,8 @@ parameter (a ViT's class token, a position embedding) counts too, however deeply
 assumes modules are registered in forward order, as in Sequential and the usual torchvision
 and Hugging Face nets; where they are not, the "earliest" layers are the first registered. A
 parameter shared by several layers (tied input and output embeddings) freezes only when every
-layer holding it is frozen. BatchNorm running statistics of frozen layers keep updating in
-train mode; only parameters freeze.
+layer holding it is frozen, so a weight tied to the output layer never freezes. BatchNorm
+running statistics of frozen layers keep updating in train mode; only parameters freeze.
 
 **When it helps.** Composer's method card (Brock et al.'s FreezeOut, simplified) reports
 about 5% higher throughput on ResNet-50/ImageNet for 0.5-1 point lower accuracy and marks it
@@ -38,7 +43,8 @@ anything relying on every parameter having a gradient (a DDP wrapper without
 ``find_unused_parameters``). Freezing happens at epoch ends only, so a run shorter than two
 epochs never freezes.
 
-Functional twins: :func:`freeze_layers`, :func:`freeze_fraction`, :func:`freezable_layers`.
+Functional twins: :func:`freeze_layers`, :func:`freeze_fraction`, :func:`freezable_layers`,
+:func:`frozen_count`.
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ from speedup.config import ConfigError
 from speedup.event import Event
 from speedup.time import TimeUnit, schedule_time
 
-__all__ = ["LayerFreezing", "freezable_layers", "freeze_fraction", "freeze_layers"]
+__all__ = ["LayerFreezing", "freezable_layers", "freeze_fraction", "freeze_layers", "frozen_count"]
 
 
 def freezable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -90,13 +96,19 @@ def _freeze_first(layers: list[tuple[str, nn.Module]], count: int) -> list[nn.Pa
     return frozen
 
 
+def frozen_count(fraction: float, layers: int) -> int:
+    """How many of ``layers`` layers are frozen at ``fraction``: ``floor(fraction * (L - 1))``,
+    so the last (output) layer never is."""
+    return math.floor(fraction * max(layers - 1, 0) + 1e-9)  # absorb 0.3 * 10 = 2.999...
+
+
 def freeze_layers(model: nn.Module, fraction: float) -> int:
-    """Freeze the first ``floor(fraction * L)`` of the model's L layers (see
-    :func:`freezable_layers`); returns how many layers that is."""
+    """Freeze the first ``floor(fraction * (L - 1))`` of the model's L layers (see
+    :func:`freezable_layers`; the last layer always keeps training); returns how many."""
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction must be in [0, 1], got {fraction}")
     layers = freezable_layers(model)
-    count = math.floor(fraction * len(layers) + 1e-9)  # absorb 0.3 * 10 = 2.999...
+    count = frozen_count(fraction, len(layers))
     _freeze_first(layers, count)
     return count
 
@@ -152,12 +164,12 @@ class LayerFreezing(Algorithm):
                 boundary = state.timestamp.epoch * conv.batches_per_epoch
                 elapsed = min(1.0, boundary / total) if total else 1.0
                 fraction = freeze_fraction(elapsed, self._start_fraction, self.freeze_level)
-                self.frozen_layers = math.floor(fraction * len(layers) + 1e-9)
+                self.frozen_layers = frozen_count(fraction, len(layers))
             if self.frozen_layers:  # resumed (or started part-way): before any step runs
                 _freeze_first(layers, self.frozen_layers)
             return
         fraction = freeze_fraction(state.elapsed_fraction, self._start_fraction, self.freeze_level)
-        count = math.floor(fraction * len(layers) + 1e-9)
+        count = frozen_count(fraction, len(layers))
         if count > self.frozen_layers:
             self.frozen_layers = count
             _freeze_first(layers, count)

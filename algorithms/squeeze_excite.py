@@ -3,22 +3,31 @@
 **What.** Hu et al. (2018, "Squeeze-and-excitation networks", CVPR; section 3) reweight the
 channels of a feature map ``U`` ``[N, C, H, W]`` by a gate computed from ``U`` itself:
 squeeze ``z = mean_{h,w} U`` (global average pooling, ``[N, C]``), excite
-``s = sigmoid(W_2 relu(W_1 z + b_1) + b_2)`` with ``W_1`` ``[L, C]`` and ``W_2`` ``[C, L]``,
-output ``U * s`` per channel. The paper puts one block at the end of each residual branch
-with ``L = C / 16`` (reduction ratio r = 16, from their ablation of r). Like Composer, and to stay
-architecture-agnostic, this surgery adds one after every ``nn.Conv2d`` with at least
-``min_channels`` output channels (``conv -> SE``, before the conv's normalisation layer).
-``latent_channels`` is ``L`` when >= 1, or a fraction of ``C`` when < 1 (``0.0625`` is the
-paper's r = 16). Each block adds ``2 C L + L + C`` parameters.
+``s = sigmoid(W_2 relu(W_1 z))`` (their Eq. 3, no bias terms) with ``W_1`` ``[L, C]`` and
+``W_2`` ``[C, L]``, output ``U * s`` per channel. ``latent_channels`` is ``L`` when >= 1, or
+a fraction of ``C`` when < 1 (``0.0625`` is the paper's reduction ratio r = 16). Each block
+adds ``2 C L`` parameters.
+
+**Placement.** This follows Composer's reference surgery (``apply_squeeze_excite`` in
+composer/algorithms/squeeze_excite/squeeze_excite.py): one block directly after every
+``nn.Conv2d`` with ``min(in_channels, out_channels) >= min_channels`` (``conv -> SE``, so
+before the conv's normalisation layer), with bias-free ``Linear`` layers. On torchvision's
+ResNet-50 at the default ``min_channels=128`` that is 42 of its 53 convolutions (gating on
+the output channels alone would give 46). Hu et al. instead put one block per residual
+block, on the branch after its last BatchNorm and before the identity is added (16 blocks
+on ResNet-50, their Figure 3). We keep the reference's rule because it needs no knowledge
+of a network's block structure (it applies to any conv net, residual or not), and the
+``min_channels`` threshold lets it spend the gates only where feature maps are small;
+the price is more gates than the paper's and a different position inside the block.
 
 **When it helps.** Conv nets where accuracy per unit of training time matters more than
 inference latency. Hu et al. (Table 2): ImageNet ResNet-50 top-1 error 24.80% -> 23.29%
-(their re-implementation) for 3.86 -> 3.87 GFLOPs (+0.26%) and ~2.5M (~10%) more parameters.
-Composer's method card (composer/algorithms/squeeze_excite/README.md) reports a better
-accuracy/time trade-off on its ResNet benchmarks despite slower steps, about +20% inference
-latency, and recommends ``min_channels=512`` at ImageNet scale (only the small, late feature
-maps get blocks, where they are cheap) with at least 64 latent channels; the defaults here
-(``latent_channels=64``, ``min_channels=128``) are Composer's.
+(their re-implementation) for 3.86 -> 3.87 GFLOPs (+0.26%) and ~2.5M (~10%) more parameters,
+with their placement. Composer's method card (composer/algorithms/squeeze_excite/README.md)
+reports a better accuracy/time trade-off on its ResNet benchmarks despite slower steps,
+about +20% inference latency, and recommends ``min_channels=512`` at ImageNet scale (only
+the small, late feature maps get blocks, where they are cheap) with at least 64 latent
+channels; the defaults here (``latent_channels=64``, ``min_channels=128``) are Composer's.
 
 **Composes badly with.** Inference-latency budgets (it adds work at eval). Nothing in the
 training catalogue conflicts; the gates are ``nn.Linear`` layers, so weight standardization
@@ -64,8 +73,9 @@ class SqueezeExcite2d(nn.Module):
 
     def __init__(self, channels: int, latent_channels: int) -> None:
         super().__init__()
-        self.reduce = nn.Linear(channels, latent_channels)
-        self.expand = nn.Linear(latent_channels, channels)
+        # No biases: Hu et al.'s Eq. 3 has none, nor has the reference's MLP.
+        self.reduce = nn.Linear(channels, latent_channels, bias=False)
+        self.expand = nn.Linear(latent_channels, channels, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         squeezed = x.mean(dim=(-2, -1))  # [N, C]
@@ -102,7 +112,8 @@ def apply_squeeze_excite(
     model: nn.Module, latent_channels: float = 64, min_channels: int = 128
 ) -> int:
     """Put a :class:`SqueezeExcite2d` after every ``nn.Conv2d`` with at least ``min_channels``
-    output channels, in place; returns how many were added.
+    input and output channels (``min(in, out) >= min_channels``), in place; returns how many
+    were added.
 
     New parameters are created here: build the optimizer afterwards (the Trainer does, since
     this runs at INIT). A convolution already gated is not gated twice.
@@ -110,7 +121,10 @@ def apply_squeeze_excite(
     _check(latent_channels, min_channels)
 
     def build(child: nn.Module) -> nn.Module | None:
-        if isinstance(child, nn.Conv2d) and child.out_channels >= min_channels:
+        if (
+            isinstance(child, nn.Conv2d)
+            and min(child.in_channels, child.out_channels) >= min_channels
+        ):
             return SqueezeExciteConv2d(child, latent_width(child.out_channels, latent_channels))
         return None
 
@@ -142,7 +156,7 @@ class SqueezeExcite(Algorithm):
         self.added = apply_squeeze_excite(state.model, self.latent_channels, self.min_channels)
         if not self.added:
             warnings.warn(
-                f"squeeze_excite found no Conv2d with >= {self.min_channels} output channels: "
-                "it has no effect (lower min_channels for a narrow network)",
+                f"squeeze_excite found no Conv2d with >= {self.min_channels} input and output "
+                "channels: it has no effect (lower min_channels for a narrow network)",
                 stacklevel=2,
             )

@@ -3,15 +3,24 @@
 **What.** Qiao et al. (2019, "Micro-batch training with batch-channel normalization and weight
 standardization", arXiv:1903.10520; section 3) reparametrise every convolution weight
 so each output channel's kernel has zero mean and unit variance over its fan-in
-(input channels x kernel height x kernel width): ``W_hat[o] = (W[o] - mean(W[o])) /
-sqrt(var(W[o]) + eps)``, and convolve with ``W_hat``; gradients flow through the
-standardisation to the raw ``W``. They show it smooths the loss landscape (smaller Lipschitz
-constants of the loss and its gradients) and pair it with GroupNorm for micro-batch training.
+(input channels x kernel extent), and convolve with the standardised kernel; gradients flow
+through the standardisation to the raw ``W``. They show it smooths the loss landscape (smaller
+Lipschitz constants of the loss and its gradients) and pair it with GroupNorm for micro-batch
+training. This follows the authors' reference code (github.com/joe-siyuan-qiao/
+WeightStandardization, ``Conv2d.forward``): ``W_hat[o] = (W[o] - mean(W[o])) / (std(W[o]) +
+eps)`` with ``std`` the *unbiased* (Bessel-corrected, ``torch.std``'s default) standard
+deviation and ``eps = 1e-5`` added to the standard deviation, not to the variance. Where eps
+goes matters: Kaiming-initialised kernels have a tiny variance (``2 / fan_in``: 4.3e-4 for a
+512x3x3 fan-in, and 7.2e-5 at PyTorch's default init), so ``sqrt(var + 1e-5)`` shrank them
+to variance 0.977 (0.879 at default init), while ``std + 1e-5`` leaves 0.999 (0.998).
 Implemented with ``torch.nn.utils.parametrize``: the raw weight lives at
 ``<conv>.parametrizations.weight.original`` and ``<conv>.weight`` is computed from it at each
-forward (the variance is the biased one; the authors' snippet divides by ``std + 1e-5``,
-which differs only at the ``eps`` scale). ``n_last_layers_ignore`` leaves the last convolutions
-(in module definition order) unstandardised, for conv classifier heads.
+forward. ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d`` are standardised (the fan-in is every
+dim but the first); transposed convolutions are not (their dim 0 is the input channel), nor
+convolutions with a fan-in of one (a single value standardises to 0; the reference divides
+0 by NaN there). ``n_last_layers_ignore`` leaves the last convolutions (in module definition
+order) unstandardised, for conv classifier heads; when it is at least the number of
+convolutions, none is standardised.
 
 **When it helps.** Normalised conv nets, especially with small per-device batches and
 GroupNorm, where Qiao et al. report GN+WS at 1 image per GPU matching or beating BatchNorm
@@ -32,6 +41,7 @@ Functional twin: :func:`apply_weight_standardization` (and :func:`standardize_we
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -51,12 +61,21 @@ __all__ = [
 
 _RAW = ".parametrizations.weight.original"
 
+#: The convolutions whose weight is ``[out_channels, in_channels / groups, *kernel]``.
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
 
 def standardize_weight(weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """``(W - mean) / sqrt(var + eps)`` per output channel (dim 0), over all other dims."""
+    """``(W - mean) / (std + eps)`` per output channel (dim 0), over all other dims, with the
+    unbiased ``std`` as in Qiao et al.'s reference code. Needs a fan-in of at least 2."""
     dims = tuple(range(1, weight.dim()))
-    var, mean = torch.var_mean(weight, dim=dims, correction=0, keepdim=True)
-    return (weight - mean) * torch.rsqrt(var + eps)
+    fan_in = weight[0].numel()
+    if fan_in < 2:
+        raise ValueError(
+            f"weight standardization needs a fan-in of at least 2, got weight {tuple(weight.shape)}"
+        )
+    std, mean = torch.std_mean(weight, dim=dims, correction=1, keepdim=True)
+    return (weight - mean) / (std + eps)
 
 
 class WeightStandardizer(nn.Module):
@@ -79,23 +98,31 @@ def _standardized(conv: nn.Module) -> bool:
     return any(isinstance(p, WeightStandardizer) for p in conv.parametrizations.weight)
 
 
+def _fan_in(conv: nn.Module) -> int:
+    # From the attributes, not conv.weight: on a parametrised conv that would compute it.
+    return conv.in_channels // conv.groups * math.prod(conv.kernel_size)
+
+
 def apply_weight_standardization(
     model: nn.Module, n_last_layers_ignore: int = 0, eps: float = 1e-5
 ) -> int:
-    """Standardise the weights of every ``nn.Conv2d`` in ``model`` but the last
-    ``n_last_layers_ignore`` (module definition order), in place. Returns how many.
+    """Standardise the weights of every ``nn.Conv1d``/``Conv2d``/``Conv3d`` in ``model`` but
+    the last ``n_last_layers_ignore`` (module definition order), in place. Returns how many.
 
     The raw weight becomes ``conv.parametrizations.weight.original``, a new parameter object:
     build the optimizer afterwards (the Trainer does, since this runs at INIT). Convolutions
-    already standardised are skipped.
+    already standardised, and those with a fan-in of one, are skipped (but still counted by
+    ``n_last_layers_ignore``).
     """
     if n_last_layers_ignore < 0:
         raise ValueError(f"n_last_layers_ignore must be >= 0, got {n_last_layers_ignore}")
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    chosen = convs[: len(convs) - n_last_layers_ignore]
+    convs = [m for m in model.modules() if isinstance(m, _CONVS)]
+    # max(0, ...): ignoring more layers than there are must leave all of them alone, not
+    # slice from the front with a negative end.
+    chosen = convs[: max(0, len(convs) - n_last_layers_ignore)]
     count = 0
     for conv in chosen:
-        if _standardized(conv):
+        if _standardized(conv) or _fan_in(conv) < 2:
             continue
         parametrize.register_parametrization(conv, "weight", WeightStandardizer(eps))
         count += 1
@@ -149,7 +176,7 @@ class WeightStandardization(Algorithm):
             runs_after={"stochastic_depth", "blurpool", "squeeze_excite"},
             incompatible_with={"magnitude_pruning"},
             model_kinds={"cnn"},
-            data_kinds={"image"},
+            data_kinds={"image", "signal"},  # Conv1d nets on signals (MNIST-1D) too
         )
 
     def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
@@ -158,6 +185,7 @@ class WeightStandardization(Algorithm):
         )
         if not self.standardized:
             warnings.warn(
-                "weight_standardization found no Conv2d to standardise: it has no effect",
+                "weight_standardization found no Conv1d/Conv2d/Conv3d to standardise (or "
+                "n_last_layers_ignore covers them all): it has no effect",
                 stacklevel=2,
             )

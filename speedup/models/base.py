@@ -69,9 +69,12 @@ def infer_kind(net: nn.Module) -> str:
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy that takes class indices or per-class probabilities (smoothed or mixed)."""
+    """Cross-entropy that takes class indices or per-class probabilities (smoothed or mixed).
+
+    Classes are on dim 1, as in ``F.cross_entropy``: ``[N, K]`` and, for dense prediction,
+    ``[N, K, H, W]`` logits with targets of the same shape."""
     if targets.dtype.is_floating_point and targets.shape == logits.shape:
-        return -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+        return -(targets * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
     return F.cross_entropy(logits.float(), targets)
 
 
@@ -95,8 +98,10 @@ class Classifier(Model):
     ) -> torch.Tensor:
         targets = batch["targets"]
         if targets.dtype.is_floating_point and targets.shape == outputs.shape:
-            return -(targets * F.log_softmax(outputs.float(), dim=-1)).sum(-1)
-        return F.cross_entropy(outputs.float(), targets, reduction="none")
+            losses = -(targets * F.log_softmax(outputs.float(), dim=1)).sum(1)
+        else:
+            losses = F.cross_entropy(outputs.float(), targets, reduction="none")
+        return losses.flatten(1).mean(1) if losses.dim() > 1 else losses  # [N]: one per sample
 
     def metrics(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> Metrics:
         targets = batch["targets"]

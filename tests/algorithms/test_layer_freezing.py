@@ -107,12 +107,12 @@ def test_freeze_layers_freezes_a_prefix_and_tied_weights_wait_for_their_last_own
             self.head.weight = self.embed.weight  # tied: embed and head share one tensor
 
     model = Tied()
-    assert freeze_layers(model, 0.5) == 1  # floor(0.5 * 3) layers: embed only
+    # 3 layers, the last (head) never frozen: floor(fraction * 2) of embed, mid
+    assert freeze_layers(model, 0.5) == 1  # embed only
     assert model.embed.weight.requires_grad  # but its weight is the head's too
-    assert freeze_layers(model, 0.67) == 2
-    assert not model.mid.weight.requires_grad and model.embed.weight.requires_grad
-    assert freeze_layers(model, 1.0) == 3
-    assert not model.embed.weight.requires_grad
+    assert freeze_layers(model, 1.0) == 2
+    assert not model.mid.weight.requires_grad
+    assert model.embed.weight.requires_grad  # tied to the output layer: never frozen
     with pytest.raises(ValueError, match="fraction must be in"):
         freeze_layers(model, 1.5)
 
@@ -124,10 +124,11 @@ def test_frozen_count_follows_the_schedule_and_frozen_weights_stay_exactly_const
     freezing = LayerFreezing(freeze_start="0.5dur", freeze_level=1.0)
     record = Record(freezing)
     trainer = train(freezing, 8, [record])
-    # 8 epochs, 4 layers: fraction (e/8 - 0.5) / 0.5 after epoch e -> floor(4 * fraction)
-    assert record.frozen == {1: 0, 2: 0, 3: 0, 4: 0, 5: 1, 6: 2, 7: 3, 8: 4}
+    # 8 epochs, 4 layers of which the first 3 may freeze: fraction (e/8 - 0.5) / 0.5 after
+    # epoch e -> floor(3 * fraction)
+    assert record.frozen == {1: 0, 2: 0, 3: 0, 4: 0, 5: 0, 6: 1, 7: 2, 8: 3}
     w = record.weights  # 2 batches per epoch: epoch e ends at batch 2e
-    for layer, epoch in (("net.0", 5), ("net.2", 6), ("net.4", 7)):
+    for layer, epoch in (("net.0", 6), ("net.2", 7)):
         for later in range(2 * epoch + 1, 17):
             for kind in ("weight", "bias"):
                 key = f"{layer}.{kind}"
@@ -136,16 +137,38 @@ def test_frozen_count_follows_the_schedule_and_frozen_weights_stay_exactly_const
         assert not torch.equal(w[2 * epoch][f"{layer}.weight"], w[2 * epoch - 1][f"{layer}.weight"])
     assert not torch.equal(w[16]["net.6.weight"], w[15]["net.6.weight"])
     model = trainer.state.model
-    assert [p.requires_grad for p in model.parameters()] == [False] * 8
+    assert [p.requires_grad for p in model.parameters()] == [False] * 6 + [True] * 2
     assert math.isfinite(float(trainer.state.train_metrics["loss"]))
+
+
+def test_at_freeze_level_one_the_output_layer_keeps_training():
+    freezing = LayerFreezing(freeze_start="0.5dur", freeze_level=1.0)
+    trainer = train(freezing, 4)
+    model = trainer.state.model
+    assert freezing.frozen_layers == 3  # every layer but the output layer
+    head = model.net[6]
+    assert head.weight.requires_grad and head.bias.requires_grad
+    # one more step after the schedule reached freeze_level 1.0: the head gets a gradient
+    # and moves, everything below it stays put
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = trainer.state.optimizer
+    optimizer.zero_grad()
+    model.loss(model(data()), data()).backward()
+    optimizer.step()
+    for name, param in model.named_parameters():
+        if name.startswith("net.6."):
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+            assert not torch.equal(param, before[name]), name
+        else:
+            assert param.grad is None and torch.equal(param, before[name]), name
 
 
 def test_freeze_level_caps_the_frozen_fraction():
     freezing = LayerFreezing(freeze_start="0.25dur", freeze_level=0.5)
     record = Record(freezing)
     train(freezing, 8, [record])
-    assert max(record.frozen.values()) == 2
-    assert record.frozen[8] == 2 and record.frozen[2] == 0
+    assert max(record.frozen.values()) == 1  # floor(0.5 * 3)
+    assert record.frozen[8] == 1 and record.frozen[2] == 0
 
 
 def test_smoke_20_steps_on_a_resnet_freezes_the_stem_first():
@@ -162,8 +185,10 @@ def test_smoke_20_steps_on_a_resnet_freezes_the_stem_first():
         model, loader, "20ba", algorithms=[freezing], callbacks=[record], optimizer=SGD
     )
     trainer.fit()
-    # epoch ends at 0.2 .. 1.0 of the run: fractions 0, 0, 0.2, 0.6, 1.0 of 15 layers
-    assert record.frozen == {1: 0, 2: 0, 3: 3, 4: 9, 5: 15}
+    # epoch ends at 0.2 .. 1.0 of the run: fractions 0, 0, 0.2, 0.6, 1.0 of the 14 layers
+    # below the head
+    assert record.frozen == {1: 0, 2: 0, 3: 2, 4: 8, 5: 14}
+    assert model.net.fc.weight.requires_grad
     stem = "net.stem.0.weight"
     assert torch.equal(record.weights[12][stem], record.weights[20][stem])
     assert not torch.equal(record.weights[11][stem], record.weights[12][stem])
@@ -194,7 +219,7 @@ def test_resume_restores_the_frozen_set_and_the_run_exactly():
     checkpoint = Checkpoint(freezing)
     full = train(freezing, 8, [checkpoint])
     saved = checkpoint.saved
-    assert saved["algorithm"] == {"frozen_layers": 2}
+    assert saved["algorithm"] == {"frozen_layers": 1}
     buffer = io.BytesIO()
     torch.save(saved["algorithm"], buffer)
     buffer.seek(0)
@@ -217,10 +242,10 @@ def test_resume_restores_the_frozen_set_and_the_run_exactly():
     trainer.state.optimizer.load_state_dict(saved["optimizer"])
     trainer.state.timestamp.load_state_dict(saved["timestamp"])
     trainer.fit()
-    assert seen["requires_grad"] == [False] * 4 + [True] * 4
+    assert seen["requires_grad"] == [False] * 2 + [True] * 6
     for name, value in full.state.model.state_dict().items():
         assert torch.equal(value, trainer.state.model.state_dict()[name]), name
-    assert resumed_alg.frozen_layers == 4
+    assert resumed_alg.frozen_layers == 3
 
 
 # -- arguments and declaration -----------------------------------------------------------------
@@ -264,9 +289,9 @@ def test_the_optimizer_holds_every_parameter_and_skips_frozen_ones():
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
 
 
-@pytest.mark.parametrize(("seek_to", "frozen"), [(3, 0), (12, 2), (13, 2), (15, 3)])
+@pytest.mark.parametrize(("seek_to", "frozen"), [(3, 0), (12, 1), (13, 1), (15, 2)])
 def test_a_run_started_part_way_freezes_what_the_schedule_had_frozen(seek_to, frozen):
-    # 8 epochs of 2 batches: after epoch e the schedule has floor(4 * (e/8 - 0.5) / 0.5) frozen
+    # 8 epochs of 2 batches: after epoch e the schedule has floor(3 * (e/8 - 0.5) / 0.5) frozen
     freezing = LayerFreezing(freeze_start="0.5dur", freeze_level=1.0)
     loader = TensorBatchLoader(data(), 8, shuffle=True, drop_last=True, seed=0)
     trainer = Trainer(four_layer_model(), loader, "8ep", algorithms=[freezing], optimizer=SGD)

@@ -27,9 +27,11 @@ def test_the_gate_is_a_sigmoid_of_an_mlp_on_the_pooled_channels():
     torch.manual_seed(0)
     se = SqueezeExcite2d(6, 3)
     x = torch.randn(2, 6, 5, 5)
+    # Hu et al. Eq. 3: s = sigmoid(W_2 relu(W_1 z)), z the channel means; no biases
+    assert se.reduce.bias is None and se.expand.bias is None
     pooled = x.mean((2, 3))
-    hidden = F.relu(pooled @ se.reduce.weight.T + se.reduce.bias)
-    gate = torch.sigmoid(hidden @ se.expand.weight.T + se.expand.bias)
+    hidden = F.relu(pooled @ se.reduce.weight.T)
+    gate = torch.sigmoid(hidden @ se.expand.weight.T)
     out = se(x)
     assert out.shape == x.shape
     torch.testing.assert_close(out, x * gate[:, :, None, None])
@@ -40,11 +42,11 @@ def test_the_gate_is_a_sigmoid_of_an_mlp_on_the_pooled_channels():
 def test_parameters_added_match_the_formula(latent, min_channels):
     torch.manual_seed(0)
     net = CifarResNet(1, num_classes=4, width=8)  # convs with 8, 16 and 32 output channels
-    widths = [m.out_channels for m in net.modules() if isinstance(m, nn.Conv2d)]
-    gated = [c for c in widths if c >= min_channels]
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    gated = [m.out_channels for m in convs if min(m.in_channels, m.out_channels) >= min_channels]
     hidden = [int(latent) if latent >= 1 else int(c * latent) for c in gated]
-    # per gate: W_1 [L, C] + b_1 [L] + W_2 [C, L] + b_2 [C]
-    expected = sum(2 * c * h + h + c for c, h in zip(gated, hidden))
+    # per gate: W_1 [L, C] + W_2 [C, L], no biases
+    expected = sum(2 * c * h for c, h in zip(gated, hidden))
     before = count(net)
     x = torch.randn(2, 3, 16, 16)
     assert apply_squeeze_excite(net, latent, min_channels) == len(gated) > 0
@@ -53,6 +55,19 @@ def test_parameters_added_match_the_formula(latent, min_channels):
     # idempotent: a gated convolution is not gated twice
     assert apply_squeeze_excite(net, latent, min_channels) == 0
     assert count(net) - before == expected
+
+
+def test_on_resnet50_the_gated_convolutions_are_those_with_min_in_out_at_least_128():
+    torchvision = pytest.importorskip("torchvision")
+    with torch.device("meta"):  # shapes only: no 25M-parameter initialisation
+        net = torchvision.models.resnet50()
+    convs = {name: m for name, m in net.named_modules() if isinstance(m, nn.Conv2d)}
+    by_rule = {n for n, m in convs.items() if min(m.in_channels, m.out_channels) >= 128}
+    by_output = {n for n, m in convs.items() if m.out_channels >= 128}
+    assert (len(convs), len(by_rule), len(by_output)) == (53, 42, 46)
+    assert apply_squeeze_excite(net, latent_channels=64, min_channels=128) == len(by_rule)
+    gated = {n for n, m in net.named_modules() if isinstance(m, SqueezeExciteConv2d)}
+    assert gated == by_rule
 
 
 def test_latent_width():
@@ -103,12 +118,14 @@ def test_twenty_steps_train_the_new_gates():
     trainer = sgd_image_trainer(model, se)
     model = trainer.state.model
     gates = [m for m in model.modules() if isinstance(m, SqueezeExcite2d)]
-    assert se.added == len(gates) == 4  # the 16- and 32-channel convolutions
+    convs = [m for m in plain.modules() if isinstance(m, nn.Conv2d)]
+    wide = [m for m in convs if min(m.in_channels, m.out_channels) >= 16]
+    assert se.added == len(gates) == len(wide) == 3  # not the 8->16 one: its input is 8 wide
     assert count(model) > count(plain)
     held = optimizer_parameter_ids(trainer)
     assert held == [id(p) for p in model.parameters() if p.requires_grad]
     start = {n: p.detach().clone() for n, p in model.named_parameters() if ".se." in n}
-    assert len(start) == 4 * len(gates)
+    assert len(start) == 2 * len(gates)  # W_1 and W_2 of each gate
     trainer.fit()
     assert torch.isfinite(trainer.state.train_metrics["loss"])
     for name, param in model.named_parameters():

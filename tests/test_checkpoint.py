@@ -135,7 +135,7 @@ def test_resume_restores_each_piece_of_state(tmp_path: Path) -> None:
     ema1, ema2 = (next(a for a in s.algorithms if a.name == "ema") for s in (s1, s2))
     assert all(torch.equal(ema1.ema[k], ema2.ema[k]) for k in ema1.ema)
     rw1, rw2 = (next(a for a in s.algorithms if a.name == "rewinding") for s in (s1, s2))
-    assert rw2.snapshot is not None and rw2.offset == rw1.offset == 12 - 3
+    assert rw2.snapshot is not None and rw2.retrain_from == rw1.retrain_from == 12
     assert s2.optimizer.state_dict()["param_groups"] == s1.optimizer.state_dict()["param_groups"]
     assert s2.schedulers[0].last_epoch == s1.schedulers[0].last_epoch == 14
     for p1, p2 in zip(s1.model.parameters(), s2.model.parameters(), strict=True):

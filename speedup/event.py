@@ -3,7 +3,7 @@
 One fit runs::
 
     INIT                                   (Trainer construction, once)
-    AFTER_LOAD                             (after a checkpoint would have loaded, once)
+    AFTER_LOAD                             (first fit(), after any checkpoint loaded; once)
     FIT_START
     per epoch:
         EPOCH_START
@@ -45,9 +45,11 @@ class Event(str, Enum):
     param groups always see the final modules. No batch, no grads, model on the host."""
 
     AFTER_LOAD = "after_load"
-    """Once, after the optimizer, schedulers and any checkpoint are loaded, before
-    ``torch.compile`` and before fitting. The model is on its training device. An algorithm
-    may wrap the optimizer or restore state that depends on loaded weights."""
+    """Once, at the start of the Trainer's first ``fit()``: after the optimizer and
+    schedulers are built and after any checkpoint was loaded (``Trainer.load_checkpoint``, the
+    resume of ``speedup run``), before ``torch.compile`` and before FIT_START. On a fresh start
+    it fires at the same point, with nothing loaded. The model is on its training device.
+    An algorithm may wrap the optimizer or restore state that depends on loaded weights."""
 
     FIT_START = "fit_start"
     """At the start of each ``fit()``. Dataloaders are built, ``state.max_duration`` and the

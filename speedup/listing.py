@@ -54,9 +54,33 @@ def listing(kind: str) -> list[tuple[str, str]]:
     except _SourceUnavailable:
         return _imported_listing(kind)
     for ep in _entry_points(group):
-        if ep.name not in found:  # the registry keeps a built-in over a same-named plugin
+        if ep.name in found:  # the registry keeps a built-in over a same-named plugin
+            continue
+        try:
             found[ep.name] = _entry_point_summary(ep)
+        except Exception as err:  # a broken plugin must not hide the rest: list them, warn once
+            warn_broken_plugin(ep, err)
     return sorted(found.items())
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def warn_broken_plugin(ep: object, err: BaseException) -> None:
+    """One line on stderr, once per plugin and process: which entry point, from which
+    distribution, and why it cannot be loaded."""
+    name, value = getattr(ep, "name", "?"), getattr(ep, "value", "?")
+    if (name, value) in _WARNED:
+        return
+    _WARNED.add((name, value))
+    dist = getattr(getattr(ep, "dist", None), "name", None)
+    source = f" from {dist}" if dist else ""
+    group = getattr(ep, "group", "")
+    print(
+        f"warning: plugin {name!r} ({group} entry point {value}{source}) cannot be loaded, "
+        f"skipped: {type(err).__name__}: {err}",
+        file=sys.stderr,
+    )
 
 
 # -- finding and parsing source without importing ----------------------------------------------
@@ -205,7 +229,13 @@ def _imported_listing(kind: str) -> list[tuple[str, str]]:
         from speedup.models import MODELS as registry
     else:
         from speedup.data import DATASETS as registry
-    return [(n, _first_line(getattr(registry.get(n), "__doc__", None))) for n in registry.names()]
+    rows = []
+    for name in registry.names():
+        try:
+            rows.append((name, _first_line(getattr(registry.get(name), "__doc__", None))))
+        except Exception as err:  # a broken plugin: warn once, list the rest
+            warn_broken_plugin(registry.entry_point(name) or name, err)
+    return rows
 
 
 # -- recipes, schedules, optimizers --------------------------------------------------------------

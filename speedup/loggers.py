@@ -122,24 +122,40 @@ _SHOWN = {
 }
 
 
-class ProgressBar(LoggerDestination):
-    """A tqdm bar over training batches (loss, throughput, ETA) and one per evaluation."""
+def _short(value: Any) -> str:
+    value = _plain(value)
+    return f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
 
-    def __init__(self, stream: TextIO | None = None) -> None:
+
+class ProgressBar(LoggerDestination):
+    """A tqdm bar over training batches (loss, throughput, ETA) and one per evaluation.
+
+    Off a terminal (a pipe, a log file, a batch job) a bar's carriage-return redraws would fill
+    the file, so it prints one plain line per logged record instead: the step, the progress and
+    the record's loss/throughput (at ``log_interval``) or eval metrics (at each evaluation)."""
+
+    def __init__(self, stream: TextIO | None = None, plain: bool | None = None) -> None:
         self.stream = stream or sys.stderr
+        isatty = getattr(self.stream, "isatty", None)
+        #: Plain lines instead of a bar: by default when the stream is not a terminal.
+        self.plain = plain if plain is not None else not (isatty is not None and isatty())
         self._train = None
         self._eval = None
         self._postfix: dict[str, str] = {}
+        self._total: int | None = None
 
     def fit_start(self, state: State, logger: Logger) -> None:
-        from tqdm.auto import tqdm
-
         total = None
         if state.converter is not None:
             try:
                 total = math.ceil(state.converter.to_batches(state.max_duration))
             except ValueError:  # a wall-clock duration has no batch count
                 total = None
+        self._total = total
+        if self.plain:
+            return
+        from tqdm.auto import tqdm
+
         self._train = tqdm(
             total=total,
             initial=state.timestamp.batch,
@@ -155,6 +171,9 @@ class ProgressBar(LoggerDestination):
             self._train.update(1)
 
     def log_metrics(self, metrics: dict[str, float], state: State) -> None:
+        if self.plain:
+            self._plain_line(metrics, state)
+            return
         if self._train is None:
             return
         for key, label in _SHOWN.items():
@@ -162,7 +181,19 @@ class ProgressBar(LoggerDestination):
                 self._postfix[label] = f"{_plain(metrics[key]):.4g}"
         self._train.set_postfix(self._postfix, refresh=False)
 
+    def _plain_line(self, metrics: dict[str, float], state: State) -> None:
+        shown = [f"{label} {_short(metrics[k])}" for k, label in _SHOWN.items() if k in metrics]
+        if not shown:  # algorithms' own records (e.g. a schedule value) are for the log files
+            return
+        step = state.timestamp.batch
+        where = f"step {step}/{self._total}" if self._total else f"step {step}"
+        if self._total:
+            where += f" ({100 * step / self._total:.0f}%)"
+        print(f"{where}  {'  '.join(shown)}", file=self.stream, flush=True)
+
     def eval_start(self, state: State, logger: Logger) -> None:
+        if self.plain:
+            return
         from tqdm.auto import tqdm
 
         total = len(state.eval_dataloader) if hasattr(state.eval_dataloader, "__len__") else None

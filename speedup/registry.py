@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
 from typing import Any, Generic, TypeVar
 
-__all__ = ["Registry", "UnknownNameError", "suggest"]
+__all__ = ["PluginLoadError", "Registry", "UnknownNameError", "suggest"]
 
 T = TypeVar("T")
 
@@ -71,6 +71,27 @@ class Registry(Generic[T]):
                 f"unknown {self.kind} {name!r}{suggest(name, names)}; available: {listing}"
             )
         item: Any = self._items[name]
-        if hasattr(item, "load") and hasattr(item, "group"):  # an EntryPoint not yet imported
-            item = self._items[name] = item.load()
+        if _is_entry_point(item):  # not yet imported
+            try:
+                loaded = item.load()
+            except Exception as err:  # name the plugin, not just the missing module
+                raise PluginLoadError(
+                    f"{self.kind} {name!r} is a plugin ({item.value}) that cannot be loaded: "
+                    f"{type(err).__name__}: {err}"
+                ) from err
+            item = self._items[name] = loaded
         return item
+
+    def entry_point(self, name: str) -> Any | None:
+        """The entry point behind ``name`` while it is not yet imported, else None."""
+        self._load_entry_points()
+        item = self._items.get(name)
+        return item if _is_entry_point(item) else None
+
+
+def _is_entry_point(item: object) -> bool:
+    return hasattr(item, "load") and hasattr(item, "group")
+
+
+class PluginLoadError(ImportError):
+    """A registered plugin's module or attribute cannot be imported."""

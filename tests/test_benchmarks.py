@@ -51,3 +51,25 @@ def test_time_to_accuracy_runs(capsys, tmp_path):
         ["--recipes", "quickstart", "--target", "0.2", "--out", str(tmp_path), "max_duration=2ep"]
     )
     assert last_line(capsys).startswith("quickstart_tta_s=")
+
+
+def test_memory_benchmark_reports_each_phase():
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "speedup.benchmarks.memory", "quickstart", "max_duration=2ba"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert "(2 steps)" in lines[0]
+    values = {line[:44].strip(): float(line[44:].split()[0]) for line in lines[1:]}
+    assert list(values)[:2] == ["python interpreter", "import torch"]
+    assert values["import torch"] > values["python interpreter"]  # torch is most of it
+    assert (
+        values["peak over the run"]
+        >= max(v for k, v in values.items() if k != "peak over the run") - 1
+    )

@@ -2,11 +2,13 @@
 
 from collections import Counter
 
+import torch
 from conftest import loaders, make_blobs, tiny_model
 
 from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.callback import Callback
 from speedup.event import Event
+from speedup.time import Time
 from speedup.trainer import Trainer
 
 E = Event
@@ -123,3 +125,43 @@ def test_stop_training_ends_after_current_batch():
     assert trainer.state.timestamp.batch == 3
     assert trainer.state.stop_reason == "enough"
     assert trainer.state.eval_metrics  # the stopped state still gets its final evaluation
+
+
+class SeesAfterLoad(Callback):
+    """Records what AFTER_LOAD sees: the step and the first weight, once per firing."""
+
+    def __init__(self):
+        self.seen = []
+
+    def after_load(self, state, logger):
+        first = next(state.model.parameters())
+        self.seen.append((state.timestamp.batch, first.detach().clone()))
+
+
+def test_after_load_fires_once_after_the_checkpoint_is_loaded(tmp_path):
+    train, evaluation = loaders(make_blobs(n=64), batch_size=16)
+    first = Trainer(tiny_model(), train, "3ba", eval_dataloader=evaluation)
+    first.fit()
+    saved = first.save_checkpoint(tmp_path)
+    trained = next(first.state.model.parameters()).detach().clone()
+
+    # Resume: a fresh trainer (fresh weights) loads the checkpoint, then fits.
+    train, evaluation = loaders(make_blobs(n=64), batch_size=16)
+    watcher = SeesAfterLoad()
+    resumed = Trainer(
+        tiny_model(seed=1), train, "5ba", eval_dataloader=evaluation, callbacks=[watcher]
+    )
+    assert watcher.seen == []  # not at construction: nothing is loaded yet
+    resumed.load_checkpoint(saved)
+    resumed.fit()
+    assert len(watcher.seen) == 1
+    step, weight = watcher.seen[0]
+    assert step == 3 and torch.equal(weight, trained)  # it saw the loaded state
+
+    # Fresh start: once, at the first fit, with step 0; a second fit does not fire it again.
+    fresh_watcher = SeesAfterLoad()
+    fresh = Trainer(tiny_model(), train, "2ba", callbacks=[fresh_watcher])
+    fresh.fit()
+    fresh.state.max_duration = Time.parse("4ba")
+    fresh.fit()
+    assert [s for s, _ in fresh_watcher.seen] == [0]

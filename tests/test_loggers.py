@@ -287,3 +287,39 @@ def test_only_rank_zero_writes_the_optional_logs(tmp_path: Path) -> None:
     assert [int(r["step"]) for r in csv_rows(run_dir / "metrics.csv")[1]] == [
         r["step"] for r in records
     ]
+
+
+def test_progress_off_a_terminal_is_one_plain_line_per_record():
+    import io
+
+    from conftest import loaders, make_blobs, tiny_model
+
+    from speedup.loggers import ProgressBar
+    from speedup.trainer import Trainer
+
+    stream = io.StringIO()  # not a terminal, like a pipe or a log file
+    train, evaluation = loaders(make_blobs(n=64), batch_size=16)  # 4 batches an epoch
+    Trainer(
+        tiny_model(),
+        train,
+        "3ep",
+        eval_dataloader=evaluation,
+        eval_interval="1ep",
+        log_interval="2ba",
+        loggers=[ProgressBar(stream)],
+    ).fit()
+    text = stream.getvalue()
+    assert "\r" not in text and "\x1b" not in text  # no redraws, no escape codes
+    lines = text.splitlines()
+    train_lines = [line for line in lines if "loss " in line and "eval" not in line]
+    eval_lines = [line for line in lines if "eval_acc" in line]
+    assert [line.split()[1] for line in train_lines] == [
+        "2/12",
+        "4/12",
+        "6/12",
+        "8/12",
+        "10/12",
+        "12/12",
+    ]
+    assert [line.split()[1] for line in eval_lines] == ["4/12", "8/12", "12/12"]
+    assert len(lines) == len(train_lines) + len(eval_lines)

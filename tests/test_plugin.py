@@ -177,3 +177,48 @@ def test_installed_plugin_trains_and_its_effect_is_in_the_metrics(installed, tmp
         assert after[step] > 5 * before
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["recipe"] == "quickstart-gradient-noise"
+
+
+# -- a broken plugin ----------------------------------------------------------------------------
+
+
+def _broken_distribution(root: Path) -> dict:
+    """A distribution on the path whose algorithm entry point names a module that is not there
+    (an uninstalled dependency, a typo); returns the environment that sees it."""
+    info = root / "broken_plugin-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(
+        "[speedup.algorithms]\nghost_algo = broken_plugin_missing.module:Ghost\n"
+    )
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def test_a_broken_plugin_is_skipped_with_one_warning(tmp_path):
+    env = _broken_distribution(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "speedup", "list", "algorithms"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "label_smoothing" in done.stdout and "ghost_algo" not in done.stdout
+    warnings = [line for line in done.stderr.splitlines() if "ghost_algo" in line]
+    assert len(warnings) == 1
+    assert "broken_plugin_missing" in warnings[0] and "broken-plugin" in warnings[0]
+
+    # Using it by name is a one-line error naming the plugin, exit 2.
+    done = subprocess.run(
+        [sys.executable, "-m", "speedup", "describe", "ghost_algo"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 2
+    assert "ghost_algo" in done.stderr and "cannot be loaded" in done.stderr
+    assert "Traceback" not in done.stderr

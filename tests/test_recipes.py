@@ -20,6 +20,13 @@ def test_recipe_validates_plans_and_smoke_trains(name, tmp_path):
     assert summary["metrics"], "the final state is evaluated"
     assert all(math.isfinite(v) for v in summary["metrics"].values())
     assert json.loads((tmp_path / "summary.json").read_text())["recipe"] == name
+    # The log is complete: it is the live file (not one deleted under an open handle), and its
+    # last eval record is the final evaluation at the last step.
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if any(k.startswith("eval/") for k in r)]
+    assert evals and evals[-1]["step"] == 4
+    final = {k.removeprefix("eval/"): v for k, v in evals[-1].items() if k.startswith("eval/")}
+    assert final == pytest.approx(summary["metrics"])
 
 
 def test_every_recipe_states_what_it_is():

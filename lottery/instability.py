@@ -13,6 +13,16 @@ The paper's central finding: IMP finds matching sparse subnetworks exactly when 
 (dense, or sparse with the IMP mask) is stable at the rewind point - at initialisation for
 MNIST-scale networks, only after some training for larger ones.
 
+Sparse networks (the paper's Section 5): the IMP subnetwork at rewind point k is ``m ⊙ W_k``,
+the mask ``m`` found by IMP with rewinding to k applied to the weights at step k of *dense*
+training (its Algorithm 2: the rewind point is taken before any pruning). So with ``masks``
+the training up to k stays dense, and both copies train sparse from ``m ⊙ W_k``. Pass the
+masks of an IMP experiment run with the same rewind point (``level_N/masks.pt`` of
+``speedup lottery --rewind k``) to ask the paper's question: is this ticket stable from k?
+
+The paper reports each curve as the mean and spread over replicates (different
+initialisations); :func:`average_seeds` summarises one experiment per seed.
+
 :func:`run_instability` runs the whole experiment; every training run goes through
 :func:`speedup.lottery.runs.train_run` in its own directory and every path evaluation is cached
 in a json file, so an interrupted experiment resumes and a finished one recomputes nothing.
@@ -30,10 +40,12 @@ import torch
 from omegaconf import DictConfig
 from speedup.lottery.runs import train_run
 
-from speedup.config import with_changes
+from speedup.config import ConfigError, with_changes
 from speedup.time import Time
 
 __all__ = [
+    "average_seeds",
+    "check_masks",
     "error_barrier",
     "evaluate_path",
     "interpolate_weights",
@@ -206,41 +218,52 @@ def run_instability(
     3. evaluate the linear path between the two final weights at ``points`` alphas, cached in
        ``out_dir/rewind-<k>ba/path.json``.
 
-    ``masks`` makes every run sparse with that fixed mask (the paper's instability of IMP
-    subnetworks). Returns per rewind point ``{"rewind": k (steps), "rewind_time": the string,
-    "barrier", "path": rows, "endpoint_accuracy": [acc(alpha=0), acc(alpha=1)]}`` and writes
-    the list to ``out_dir/instability.json``. Finished runs and paths are never recomputed.
+    ``masks`` (parameter name -> bool, checked against the model before anything trains) makes
+    both copies sparse from ``masks ⊙ W_k``, ``W_k`` from dense training (module doc: the
+    paper's instability of IMP subnetworks); their directories are
+    ``out_dir/rewind-<k>ba/sparse-seed-<s>``. Returns per rewind point ``{"rewind": k
+    (steps), "rewind_time": the string, "barrier", "path": rows, "endpoint_accuracy":
+    [acc(alpha=0), acc(alpha=1)]}`` and writes the list to ``out_dir/instability.json``.
+    Finished runs and paths are never recomputed. Bad seeds, rewind points or masks raise
+    :class:`~speedup.config.ConfigError` before anything trains.
     """
     from speedup.run import build_trainer
 
     seeds = list(data_seeds)
     if len(seeds) != 2 or seeds[0] == seeds[1]:
-        raise ValueError(f"data_seeds must be two different seeds, got {seeds}")
+        raise ConfigError(f"data_seeds must be two different seeds, got {seeds}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     trainer = build_trainer(
         with_changes(cfg, progress_bar=False)
     )  # the converter and the initial weights, once
     converter = trainer.converter
     total = converter.to_batches(converter.max_duration)
     initial = {k: v.detach().cpu().clone() for k, v in trainer.state.model.state_dict().items()}
+    if masks is not None:
+        masks = check_masks(masks, trainer.state.model)
     del trainer
-    results = []
-    for point in rewind_points:
-        k = round(converter.to_batches(Time.parse(point)))
+    steps = []
+    for point in rewind_points:  # all checked before the first one trains
+        try:
+            k = round(converter.to_batches(Time.parse(point)))
+        except ValueError as err:
+            raise ConfigError(f"rewind point {point!r}: {err}") from None
         if not 0 <= k < total:
-            raise ValueError(f"rewind point {point} = step {k} is outside the run (0..{total:g})")
+            raise ConfigError(f"rewind point {point} = step {k} is outside the run (0..{total:g})")
+        steps.append((point, k))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    copy_name = "sparse-seed" if masks is not None else "seed"
+    results = []
+    for point, k in steps:
         if k == 0:
             start = initial
-        else:
-            start = train_run(
-                cfg, out_dir / f"pretrain-{k}ba", masks=masks, stop_at_batch=k
-            ).final_weights
+        else:  # dense up to the rewind point, also for a sparse network (module doc)
+            start = train_run(cfg, out_dir / f"pretrain-{k}ba", stop_at_batch=k).final_weights
         rewind_dir = out_dir / f"rewind-{k}ba"
         finals = [
             train_run(
                 cfg,
-                rewind_dir / f"seed-{s}",
+                rewind_dir / f"{copy_name}-{s}",
                 weights=start,
                 masks=masks,
                 start_batch=k,
@@ -248,7 +271,7 @@ def run_instability(
             ).final_weights
             for s in seeds
         ]
-        cache = rewind_dir / PATH_CACHE
+        cache = rewind_dir / (PATH_CACHE if masks is None else f"sparse-{PATH_CACHE}")
         key = {
             "points": points,
             "seeds": seeds,
@@ -272,6 +295,57 @@ def run_instability(
         )
     _write_json(out_dir / RESULTS, results)
     return results
+
+
+def check_masks(masks: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``masks`` as bool tensors, if every name is a prunable weight of ``model`` with its
+    shape; else a ConfigError naming the offending entries and the allowed names."""
+    from speedup.algorithms.magnitude_pruning import prunable_parameters
+
+    allowed = {n: tuple(w.shape) for n, w in prunable_parameters(model).items()}
+    unknown = sorted(set(masks) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"masks: {', '.join(unknown)} not prunable weights of this model; "
+            f"allowed: {', '.join(allowed)}"
+        )
+    wrong = [
+        f"{n} {tuple(m.shape)} (the weight is {allowed[n]})"
+        for n, m in masks.items()
+        if tuple(m.shape) != allowed[n]
+    ]
+    if wrong:
+        raise ConfigError(f"masks: shapes differ from the model's: {'; '.join(wrong)}")
+    if not masks:
+        raise ConfigError("masks: the file holds no masks")
+    return {n: m.bool().cpu() for n, m in masks.items()}
+
+
+def average_seeds(per_seed: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One result per rewind point over replicates (one :func:`run_instability` per seed):
+    the mean barrier, its sample standard deviation (``barrier_std``, None with one seed), ``n``,
+    and the mean error at each alpha as ``path`` (for :func:`plot_instability`)."""
+    from speedup.lottery.report import mean_spread
+
+    averaged = []
+    for same in zip(*per_seed, strict=True):
+        barrier, std, n = mean_spread([r["barrier"] for r in same])
+        path = []
+        for points in zip(*(r["path"] for r in same), strict=True):
+            error = sum(p["error"] for p in points) / len(points)
+            path.append({"alpha": points[0]["alpha"], "error": error, "accuracy": 1.0 - error})
+        averaged.append(
+            {
+                "rewind": same[0]["rewind"],
+                "rewind_time": same[0].get("rewind_time"),
+                "barrier": barrier,
+                "barrier_std": std,
+                "n": n,
+                "barriers": [r["barrier"] for r in same],
+                "path": path,
+            }
+        )
+    return averaged
 
 
 def plot_instability(results: Sequence[dict[str, Any]], path_png: str | Path) -> Path:

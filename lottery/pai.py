@@ -24,7 +24,9 @@ SynFlow and magnitude-at-init lose nothing to shuffling or reinitialisation (onl
 densities matter), and GraSP loses nothing to inversion.
 
 :func:`run_pai` runs a method at several densities with its checks, one
-:func:`speedup.lottery.runs.train_run` each; finished runs are read back, not retrained.
+:func:`speedup.lottery.runs.train_run` each; finished runs are read back, not retrained, and
+a density directory made with other settings is refused, not read back.
+:func:`average_seeds` summarises one experiment per seed (``speedup lottery --pai --seeds``).
 """
 
 from __future__ import annotations
@@ -39,14 +41,22 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 from speedup.algorithms.magnitude_pruning import prunable_parameters
-from speedup.lottery.runs import initial_weights, load_result, train_run
+from speedup.lottery.runs import (
+    check_inputs,
+    config_items,
+    initial_weights,
+    load_result,
+    tensors_digest,
+    train_run,
+)
 from torch import nn
 
-from speedup.config import with_changes
+from speedup.config import ConfigError, with_changes
 
 __all__ = [
     "CHECKS",
     "METHODS",
+    "average_seeds",
     "grasp_scores",
     "invert_scores",
     "magnitude_scores",
@@ -64,6 +74,7 @@ METHODS = ("snip", "grasp", "synflow", "magnitude", "random")
 CHECKS = ("shuffle", "reinit", "invert")
 SCOPES = ("global", "layerwise")
 LAYER_DENSITY = "layer_density.json"  # per density: fraction of each layer the masks keep
+MASKS = "masks.pt"  # per density: the method's masks (and the inverted ones), for a resume
 
 Batch = dict[str, torch.Tensor]
 Tensors = dict[str, torch.Tensor]
@@ -377,21 +388,30 @@ def run_pai(
     num_batches: int = 4,
 ) -> list[dict[str, Any]]:
     """Prune ``cfg``'s initial model with ``method`` at each density, train it, and train one
-    run per sanity check; returns ``{"method", "density", "accuracy": {"main", <check>...},
-    "layer_density": {name: fraction kept}}`` per density (final eval accuracy, ``None`` for
-    a model without one).
+    run per sanity check; returns ``{"method", "density", "scope", "accuracy": {"main",
+    <check>...}, "layer_density": {name: fraction kept}}`` per density (final eval accuracy,
+    ``None`` for a model without one).
 
-    Runs land in ``out_dir/<method>-d<density>/{main,shuffle,reinit,invert}``. The scores use
-    ``batches``, or else the first ``num_batches`` batches of the config's train loader. The
+    ``scope`` ranks the scores over all layers together (``global``, as SNIP, GraSP and SynFlow
+    do in their papers) or keeps ``density`` of each layer (``layerwise``). Runs land in
+    ``out_dir/<method>-d<density>/{main,shuffle,reinit,invert}``. The scores use ``batches``,
+    or else the first ``num_batches`` batches of the config's train loader. The
     reinitialisation check draws weights with seed ``cfg.seed + 1``; ``seed`` seeds random
-    scores and the shuffles. Each density's directory also holds ``layer_density.json``; a
-    density whose runs are all finished is read back without scoring or training.
+    scores and the shuffles. Each density's directory also holds ``layer_density.json``, the
+    masks and ``inputs.json`` (the settings and config the runs were made with); a density
+    whose runs are all finished is read back without scoring or training, and one made with
+    other settings raises :class:`~speedup.config.ConfigError` naming them.
     """
     if method not in METHODS:
-        raise ValueError(f"unknown pruning-at-init method {method!r}; choose one of {METHODS}")
+        raise ConfigError(f"unknown pruning-at-init method {method!r}; choose one of {METHODS}")
     unknown = [c for c in checks if c not in CHECKS]
     if unknown:
-        raise ValueError(f"unknown sanity checks {unknown}; choose from {CHECKS}")
+        raise ConfigError(f"unknown sanity checks {unknown}; choose from {CHECKS}")
+    for density in densities:
+        try:
+            _check_density(density, scope)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     out_dir = Path(out_dir)
     context: dict[str, Any] = {}
 
@@ -409,17 +429,39 @@ def run_pai(
             )
         return context
 
+    identity = {"method": method, "scope": scope, "seed": seed, **config_items(cfg)}
+    if method in ("snip", "grasp"):  # the scores read data
+        given = batches or []
+        identity["batches"] = (
+            num_batches
+            if batches is None
+            else tensors_digest({f"{i}.{k}": v for i, b in enumerate(given) for k, v in b.items()})
+        )
+    if method == "synflow":
+        identity["iterations"] = iterations
     rows = []
     for density in densities:
         base = out_dir / f"{method}-d{density}"
+        check_inputs(base / "inputs.json", {**identity, "density": density}, "a pruning run")
         results = {name: load_result(base / name) for name in ["main", *checks]}
         layers = base / LAYER_DENSITY
         if any(r is None for r in results.values()) or not layers.exists():
             ctx = setup()
-            masks = _masks(method, ctx, density, scope, iterations, seed, invert=False)
+            # Masks are scored once and kept: a resumed density trains its remaining checks
+            # with the masks its finished runs used (scores on a GPU need not repeat bit for
+            # bit, and a tie broken the other way would be another experiment).
+            found = torch.load(base / MASKS, weights_only=True) if (base / MASKS).exists() else {}
+            masks = found.get("main")
+            if masks is None:
+                masks = _masks(method, ctx, density, scope, iterations, seed, invert=False)
+            inverted = found.get("invert")
+            if inverted is None and "invert" in checks:
+                inverted = _masks(method, ctx, density, scope, iterations, seed, invert=True)
             base.mkdir(parents=True, exist_ok=True)
-            kept = {n: float(m.float().mean()) for n, m in masks.items()}
-            layers.write_text(json.dumps(kept, indent=2) + "\n")
+            kept = {"main": masks, **({"invert": inverted} if inverted is not None else {})}
+            torch.save(kept, base / MASKS)
+            density_by_layer = {n: float(m.float().mean()) for n, m in masks.items()}
+            layers.write_text(json.dumps(density_by_layer, indent=2) + "\n")
             init = ctx["init"]
             results["main"] = train_run(cfg, base / "main", weights=init, masks=masks)
             for check in checks:
@@ -429,15 +471,42 @@ def run_pai(
                 elif check == "reinit":
                     run = dict(weights=reinitialized_weights(cfg, cfg.seed + 1), masks=masks)
                 else:
-                    inverted = _masks(method, ctx, density, scope, iterations, seed, invert=True)
                     run = dict(weights=init, masks=inverted)
                 results[check] = train_run(cfg, base / check, **run)
         rows.append(
             {
                 "method": method,
                 "density": density,
+                "scope": scope,
                 "accuracy": {n: r["metrics"].get("accuracy") for n, r in results.items()},
                 "layer_density": json.loads(layers.read_text()),
+            }
+        )
+    return rows
+
+
+def average_seeds(per_seed: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per (method, density) over the seeds' :func:`run_pai` rows: the mean accuracy
+    of the main run and of each check, its sample standard deviation (``accuracy_std``, None
+    with one seed) and ``n``."""
+    from speedup.lottery.report import mean_spread
+
+    rows = []
+    for same in zip(*per_seed, strict=True):
+        first = same[0]
+        accuracy, spread, counts = {}, {}, {}
+        for name in first["accuracy"]:
+            values = [r["accuracy"][name] for r in same if r["accuracy"].get(name) is not None]
+            accuracy[name], spread[name], counts[name] = mean_spread(values)
+        rows.append(
+            {
+                "method": first["method"],
+                "density": first["density"],
+                "scope": first.get("scope"),
+                "accuracy": accuracy,
+                "accuracy_std": spread,
+                "accuracy_n": counts,
+                "seeds": len(same),
             }
         )
     return rows

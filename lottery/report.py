@@ -7,27 +7,54 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["average_rows", "markdown_table", "plot_accuracy_vs_density", "write_reports"]
+__all__ = [
+    "average_rows",
+    "format_spread",
+    "markdown_table",
+    "mean_spread",
+    "plot_accuracy_vs_density",
+    "write_reports",
+]
 
 
 def _fmt(value: Any) -> str:
     return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def mean_spread(values: list[float]) -> tuple[float | None, float | None, int]:
+    """Mean, sample standard deviation (ddof=1, Bessel's correction: the seeds are a sample
+    of the runs one could have made) and n of ``values``; the deviation is None below two."""
+    import statistics
+
+    n = len(values)
+    mean = statistics.fmean(values) if n else None
+    return mean, statistics.stdev(values) if n > 1 else None, n
+
+
+def format_spread(mean: float | None, std: float | None, n: int, digits: int = 4) -> str:
+    """``"0.9120 ± 0.0040 (n=3)"``; ``"0.9120 (n=1)"`` when one value has no spread."""
+    if mean is None:
+        return "-"
+    text = f"{mean:.{digits}f}"
+    if std is not None:
+        text += f" ± {std:.{digits}f}"
+    return f"{text} (n={n})"
+
+
 def average_rows(runs: list[list[dict]]) -> list[dict]:
-    """Mean over seeds, level by level (``accuracy_std`` holds the standard deviations)."""
+    """Mean over seeds, level by level: ``accuracy_std`` holds the sample standard deviations
+    (None with one value) and ``accuracy_n`` how many seeds each mean is over."""
     import statistics
 
     averaged = []
     for level_rows in zip(*runs, strict=True):
         names = level_rows[0]["accuracy"]
-        accuracy, spread = {}, {}
+        accuracy, spread, counts = {}, {}, {}
         for name in names:
             values = [
                 r["accuracy"][name] for r in level_rows if r["accuracy"].get(name) is not None
             ]
-            accuracy[name] = statistics.fmean(values) if values else None
-            spread[name] = statistics.pstdev(values) if len(values) > 1 else 0.0
+            accuracy[name], spread[name], counts[name] = mean_spread(values)
         steps = [r["early_stop_step"] for r in level_rows if r.get("early_stop_step") is not None]
         averaged.append(
             {
@@ -35,6 +62,7 @@ def average_rows(runs: list[list[dict]]) -> list[dict]:
                 "density": statistics.fmean(r["density"] for r in level_rows),
                 "accuracy": accuracy,
                 "accuracy_std": spread,
+                "accuracy_n": counts,
                 "early_stop_step": statistics.median(steps) if steps else None,
                 "seeds": len(level_rows),
             }
@@ -48,11 +76,13 @@ def markdown_table(rows: list[dict]) -> str:
     header = ["level", "density", "ticket", *controls, "early-stop step"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        std = row.get("accuracy_std", {})
+        counts = row.get("accuracy_n")
 
-        def cell(name: str, row: dict = row, std: dict = std) -> str:
-            value = _fmt(row["accuracy"].get(name))
-            return f"{value} ± {std[name]:.4f}" if name in std and value != "-" else value
+        def cell(name: str, row: dict = row, counts: dict | None = counts) -> str:
+            if counts is None or name not in counts:  # one run: no spread to show
+                return _fmt(row["accuracy"].get(name))
+            std = row.get("accuracy_std", {}).get(name)
+            return format_spread(row["accuracy"].get(name), std, counts[name])
 
         cells = [str(row["level"]), f"{row['density']:.4f}", cell("ticket")]
         cells += [cell(c) for c in controls]

@@ -3,12 +3,20 @@ given step, into its own directory; finished runs are never recomputed.
 
 Every experiment in :mod:`speedup.lottery` (IMP levels, controls, pruning at initialisation,
 instability copies) is a sequence of these.
+
+A run directory is keyed by its inputs: the resolved config (less the keys that cannot change
+what is trained: where it is written, how it is shown, checkpointing) and digests of its start
+weights and masks, recorded in ``inputs.json``. The same call with other inputs into a used
+directory is refused with a :class:`~speedup.config.ConfigError` naming what differs, never
+answered with the old result (an experiment rerun with other settings and the same ``--out``
+would otherwise mix old and new runs).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +25,38 @@ from omegaconf import DictConfig, OmegaConf
 
 from speedup.callback import Callback
 from speedup.checkpoint import CheckpointSaver, load_checkpoint, verified_latest
-from speedup.config import config_hash, with_changes
+from speedup.config import ConfigError, config_hash, with_changes
 from speedup.data.cache import atomic_save
 from speedup.loggers import JSONLLogger
 from speedup.run import build_trainer, truncate_metrics
 
-__all__ = ["RunResult", "initial_weights", "train_run", "load_result", "weights_path"]
+__all__ = [
+    "RunResult",
+    "check_inputs",
+    "config_items",
+    "differences",
+    "initial_weights",
+    "refuse",
+    "load_result",
+    "tensors_digest",
+    "train_run",
+    "weights_path",
+]
 
 SUMMARY = "summary.json"
 FINAL = "final.pt"
+INPUTS = "inputs.json"
+#: Config keys that cannot change what a run trains (the keys config_hash leaves out too).
+_NOT_INPUTS = (
+    "run_dir",
+    "progress_bar",
+    "trace",
+    "threads",
+    "smoke",
+    "checkpoint",
+    "resume",
+    "loggers",
+)
 
 
 class RunResult(dict):
@@ -46,6 +77,83 @@ def load_result(run_dir: Path) -> RunResult | None:
     if not path.exists() or not (Path(run_dir) / FINAL).exists():
         return None
     return RunResult(json.loads(path.read_text()))
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, Mapping) and data:
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def config_items(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as dotted keys (``model.widths``), without the keys that cannot
+    change what is trained: what identifies a run or an experiment."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    for key in _NOT_INPUTS:
+        data.pop(key, None)
+    return _flatten(data)
+
+
+def tensors_digest(tensors: Mapping[str, torch.Tensor] | None) -> str | None:
+    """A content hash of named tensors (names, dtypes, shapes and bytes); None for None."""
+    if tensors is None:
+        return None
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+#: Inputs recorded as digests: a differing digest is named, not printed.
+_DIGESTS = ("start weights", "masks")
+
+
+def differences(there: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """``key: <there> there, <now> now`` per differing key (a missing key reads as None),
+    values compared in their JSON form."""
+    there, now = (json.loads(json.dumps(dict(d), default=str)) for d in (there, now))
+    changed = []
+    for key in sorted(set(there) | set(now)):
+        old, new = there.get(key), now.get(key)
+        if old == new:
+            continue
+        if key in _DIGESTS and old is not None and new is not None:
+            changed.append(f"{key} differ")
+        else:
+            shown = [json.dumps(v, default=str) for v in (old, new)]
+            changed.append(f"{key}: {shown[0]} there, {shown[1]} now")
+    return changed
+
+
+def refuse(directory: Path, what: str, changed: list[str]) -> None:
+    """Raise the ConfigError of a directory made with other settings."""
+    raise ConfigError(
+        f"{directory}: holds {what} made with other settings ({'; '.join(changed)}); "
+        f"use another --out, or delete {directory} to recompute"
+    )
+
+
+def check_inputs(path: str | Path, inputs: Mapping[str, Any], what: str) -> None:
+    """Record ``inputs`` (a flat JSON-able dict) in ``path`` on first use; afterwards refuse
+    other inputs with a ConfigError naming each key that differs. A key on one side only
+    reads as None on the other, so a setting added later with None as its default does not
+    invalidate older directories."""
+    path = Path(path)
+    now = json.loads(json.dumps(dict(inputs), default=str))  # the form it is stored in
+    if path.exists():
+        changed = differences(json.loads(path.read_text()), now)
+        if changed:
+            refuse(path.parent, what, changed)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(now, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
 
 
 def initial_weights(cfg: DictConfig) -> dict[str, torch.Tensor]:
@@ -78,16 +186,25 @@ def train_run(
     only): an interrupted level resumes where it stopped, exactly, instead of starting over.
     """
     run_dir = Path(run_dir)
-    done = load_result(run_dir)
-    if done is not None:
-        return done
-    run_dir.mkdir(parents=True, exist_ok=True)
     changes: dict[str, Any] = {"run_dir": str(run_dir)}
     if data_seed is not None:
         changes["data_seed"] = data_seed
     if max_duration is not None:
         changes["max_duration"] = max_duration
     cfg = with_changes(cfg, progress_bar=False, **changes)
+    inputs = {
+        **config_items(cfg),
+        "start weights": tensors_digest(weights),
+        "masks": tensors_digest(masks),
+        "start step": start_batch,
+        "stop step": stop_at_batch,
+    }
+    _check_legacy(run_dir, inputs)
+    check_inputs(run_dir / INPUTS, inputs, "a run")  # before reading back or resuming
+    done = load_result(run_dir)
+    if done is not None:
+        return done
+    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     metrics = run_dir / "metrics.jsonl"
     folder = run_dir / "checkpoints"
@@ -134,6 +251,25 @@ def train_run(
     )
     (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _check_legacy(run_dir: Path, inputs: dict[str, Any]) -> None:
+    """A run directory from before inputs.json: its config.yaml is all there is to compare
+    (the start weights and masks were not recorded); a match records the current inputs."""
+    saved = run_dir / "config.yaml"
+    if (run_dir / INPUTS).exists() or not saved.exists():
+        return
+    there = config_items(OmegaConf.load(saved))
+    now = json.loads(json.dumps({k: v for k, v in inputs.items() if k not in _NOT_RECORDED}))
+    there = json.loads(json.dumps(there, default=str))
+    changed = differences(there, {k: now.get(k) for k in set(there) | set(now)})
+    if changed:
+        refuse(run_dir, "a run", changed)
+    check_inputs(run_dir / INPUTS, inputs, "a run")
+
+
+#: What config.yaml did not hold before inputs.json existed.
+_NOT_RECORDED = ("start weights", "masks", "start step", "stop step")
 
 
 class StopAt(Callback):

@@ -44,6 +44,11 @@ Simplifications and choices, stated honestly:
   the requested densities) with rewinding to initialisation - a cheap stand-in for the paper's
   20%-per-level IMP; the law is about IMP networks, so treat the fit on one-shot data as an
   approximation.
+* Width is one model argument (``width_key``): a number of channels or units (conv nets'
+  ``channels``, ResNets' ``width``), or a list of hidden widths (an MLP's ``widths``), which is
+  scaled as a whole: width ``w`` makes the first hidden layer ``w`` wide and keeps the ratios
+  of the others (``[300, 100]`` at 30 is ``[30, 10]``), as the paper scales every layer of a
+  family by one factor. The fit only sees ``log w``, so any fixed reference layer would do.
 """
 
 from __future__ import annotations
@@ -57,16 +62,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from speedup.config import with_changes
+from speedup.config import ConfigError, with_changes
 
 __all__ = [
     "fit",
     "holdout_error",
     "pruned_error",
     "predict",
+    "resolve_width_key",
     "run_scaling",
+    "width_keys",
+    "with_width",
 ]
 
 RESULTS = "scaling.json"
@@ -390,20 +398,95 @@ def holdout_error(
 
 # -- the experiment ---------------------------------------------------------------------------
 
+#: The width argument chosen when none is given, in this order.
+_USUAL_WIDTHS = ("channels", "widths", "width")
+
+
+def _is_width(value: Any) -> bool:
+    def count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    if isinstance(value, (list, tuple)):
+        return bool(value) and all(count(v) for v in value)
+    return count(value)
+
+
+def width_keys(cfg: DictConfig) -> list[str]:
+    """The model's arguments that can be a width: a positive int or a list of them (the
+    configured value, else the builder's default), as ``model.<name>``."""
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    from speedup.models import MODELS
+
+    builder = MODELS.get(cfg.model.name)
+    spec = OmegaConf.to_container(cfg.model, resolve=True)
+    keys = []
+    for name, param in inspect.signature(builder).parameters.items():
+        if name == "info" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        value = spec.get(name, param.default)
+        if _is_width(value):
+            keys.append(f"model.{name}")
+    return keys
+
+
+def resolve_width_key(cfg: DictConfig, width_key: str | None = None) -> str:
+    """``width_key`` if it is one of :func:`width_keys`, else a ConfigError naming the
+    allowed keys; ``None`` picks ``channels``, ``widths`` or ``width``, whichever the model
+    has (or its only width argument)."""
+    allowed = width_keys(cfg)
+    model = cfg.model.name
+    if width_key is None:
+        usual = [f"model.{n}" for n in _USUAL_WIDTHS if f"model.{n}" in allowed]
+        if usual or len(allowed) == 1:
+            return (usual or allowed)[0]
+        shown = ", ".join(allowed) if allowed else "none (no int or list-of-int argument)"
+        raise ConfigError(
+            f"--width-key: model {model!r} has no argument named channels, widths or width; "
+            f"pass one of its width arguments: {shown}"
+        )
+    if width_key not in allowed:
+        shown = ", ".join(allowed) if allowed else "none (no int or list-of-int argument)"
+        raise ConfigError(
+            f"--width-key {width_key}: not a width argument of model {model!r}; allowed: {shown}"
+        )
+    return width_key
+
+
+def with_width(cfg: DictConfig, width_key: str, width: int) -> DictConfig:
+    """``cfg`` with the network ``width`` wide: an int argument is set to it; a list of
+    hidden widths is scaled so that its first entry is ``width`` (module doc)."""
+    current = OmegaConf.select(cfg, width_key)
+    if current is None:  # the builder's default: read it where width_keys found it
+        import inspect
+
+        from speedup.models import MODELS
+
+        name = width_key.split(".", 1)[1]
+        current = inspect.signature(MODELS.get(cfg.model.name)).parameters[name].default
+    value: Any = int(width)
+    if isinstance(current, (list, tuple, ListConfig)):
+        first = current[0]
+        value = [max(1, round(v * width / first)) for v in current]
+    return with_changes(cfg, **{width_key: value})
+
 
 def run_scaling(
     cfg: DictConfig,
     out_dir: str | Path,
     widths: Sequence[float],
     densities: Sequence[float],
-    width_key: str = "model.channels",
+    width_key: str | None = None,
     *,
     iterative: bool = False,
     scope: str = "global",
 ) -> dict[str, Any]:
     """Train pruned networks at each width x density, fit the law, predict the largest width.
 
-    For each width (``width_key`` set to it in ``cfg``): one dense run from initialisation
+    For each width (:func:`with_width` of ``width_key``, by default the model's ``channels``,
+    ``widths`` or ``width``; checked before anything trains): one dense run from initialisation
     (``out_dir/width-<w>/dense``), then one run per density below 1
     (``out_dir/width-<w>/density-<d>``) from the *same initial weights* with fixed magnitude
     masks at that density over the conv/linear weights (rewinding to initialisation). One-shot
@@ -422,17 +505,20 @@ def run_scaling(
 
     widths = sorted({w for w in widths})
     if len(widths) < 2:
-        raise ValueError(f"run_scaling needs at least two widths, got {widths}")
+        raise ConfigError(f"run_scaling needs at least two widths, got {widths}")
+    if any(w < 1 or w != int(w) for w in widths):
+        raise ConfigError(f"widths must be whole numbers >= 1, got {widths}")
     levels = sorted({float(d) for d in densities if d < _DENSE}, reverse=True)
     if any(not 0 < d < 1 for d in levels):
-        raise ValueError(f"densities must be in (0, 1], got {list(densities)}")
+        raise ConfigError(f"densities must be in (0, 1], got {list(densities)}")
     if not levels:
-        raise ValueError("run_scaling needs at least one density below 1")
+        raise ConfigError("run_scaling needs at least one density below 1")
+    width_key = resolve_width_key(cfg, width_key)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     observations = []
     for width in widths:
-        cfg_w = with_changes(cfg, **{width_key: width})
+        cfg_w = with_width(cfg, width_key, int(width))
         cfg_w.progress_bar = False
         trainer = build_trainer(cfg_w)  # the initial weights and the prunable names
         model = trainer.state.model
@@ -441,7 +527,8 @@ def run_scaling(
         del trainer, model
         width_dir = out_dir / f"width-{width:g}"
         dense = train_run(cfg_w, width_dir / "dense")
-        observations.append(_observation(width, 1.0, dense))
+        model_arg = OmegaConf.to_container(cfg_w.model)[width_key.split(".", 1)[1]]
+        observations.append(_observation(width, 1.0, dense, model_arg=model_arg))
         source, masks = dense, None
         for density in levels:
             final = source.final_weights
@@ -452,7 +539,9 @@ def run_scaling(
                 masks=masks if iterative else None,
             )
             run = train_run(cfg_w, width_dir / f"density-{density:g}", weights=initial, masks=masks)
-            observations.append(_observation(width, float(run["density"]), run, density))
+            observations.append(
+                _observation(width, float(run["density"]), run, density, model_arg=model_arg)
+            )
             if iterative:
                 source = run
             else:
@@ -478,11 +567,12 @@ def run_scaling(
 
 
 def _observation(
-    width: float, density: float, run: dict[str, Any], target: float = 1.0
+    width: float, density: float, run: dict[str, Any], target: float = 1.0, model_arg: Any = None
 ) -> dict[str, Any]:
     accuracy = float(run["metrics"]["accuracy"])
     return {
         "width": float(width),
+        "model_arg": model_arg,  # what the width key was set to: the list for an MLP
         "density": density,
         "target_density": target,
         "error": 1.0 - accuracy,

@@ -4,12 +4,13 @@ import json
 
 import pytest
 import torch
+from speedup.lottery import imp
 from speedup.lottery.imp import IMPSettings, layer_fractions, prune_surviving, run_imp
-from speedup.lottery.runs import load_result, train_run
+from speedup.lottery.runs import initial_weights, load_result, train_run
 from torch import nn
 
 from speedup.cli import main
-from speedup.config import load_config
+from speedup.config import ConfigError, load_config, with_changes
 
 TINY = [
     "max_duration=6ba",
@@ -18,6 +19,7 @@ TINY = [
     "data.batch_size=32",
     "eval_interval=3ba",
     "progress_bar=false",
+    "threads=1",  # tiny ops: a second thread only spins on a busy machine
 ]
 
 
@@ -140,6 +142,11 @@ def test_cli_lottery_smoke(capsys, tmp_path):
         ["lottery", "quickstart", "--smoke", "--prune-fraction", "2", "--out", str(tmp_path / "x")]
     )
     assert code == 2 and "prune_fraction must be in (0, 1)" in capsys.readouterr().err
+    finetune = ["lottery", "quickstart", "--smoke", "--mode", "finetune", "--out"]
+    assert main([*finetune, str(tmp_path / "ft")]) == 2  # the quickstart's cosine ends at 0
+    assert "scheduler 'cosine' ends at 0" in capsys.readouterr().err
+    assert main([*finetune[:-2], "lr", "--finetune-lr", "0.1", "--out", str(tmp_path)]) == 2
+    assert "finetune_lr is the LR of mode finetune only" in capsys.readouterr().err
 
 
 def test_cli_seeds_average_and_other_experiments(capsys, tmp_path):
@@ -160,9 +167,18 @@ def test_cli_seeds_average_and_other_experiments(capsys, tmp_path):
         ]
     )
     out = capsys.readouterr().out
-    assert code == 0 and " ± " in out
     summary = json.loads((tmp_path / "imp" / "summary.json").read_text())
     assert summary["levels"][1]["seeds"] == 2
+    level = summary["levels"][1]
+    values = []
+    for seed in (1, 2):
+        per_seed = json.loads((tmp_path / "imp" / f"seed_{seed}" / "summary.json").read_text())
+        values.append(per_seed["levels"][1]["accuracy"]["random"])
+    mean = (values[0] + values[1]) / 2
+    sample_std = abs(values[0] - values[1]) / 2**0.5  # ddof=1 with two values
+    assert level["accuracy"]["random"] == pytest.approx(mean)
+    assert level["accuracy_std"]["random"] == pytest.approx(sample_std)
+    assert code == 0 and f"{mean:.4f} ± {sample_std:.4f} (n=2)" in out
     assert (tmp_path / "imp" / "seed_1" / "level_1" / "random").is_dir()
 
     code = main(
@@ -200,3 +216,89 @@ def test_cli_seeds_average_and_other_experiments(capsys, tmp_path):
     )
     assert code == 0 and "magnitude density 0.3000" in capsys.readouterr().out
     assert json.loads((tmp_path / "pai" / "pai.json").read_text())[0]["method"] == "magnitude"
+
+
+SMALL = [
+    "max_duration=4ba",
+    "data.train_samples=128",
+    "data.eval_samples=64",
+    "data.batch_size=32",
+    "eval_interval=0ba",
+    "log_interval=1ba",
+    "model.channels=8",
+    "progress_bar=false",
+    "threads=1",
+]
+
+
+@pytest.fixture
+def started(monkeypatch) -> dict:
+    """Records what each lottery run starts from: run directory name -> train_run kwargs."""
+    calls: dict = {}
+
+    def spy(cfg, run_dir, **kwargs):
+        calls[f"{run_dir.parent.name}/{run_dir.name}"] = kwargs
+        return train_run(cfg, run_dir, **kwargs)
+
+    monkeypatch.setattr(imp, "train_run", spy)
+    return calls
+
+
+def _expect_same(weights: dict, expected: dict) -> None:
+    assert list(weights) == list(expected)
+    for name, value in expected.items():
+        assert torch.equal(weights[name], value), name
+
+
+def _masked_copy(weights: dict, masks: dict) -> dict:
+    return {k: v * masks[k] if k in masks else v for k, v in weights.items()}
+
+
+def test_lr_rewinding_controls_start_from_the_trained_weights(tmp_path, started):
+    cfg = load_config("quickstart", SMALL)
+    run_imp(cfg, tmp_path, IMPSettings(levels=2, prune_fraction=0.5, mode="lr"))
+    trained = load_result(tmp_path / "level_1" / "main").final_weights
+    survivors = torch.load(tmp_path / "level_1" / "masks.pt", weights_only=True)
+    ticket = torch.load(tmp_path / "level_2" / "masks.pt", weights_only=True)
+    _expect_same(started["level_2/main"]["weights"], _masked_copy(trained, ticket))
+    for control in ("random", "shuffle"):
+        masks = torch.load(tmp_path / "level_2" / control / "masks.pt", weights_only=True)
+        assert started[f"level_2/{control}"]["start_batch"] == 0
+        # the ticket's start weights, re-pruned at random among the previous survivors
+        _expect_same(started[f"level_2/{control}"]["weights"], _masked_copy(trained, masks))
+        for name, mask in masks.items():
+            assert not (mask & ~survivors[name]).any(), (control, name)
+            assert int(mask.sum()) == int(ticket[name].sum())
+        assert any(not torch.equal(masks[n], ticket[n]) for n in ticket)
+    fresh = initial_weights(with_changes(cfg, seed=cfg.seed + 1000 + 2))
+    _expect_same(started["level_2/reinit"]["weights"], _masked_copy(fresh, ticket))
+
+
+def test_finetune_trains_the_trained_weights_at_the_final_lr(tmp_path, started):
+    def logged_lrs(run: str) -> list[float]:
+        lines = (tmp_path / "ft" / run / "metrics.jsonl").read_text().splitlines()
+        return [r["lr"] for r in map(json.loads, lines) if "lr" in r]
+
+    cosine = load_config("quickstart", SMALL)  # cosine to 0: fine-tuning would not train
+    with pytest.raises(ConfigError, match="ends at 0: .* set finetune_lr"):
+        run_imp(cosine, tmp_path / "zero", IMPSettings(levels=1, mode="finetune", controls=()))
+    assert not (tmp_path / "zero").exists()  # refused before anything was written
+    with pytest.raises(ValueError, match="finetune_lr is the LR of mode finetune only"):
+        IMPSettings(finetune_lr=0.1)
+
+    overrides = [*SMALL, "scheduler.name=linear", "scheduler.end_factor=0.25"]
+    linear = load_config("quickstart", overrides)
+    settings = IMPSettings(levels=1, mode="finetune", controls=("random",))
+    run_imp(linear, tmp_path / "ft", settings)
+    final_lr = linear.optimizer.lr * 0.25  # the linear schedule's value at its end
+    assert len(set(logged_lrs("level_0/main"))) > 1  # the dense level follows the schedule
+    for run in ("level_1/main", "level_1/random"):
+        assert logged_lrs(run) == pytest.approx([final_lr] * 4)
+    trained = load_result(tmp_path / "ft" / "level_0" / "main").final_weights
+    ticket = torch.load(tmp_path / "ft" / "level_1" / "masks.pt", weights_only=True)
+    _expect_same(started["level_1/main"]["weights"], _masked_copy(trained, ticket))
+
+    given = IMPSettings(levels=1, mode="finetune", controls=(), finetune_lr=0.003)
+    run_imp(cosine, tmp_path / "given", given)
+    lines = (tmp_path / "given" / "level_1" / "main" / "metrics.jsonl").read_text().splitlines()
+    assert [r["lr"] for r in map(json.loads, lines) if "lr" in r] == pytest.approx([0.003] * 4)

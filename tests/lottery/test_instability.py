@@ -18,7 +18,8 @@ from speedup.lottery.instability import (
 )
 from speedup.lottery.runs import initial_weights
 
-from speedup.config import load_config
+from speedup.cli import main
+from speedup.config import ConfigError, load_config
 
 
 @pytest.fixture(autouse=True)
@@ -181,6 +182,11 @@ def test_run_instability_rejects_bad_arguments(tmp_path):
         run_instability(cfg, tmp_path, data_seeds=(3, 3))
     with pytest.raises(ValueError, match="outside"):
         run_instability(cfg, tmp_path, rewind_points=("30ba",))
+    with pytest.raises(ConfigError, match=r"masks: net\.nope\.weight not prunable weights"):
+        run_instability(cfg, tmp_path / "m", masks={"net.nope.weight": torch.ones(2, 2)})
+    with pytest.raises(ConfigError, match=r"net\.head\.weight \(3, 3\) \(the weight is"):
+        run_instability(cfg, tmp_path / "m", masks={"net.head.weight": torch.ones(3, 3)})
+    assert not (tmp_path / "m").exists()  # refused before anything trained
 
 
 def test_reset_bn_recomputes_running_statistics():
@@ -206,3 +212,51 @@ def test_reset_bn_recomputes_running_statistics():
     per_batch_var = torch.stack([b["inputs"].var(0) for b in data[:3]]).mean(0)
     assert torch.allclose(model.bn.running_var, per_batch_var, rtol=1e-4)
     assert model.bn.momentum == 0.1  # restored
+
+
+def test_cli_instability_of_a_sparse_ticket_over_seeds(tmp_path, capsys):
+    from speedup.algorithms.magnitude_pruning import prunable_parameters
+
+    from speedup.run import build_trainer
+
+    model = build_trainer(load_config("quickstart", smoke=True)).state.model
+    g = torch.Generator().manual_seed(0)
+    masks = {
+        n: torch.rand(w.shape, generator=g) < 0.4 for n, w in prunable_parameters(model).items()
+    }
+    torch.save(masks, tmp_path / "masks.pt")
+    out = tmp_path / "lmc"
+    args = ["lottery", "quickstart", "--smoke", "--instability", "--rewind-points", "2ba"]
+    args += ["--points", "3", "--masks", str(tmp_path / "masks.pt")]
+    assert main([*args, "--seeds", "1", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    barriers = []
+    for seed in (1, 2):
+        replicate = out / f"seed_{seed}"
+        (result,) = json.loads((replicate / "instability.json").read_text())
+        barriers.append(result["barrier"])
+        dense = torch.load(replicate / "pretrain-2ba" / "final.pt", weights_only=True)
+        for copy in (1, 2):  # the copies train m * W_k: W_k from dense training
+            final = torch.load(
+                replicate / "rewind-2ba" / f"sparse-seed-{copy}" / "final.pt", weights_only=True
+            )
+            for name, mask in masks.items():
+                assert not final[name][~mask].any() and final[name][mask].any()
+        assert all(dense[name][~mask].any() for name, mask in masks.items())
+        assert f"seed: {seed}" in (replicate / "pretrain-2ba" / "config.yaml").read_text()
+    (summary,) = json.loads((out / "instability.json").read_text())
+    mean, std = sum(barriers) / 2, abs(barriers[0] - barriers[1]) / math.sqrt(2)
+    assert summary["n"] == 2 and summary["barrier"] == pytest.approx(mean)
+    assert summary["barrier_std"] == pytest.approx(std)
+    assert f"rewind 2: error barrier {mean:.4f} ± {std:.4f} (n=2)" in printed
+    assert (out / "instability.png").stat().st_size > 1000
+
+    masks["net.head.weight"] = masks["net.head.weight"][:, :3]
+    torch.save(masks, tmp_path / "bad.pt")
+    bad = [*args[:-1], str(tmp_path / "bad.pt"), "--out", str(tmp_path / "bad")]
+    assert main(bad) == 2 and "shapes differ" in capsys.readouterr().err
+    assert main([*args[:-1], str(tmp_path / "none.pt")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["lottery", "quickstart", "--smoke", "--masks", str(tmp_path / "masks.pt")]) == 2
+    assert "--masks applies to --instability only" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -22,7 +22,8 @@ from speedup.lottery.runs import initial_weights
 from torch import nn
 from torch.func import functional_call
 
-from speedup.config import load_config
+from speedup.cli import main
+from speedup.config import ConfigError, load_config
 from speedup.models import Classifier
 
 
@@ -252,9 +253,47 @@ def test_run_pai_end_to_end_and_resumes_without_training(tmp_path, monkeypatch):
     assert run_pai(cfg, tmp_path, "snip", [0.2], iterations=10) == rows["snip"]
     assert run_pai(cfg, tmp_path, "synflow", [0.2], iterations=10) == rows["synflow"]
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("summary.json")} == mtimes
+    assert rows["snip"][0]["scope"] == "global"  # the papers' default
+    # The same directory with other settings is refused, not read back.
+    with pytest.raises(ConfigError, match=r'scope: "global" there, "layerwise" now'):
+        run_pai(cfg, tmp_path, "snip", [0.2], scope="layerwise", iterations=10)
+    with pytest.raises(ConfigError, match=r"iterations: 10 there, 20 now"):
+        run_pai(cfg, tmp_path, "synflow", [0.2], iterations=20)
 
 
 def test_synflow_refuses_token_inputs():
     batch = {"input_ids": torch.zeros(2, 5, dtype=torch.long), "labels": torch.zeros(2, 5)}
     with pytest.raises(ValueError, match="input_ids"):
         prune_at_init("synflow", mlp(), [batch], 0.5)
+
+
+def test_cli_pai_takes_the_scope_and_one_experiment_per_seed(tmp_path, capsys):
+    out = tmp_path / "pai"
+    args = ["lottery", "quickstart", "--smoke", "--pai", "magnitude", "--densities", "0.3"]
+    args += ["--scope", "layerwise", "--seeds", "1", "2", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    per_seed = {}
+    for seed in (1, 2):
+        base = out / f"seed_{seed}" / "magnitude-d0.3"
+        final = torch.load(base / "main" / "final.pt", weights_only=True)
+        layers = json.loads((base / "layer_density.json").read_text())
+        for name, kept in layers.items():  # layerwise: every layer keeps 30% of itself
+            numel = final[name].numel()
+            assert kept == pytest.approx(round(0.3 * numel) / numel, abs=1e-7)
+            assert int((final[name] != 0).sum()) <= round(0.3 * numel)  # held while training
+        assert "seed: " + str(seed) in (base / "main" / "config.yaml").read_text()
+        per_seed[seed] = {
+            run: json.loads((base / run / "summary.json").read_text())["metrics"]["accuracy"]
+            for run in ("main", "shuffle", "reinit", "invert")
+        }
+    first = torch.load(out / "seed_1" / "magnitude-d0.3" / "masks.pt", weights_only=True)
+    second = torch.load(out / "seed_2" / "magnitude-d0.3" / "masks.pt", weights_only=True)
+    assert any(not torch.equal(first["main"][n], second["main"][n]) for n in first["main"])
+    (row,) = json.loads((out / "pai.json").read_text())
+    assert row["scope"] == "layerwise" and row["seeds"] == 2
+    for run, (a, b) in {r: (per_seed[1][r], per_seed[2][r]) for r in per_seed[1]}.items():
+        mean, std = (a + b) / 2, abs(a - b) / 2**0.5  # the sample deviation of two values
+        assert row["accuracy"][run] == pytest.approx(mean)
+        assert row["accuracy_std"][run] == pytest.approx(std) and row["accuracy_n"][run] == 2
+        assert f"{run}={mean:.4f} ± {std:.4f} (n=2)" in printed

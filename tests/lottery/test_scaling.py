@@ -8,9 +8,19 @@ import math
 import numpy as np
 import pytest
 import torch
-from speedup.lottery.scaling import fit, holdout_error, predict, pruned_error, run_scaling
+from speedup.lottery.scaling import (
+    fit,
+    holdout_error,
+    predict,
+    pruned_error,
+    resolve_width_key,
+    run_scaling,
+    width_keys,
+    with_width,
+)
 
-from speedup.config import load_config
+from speedup.cli import main
+from speedup.config import ConfigError, load_config
 
 
 @pytest.fixture(autouse=True)
@@ -193,3 +203,45 @@ def test_run_scaling_iterative_two_widths(tmp_path):
     for name, w in sparse.items():
         if name.endswith("weight") and w.dim() >= 2:
             assert bool(((w != 0) <= (denser[name] != 0)).all())
+
+
+def test_width_keys_come_from_the_models_arguments():
+    cnn = load_config("quickstart", smoke=True)
+    mlp = load_config("mnist1d-lottery-mlp", smoke=True)
+    assert width_keys(cnn) == ["model.channels"] and width_keys(mlp) == ["model.widths"]
+    assert resolve_width_key(cnn) == "model.channels"
+    assert resolve_width_key(mlp) == "model.widths"
+    with pytest.raises(ConfigError, match=r"model\.channels: not a width argument of model "):
+        resolve_width_key(mlp, "model.channels")
+    with pytest.raises(ConfigError, match=r"allowed: model\.widths$"):
+        resolve_width_key(mlp, "model.channels")
+    assert with_width(cnn, "model.channels", 4).model.channels == 4
+    assert list(with_width(mlp, "model.widths", 8).model.widths) == [8, 8]  # from [512, 512]
+    lenet = load_config("mnist1d-lottery-mlp", ["model.widths=[300,100]"], smoke=True)
+    assert list(with_width(lenet, "model.widths", 30).model.widths) == [30, 10]
+    assert list(with_width(lenet, "model.widths", 1).model.widths) == [1, 1]  # never 0 wide
+    assert list(lenet.model.widths) == [300, 100]  # the caller's config is left as it was
+
+
+def test_cli_scaling_runs_the_mlp_recipe_and_checks_the_width_key_first(tmp_path, capsys):
+    out = tmp_path / "mlp"
+    base = ["lottery", "mnist1d-lottery-mlp", "--smoke", "--scaling", "--widths", "4", "8"]
+    bad = main([*base, "--width-key", "model.channels", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert bad == 2 and "allowed: model.widths" in err and not out.exists()
+    assert main([*base, "--densities", "0.5", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "width key: model.widths" in printed and "fit: eps_up " in printed
+    final = torch.load(out / "width-8" / "density-0.5" / "final.pt", weights_only=True)
+    assert [tuple(final[f"net.net.{i}.weight"].shape) for i in (1, 3, 5)] == [
+        (8, 40),
+        (8, 8),
+        (10, 8),
+    ]
+    saved = json.loads((out / "scaling.json").read_text())
+    assert saved["width_key"] == "model.widths"
+    assert {(o["width"], tuple(o["model_arg"])) for o in saved["observations"]} == {
+        (4.0, (4, 4)),
+        (8.0, (8, 8)),
+    }
+    assert f"eps_up {saved['fit']['eps_up']:.4f}, gamma {saved['fit']['gamma']:.4f}" in printed

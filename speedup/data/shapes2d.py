@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from speedup.data import DATASETS
-from speedup.data.cache import atomic_save, default_cache_dir
+from speedup.data.cache import default_cache_dir, save_to_cache
 from speedup.data.loaders import DataInfo, DataSplits, TensorDictDataset
 
 __all__ = [
@@ -432,7 +432,7 @@ def load_shapes2d(
     }
     train = generate_shapes2d(settings["num_train"], split="train", **common)
     test = generate_shapes2d(settings["num_test"], split="test", **common)
-    atomic_save({"train": train, "test": test}, path)
+    save_to_cache({"train": train, "test": test}, path)  # unwritable: kept in memory
     return train, test
 
 

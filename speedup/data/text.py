@@ -483,14 +483,14 @@ def load_token_streams(
         else torch.zeros(0, dtype=torch.int32)
     )
     if cache:
-        from speedup.data.cache import atomic_save
+        from speedup.data.cache import save_to_cache
 
         meta = {
             "tokenizer": tok.serialized,
             "vocab_size": tok.vocab_size,
             "settings": described,
         }
-        atomic_save({"train": train, "eval": evaluation, "meta": meta}, path)  # type: ignore[arg-type]
+        save_to_cache({"train": train, "eval": evaluation, "meta": meta}, path)  # type: ignore[arg-type]
     return train, evaluation, tok
 
 

@@ -57,7 +57,7 @@ from torch import nn
 from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.config import ConfigError
 from speedup.event import Event
-from speedup.time import schedule_time
+from speedup.time import Time, schedule_time
 
 __all__ = ["EMA", "compute_ema", "smoothing_from_half_life"]
 
@@ -175,6 +175,11 @@ class EMA(Algorithm):
         self._others: list[tuple[torch.Tensor, torch.Tensor]] = []  # integer buffers
         self._mask_source: dict | None = None
         self._masked: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+
+    def time_constants(self) -> dict[str, Time]:
+        # Longer than the run, the average ends mostly the initial weights (or never starts).
+        found = {"ema_start": self.ema_start}
+        return {"half_life": self.half_life, **found} if self.half_life is not None else found
 
     def declare(self) -> Declaration:
         swaps = Access(reads={"model.weights"}, writes={"model.weights"})

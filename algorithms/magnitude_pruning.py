@@ -233,6 +233,12 @@ class MagnitudePruning(Algorithm):
         self._float_masks: list[torch.Tensor] = []
         self._times: dict[str, float] = {}
 
+    def time_constants(self) -> dict[str, Time]:
+        # Pruning that starts (or ends) after the run never reaches its sparsity.
+        if self.schedule == "oneshot":
+            return {"at": self.at}
+        return {"start": self.start, "end": self.end} if self.schedule == "gradual" else {}
+
     def declare(self) -> Declaration:
         return Declaration(
             events={

@@ -47,7 +47,7 @@ import torch
 from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.config import ConfigError
 from speedup.event import Event
-from speedup.time import schedule_time
+from speedup.time import Time, schedule_time
 
 __all__ = ["SeqLengthWarmup", "set_batch_sequence_length", "warmup_sequence_length"]
 
@@ -138,6 +138,9 @@ class SeqLengthWarmup(Algorithm):
         #: The warmup in batches, resolved at FIT_START.
         self.warmup_batches: float | None = None
         self._logged_length: int | None = None
+
+    def time_constants(self) -> dict[str, Time]:
+        return {"duration": self.duration}  # longer than the run: never trains at full length
 
     def declare(self) -> Declaration:
         return Declaration(

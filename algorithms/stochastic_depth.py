@@ -55,7 +55,7 @@ from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.event import Event
 from speedup.models.vision import _BasicBlock
 from speedup.surgery import replace_modules
-from speedup.time import schedule_time
+from speedup.time import Time, schedule_time
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -246,6 +246,9 @@ class StochasticDepth(Algorithm):
     @property
     def warms_up(self) -> bool:
         return self.drop_warmup.value > 0 and self.drop_rate > 0
+
+    def time_constants(self) -> dict[str, Time]:
+        return {"drop_warmup": self.drop_warmup} if self.warms_up else {}
 
     def declare(self) -> Declaration:
         events = {Event.INIT: Access(reads={"model.modules"}, writes={"model.modules"})}

@@ -53,7 +53,7 @@ from speedup import distributed
 from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.config import ConfigError
 from speedup.event import Event
-from speedup.time import TimeUnit, schedule_time
+from speedup.time import Time, TimeUnit, schedule_time
 
 __all__ = ["ANNEAL_STRATEGIES", "SWA", "average_weights", "swa_lr_factor", "update_bn"]
 
@@ -216,6 +216,9 @@ class SWA(Algorithm):
         self._start = 0  # first update, in batches
         self._interval = 1
         self._anneal = 0.0
+
+    def time_constants(self) -> dict[str, Time]:
+        return {"swa_start": self.swa_start}  # after the end: nothing would be averaged
 
     def declare(self) -> Declaration:
         events = {

@@ -35,6 +35,7 @@ from speedup.event import Event
 if TYPE_CHECKING:
     from speedup.loggers import Logger
     from speedup.state import State
+    from speedup.time import Time
 
 __all__ = ["Access", "Algorithm", "Declaration", "STATE_FIELDS", "check_field"]
 
@@ -150,6 +151,13 @@ class Algorithm:
         trained one computes; ``speedup export`` applies it. Default: unchanged. Algorithms
         that reparametrise weights (weight standardisation) override it."""
         return weights
+
+    def time_constants(self) -> dict[str, Time]:
+        """The algorithm's own time scales (a half-life, a delay before it starts, a warmup),
+        by argument name. The planner warns when one is longer than the whole run: the
+        algorithm would then never do what its arguments describe (an EMA with a 1000-batch
+        half-life over a 125-batch run ends still mostly the initial weights). Default: none."""
+        return {}
 
     def check_composition(self, algorithms: Mapping[str, Algorithm]) -> list[str]:
         """Problems with this algorithm's arguments given the others present (e.g. a rewind

@@ -9,9 +9,11 @@ is allowed.
 
 from __future__ import annotations
 
+import collections.abc
 import hashlib
 import inspect
 import json
+import math
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
@@ -24,13 +26,14 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from speedup.registry import UnknownNameError, suggest
-from speedup.time import Time, TimeUnit
+from speedup.time import Time, TimeUnit, schedule_time
 
 __all__ = [
     "ConfigError",
     "RunConfig",
     "DATA_LOADER_KEYS",
     "check_arguments",
+    "check_batch_fits",
     "config_hash",
     "with_changes",
     "load_config",
@@ -218,6 +221,9 @@ DATA_LOADER_KEYS: dict[str, type] = {
 _PRECISIONS = ("fp32", "bf16", "fp16")
 _COMPONENT_SECTIONS = ("model", "data", "optimizer", "scheduler")
 _TOP_KEYS = [f.name for f in fields(RunConfig)]
+_MAPPING_KEYS = {
+    key for key, kind in typing.get_type_hints(RunConfig).items() if typing.get_origin(kind) is dict
+}
 
 # -- finding recipes ------------------------------------------------------------------------
 
@@ -251,15 +257,76 @@ def resolve_recipe(name_or_path: str, relative_to: Path | None = None) -> Path:
 # -- loading layers -------------------------------------------------------------------------
 
 
+#: Bounds on a recipe file. Recipes are a few hundred values; the bounds are far above that
+#: and far below what would stall loading. YAML aliases let a short file stand for a huge tree
+#: ("billion laughs": each level repeats the previous one ten times), which PyYAML builds as
+#: shared references but OmegaConf expands into real nodes, so the bound is on the expanded
+#: size, not on the text.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_VALUES = 100_000
+MAX_RECIPE_DEPTH = 64
+
+
+def _expanded_size(data: Any, path: Path) -> int:
+    """The number of values in ``data`` with every alias expanded, counted without expanding:
+    a container shared by several aliases is sized once and counted at each use."""
+    sizes: dict[int, int] = {}
+    open_ids: set[int] = set()  # containers being sized: meeting one again is a cycle
+
+    def size(node: Any, depth: int) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_ids:
+            raise ConfigError(
+                f"{path}: a YAML alias refers to a mapping or list that contains it; a recipe "
+                "must be a tree"
+            )
+        if depth > MAX_RECIPE_DEPTH:
+            raise ConfigError(f"{path}: nested deeper than {MAX_RECIPE_DEPTH} levels")
+        open_ids.add(key)
+        total = 1
+        for child in node.values() if isinstance(node, dict) else node:
+            total += size(child, depth + 1)
+            if total > MAX_RECIPE_VALUES:  # stop counting: the answer is already no
+                raise ConfigError(
+                    f"{path}: expands to more than {MAX_RECIPE_VALUES:,} values through YAML "
+                    "aliases (&anchor/*alias); refusing it (a recipe has a few hundred)"
+                )
+        open_ids.discard(key)
+        sizes[key] = total
+        return total
+
+    return size(data, 0)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's message in one line: where, then what (its own text spans several lines)."""
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+    if mark is None or problem is None:
+        return ": " + " ".join(str(err).split())
+    return f" at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise ConfigError(
+            f"{path}: {path.stat().st_size:,} bytes; a recipe may be at most "
+            f"{MAX_RECIPE_BYTES:,} bytes"
+        )
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{path}: not valid YAML{_yaml_problem(err)}") from None
+    except RecursionError:  # PyYAML's composer recurses once per nesting level
+        raise ConfigError(f"{path}: nested too deeply to read") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of keys, got {type(data).__name__}")
+    _expanded_size(data, path)
     return data
 
 
@@ -327,6 +394,14 @@ def _merge_layer(base: DictConfig, layer: dict, source: str) -> DictConfig:
             raise ConfigError(
                 f"{source}: unknown key {key!r}{suggest(str(key), _TOP_KEYS)}; "
                 f"allowed top-level keys: {', '.join(_TOP_KEYS)}"
+            )
+    for key, value in layer.items():
+        # OmegaConf cannot merge a list or a scalar into a mapping field, and says so in a
+        # TypeError that names neither the key nor the file.
+        if key in _MAPPING_KEYS and value is not None and not isinstance(value, dict):
+            raise ConfigError(
+                f"{source}: {key}: expected a mapping of keys (key: value lines), got "
+                f"{type(value).__name__} {value!r}"
             )
     for section in _COMPONENT_SECTIONS:
         # Naming a different component replaces the section: sgd's momentum must not leak
@@ -439,7 +514,6 @@ def _validate(cfg: DictConfig, origin: dict[str, str]) -> None:
     from speedup.callback import CALLBACKS
     from speedup.data import DATASETS
     from speedup.models import MODELS
-    from speedup.optim import SCHEDULES, optimizer_arguments, optimizer_class, schedule_arguments
 
     def src(key: str) -> str:
         while key and key not in origin:
@@ -458,6 +532,7 @@ def _validate(cfg: DictConfig, origin: dict[str, str]) -> None:
         raise ConfigError(f"{src('scale_schedule_ratio')}: scale_schedule_ratio: must be > 0")
     if cfg.microbatch_size is not None and cfg.microbatch_size <= 0:
         raise ConfigError(f"{src('microbatch_size')}: microbatch_size: must be > 0")
+    _validate_machine(cfg, src)
     _validate_checkpointing(cfg, src)
     _validate_distributed(cfg, src)
     _validate_loggers(cfg, src)
@@ -481,6 +556,8 @@ def _validate(cfg: DictConfig, origin: dict[str, str]) -> None:
                 )
         skip = ("info",) if section == "model" else ()
         check_arguments(builder, args, section, src(section), skip=skip)
+        if section == "model":
+            _check_sizes(builder, args, section, src)
 
     component("model", MODELS)
     component("data", DATASETS, DATA_LOADER_KEYS)
@@ -490,43 +567,18 @@ def _validate(cfg: DictConfig, origin: dict[str, str]) -> None:
         value = cfg.data.get(key)
         if value is not None and value <= 0:
             raise ConfigError(f"{src('data.' + key)}: data.{key}: must be > 0, got {value}")
-
-    optimizer = OmegaConf.to_container(cfg.optimizer)
-    try:
-        cls = optimizer_class(str(optimizer.get("name", "")))
-    except ValueError as err:
-        raise ConfigError(f"{src('optimizer.name')}: optimizer.name: {err}") from None
-    for key in optimizer:
-        if key != "name" and key not in optimizer_arguments(cls):
-            allowed = optimizer_arguments(cls)
-            raise ConfigError(
-                f"{src('optimizer.' + key)}: optimizer.{key}: not an argument of "
-                f"{cls.__name__}{suggest(key, allowed)}; allowed: {', '.join(allowed)}"
-            )
-
-    scheduler = OmegaConf.to_container(cfg.scheduler)
-    name = scheduler.get("name", "constant")
-    if name not in SCHEDULES:
+    workers = cfg.data.get("num_workers")
+    if workers is not None and workers < 0:
         raise ConfigError(
-            f"{src('scheduler.name')}: scheduler.name: unknown schedule {name!r}"
-            f"{suggest(str(name), list(SCHEDULES))}; available: {', '.join(SCHEDULES)}"
+            f"{src('data.num_workers')}: data.num_workers: must be >= 0 (0 loads in the "
+            f"training process), got {workers}"
         )
-    allowed = ["name", "warmup", "scale_warmup", *schedule_arguments(name)]
-    for key, value in scheduler.items():
-        if key not in allowed:
-            raise ConfigError(
-                f"{src('scheduler.' + key)}: scheduler.{key}: unknown key"
-                f"{suggest(key, allowed)}; allowed for {name}: {', '.join(allowed)}"
-            )
-        times = value if key == "milestones" else [value]
-        if key in ("warmup", "step_size", "milestones"):
-            for t in times:
-                try:
-                    Time.parse(str(t))
-                except ValueError as err:
-                    raise ConfigError(
-                        f"{src('scheduler.' + key)}: scheduler.{key}: {err}"
-                    ) from None
+    if cfg.data.get("train_samples") is not None:  # the dataset's own size is checked once built
+        check_batch_fits(
+            cfg.data.batch_size, cfg.data.train_samples, src("data"), "data.train_samples"
+        )
+    _validate_optimizer(cfg, src)
+    _validate_scheduler(cfg, src)
 
     for section, registry in (("algorithms", ALGORITHMS), ("callbacks", CALLBACKS)):
         for name, args in OmegaConf.to_container(cfg[section]).items():
@@ -544,6 +596,215 @@ def _validate(cfg: DictConfig, origin: dict[str, str]) -> None:
                 cls(**(args or {}))
             except (ValueError, TypeError) as err:
                 raise ConfigError(f"{src(f'{section}.{name}')}: {section}.{name}: {err}") from None
+
+
+def _validate_optimizer(cfg: DictConfig, src: Any) -> None:
+    from speedup.optim import optimizer_arguments, optimizer_class, optimizer_problem
+
+    optimizer = OmegaConf.to_container(cfg.optimizer)
+    try:
+        cls = optimizer_class(str(optimizer.get("name", "")))
+    except ValueError as err:
+        raise ConfigError(f"{src('optimizer.name')}: optimizer.name: {err}") from None
+    allowed = optimizer_arguments(cls)
+    for key in optimizer:
+        if key != "name" and key not in allowed:
+            raise ConfigError(
+                f"{src('optimizer.' + key)}: optimizer.{key}: not an argument of "
+                f"{cls.__name__}{suggest(key, allowed)}; allowed: {', '.join(allowed)}"
+            )
+    args = {k: v for k, v in optimizer.items() if k != "name"}
+    check_arguments(cls, args, "optimizer", src("optimizer"), skip=("params",))
+    problem = optimizer_problem(cls, args)
+    if problem is not None:
+        key, message = problem
+        if key is None:
+            raise ConfigError(
+                f"{src('optimizer')}: optimizer: {cls.__name__} refuses {args}: {message}"
+            )
+        raise ConfigError(
+            f"{src('optimizer.' + key)}: optimizer.{key}: {cls.__name__} refuses {args[key]!r}: "
+            f"{message}"
+        )
+
+
+def _validate_scheduler(cfg: DictConfig, src: Any) -> None:
+    from speedup.optim import SCHEDULES, schedule_argument_types, schedule_arguments
+
+    scheduler = OmegaConf.to_container(cfg.scheduler)
+    name = scheduler.get("name", "constant")
+    if name not in SCHEDULES:
+        raise ConfigError(
+            f"{src('scheduler.name')}: scheduler.name: unknown schedule {name!r}"
+            f"{suggest(str(name), list(SCHEDULES))}; available: {', '.join(SCHEDULES)}"
+        )
+    allowed = ["name", "warmup", "scale_warmup", *schedule_arguments(name)]
+    types = schedule_argument_types(name)
+    for key, value in scheduler.items():
+        where = f"{src('scheduler.' + key)}: scheduler.{key}"
+        if key not in allowed:
+            raise ConfigError(
+                f"{where}: unknown key{suggest(key, allowed)}; allowed for {name}: "
+                f"{', '.join(allowed)}"
+            )
+        if key in ("warmup", "step_size", "milestones"):
+            if key == "milestones" and not isinstance(value, list):
+                raise ConfigError(f"{where}: expected a list of Times, got {value!r}")
+            for t in value if key == "milestones" else [value]:
+                try:  # a schedule runs on the step count: wall-clock has no step rate
+                    schedule_time(f"scheduler.{key}", str(t), positive=key == "step_size")
+                except ValueError as err:
+                    raise ConfigError(f"{src('scheduler.' + key)}: {err}") from None
+        elif not _type_ok(value, types.get(key, Any)):
+            kind = types[key]
+            raise ConfigError(
+                f"{where}: wrong type: got {value!r}, expected {getattr(kind, '__name__', kind)}"
+            )
+    if name in ("step", "multistep") and scheduler.get("gamma", 0.1) <= 0:
+        raise ConfigError(
+            f"{src('scheduler.gamma')}: scheduler.gamma: the LR is multiplied by it at each "
+            f"milestone, so it must be > 0; got {scheduler['gamma']}"
+        )
+    if name not in ("step", "multistep"):
+        factor = SCHEDULES[name][0]
+        kwargs = {k: v for k, v in scheduler.items() if k in schedule_arguments(name)}
+        for frac in (0.0, 0.5, 1.0):  # the multiplier must be a finite number along the run
+            value = factor(frac, 0.0, **kwargs)
+            if not math.isfinite(value):
+                raise ConfigError(
+                    f"{src('scheduler')}: scheduler: {name} with {kwargs} gives an LR "
+                    f"multiplier of {value} at {frac:g}dur"
+                )
+
+
+def check_batch_fits(
+    batch_size: int, train_size: int, source: str | None = None, what: str = "the training set"
+) -> None:
+    """Training drops the last partial batch (every step sees a full batch), so a batch larger
+    than the training set would leave every epoch empty: a run in batches would loop forever
+    and one in epochs would divide by zero. Refused before anything trains."""
+    if batch_size > train_size:
+        where = f"{source}: " if source else ""
+        raise ConfigError(
+            f"{where}data.batch_size: {batch_size} is larger than {what} "
+            f"({train_size} samples): every epoch would be empty (the last partial batch is "
+            f"dropped); use data.batch_size <= {train_size}"
+        )
+
+
+def _check_sizes(builder: Any, args: dict[str, Any], section: str, src: Any) -> None:
+    """A component's int arguments (``int``, ``int | None``, ``list[int]``) are sizes and
+    counts (channels, widths, layers, vocabulary): below 1 the network is empty or cannot be
+    built, found only once training starts, or never (a zero-width layer trains to chance).
+    An argument whose own default is 0 or negative is not a size and is left alone."""
+    target = builder.__init__ if isinstance(builder, type) else builder
+    parameters = inspect.signature(target).parameters
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:  # unresolvable annotations: nothing to go by
+        return
+    for key, value in args.items():
+        if key not in parameters or not _is_int_annotation(hints.get(key)):
+            continue
+        default = parameters[key].default
+        if isinstance(default, int) and not isinstance(default, bool) and default <= 0:
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, int) and not isinstance(v, bool) and v < 1 for v in values):
+            raise ConfigError(
+                f"{src(f'{section}.{key}')}: {section}.{key}: must be a positive int (a size "
+                f"or count), got {value!r}"
+            )
+
+
+def _is_int_annotation(annotation: Any) -> bool:
+    """``int``, ``int | None``, or a list/tuple/sequence of ints."""
+    if annotation is int:
+        return True
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        return len(rest) == 1 and _is_int_annotation(rest[0])
+    if origin in (list, tuple, typing.Sequence, collections.abc.Sequence):
+        return bool(args) and all(a is int or a is Ellipsis for a in args)
+    return False
+
+
+def _device_type(name: str) -> str | None:
+    """The device type ``name`` resolves to on this machine (``auto`` as the Trainer picks it),
+    or None when it is not a device string."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        mps = getattr(torch.backends, "mps", None)
+        return "mps" if mps is not None and mps.is_available() else "cpu"
+    try:
+        return torch.device(name).type
+    except (RuntimeError, ValueError, TypeError):
+        return None
+
+
+def _available_devices() -> list[str]:
+    import torch
+
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        found.append("mps")
+    return found
+
+
+def _device_problem(name: str) -> str | None:
+    """Why ``name`` cannot be trained on here, or None. Checked before anything trains: torch
+    would otherwise fail at the first tensor moved there, after the data was loaded."""
+    import torch
+
+    if name == "auto":
+        return None
+    here = f"devices on this machine: auto, {', '.join(_available_devices())}"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        return f"{name!r} is not a torch device string; {here}"
+    if device.type == "cpu":
+        return None
+    if device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        available, count = mps is not None and mps.is_available(), 1
+    else:
+        backend = getattr(torch, device.type, None)
+        if backend is None or not hasattr(backend, "is_available"):
+            return f"{name!r}: {device.type} is not a device to train on; {here}"
+        available = backend.is_available()
+        count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if not available:
+        return f"{name!r}: no {device.type} device on this machine; {here}"
+    if device.index is not None and device.index >= count:
+        return f"{name!r}: this machine has {count} {device.type} device(s); {here}"
+    return None
+
+
+def _validate_machine(cfg: DictConfig, src: Any) -> None:
+    """What the run asks of this machine: the device, fp16's CUDA, intra-op threads."""
+    problem = _device_problem(str(cfg.device))
+    if problem is not None:
+        raise ConfigError(f"{src('device')}: device: {problem}")
+    kind = _device_type(str(cfg.device))
+    if cfg.precision == "fp16" and kind != "cuda":
+        shown = f"auto, which is {kind} here" if cfg.device == "auto" else cfg.device
+        raise ConfigError(
+            f"{src('precision')}: precision: fp16 needs a CUDA device (its GradScaler runs on "
+            f"CUDA only), but device is {shown}; use bf16 or fp32"
+        )
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ConfigError(
+            f"{src('threads')}: threads: must be >= 1 (or null for torch's default), "
+            f"got {cfg.threads}"
+        )
 
 
 def _validate_loggers(cfg: DictConfig, src: Any) -> None:
@@ -661,32 +922,76 @@ def _validate_checkpointing(cfg: DictConfig, src: Any) -> None:
 
 
 def load_config(recipe: str, overrides: list[str] | None = None, smoke: bool = False) -> DictConfig:
-    """Load, merge and validate a recipe; raises ConfigError on any problem."""
+    """Load, merge and validate a recipe; raises ConfigError on any problem.
+
+    A recipe's ``smoke:`` section is checked with or without ``--smoke``: a typo in it would
+    otherwise surface only on the day someone smoke-tests the recipe."""
     path = resolve_recipe(recipe)
     layers = _recipe_layers(path)
     deletions, cli = _parse_overrides(list(overrides or []))
-    if smoke:
-        smoke_layer: dict[str, Any] = {}
-        for _, data in layers:
-            smoke_layer = _deep_merge(smoke_layer, data.get("smoke") or {})
-        layers.append(("the recipe's smoke: section", _deep_merge(_SMOKE_DEFAULTS, smoke_layer)))
-    layers.append((COMMAND_LINE, cli))
-    cfg = OmegaConf.structured(RunConfig)
-    origin: dict[str, str] = {}
+    smoke_section: dict[str, Any] = {}
+    for source, data in layers:
+        section = data.get("smoke")
+        if section is not None and not isinstance(section, dict):
+            raise ConfigError(
+                f"{source}: smoke: expected a mapping of overrides, got {type(section).__name__}"
+            )
+        smoke_section = _deep_merge(smoke_section, section or {})
+    smoke_layers = [(SMOKE_DEFAULTS_SOURCE, _SMOKE_DEFAULTS), (SMOKE_SECTION, smoke_section)]
+    recipe_cfg, recipe_origin = _merge_layers(OmegaConf.structured(RunConfig), {}, layers)
+
+    def variant(extra: list[tuple[str, dict]]) -> tuple[DictConfig, dict[str, str]]:
+        cfg, origin = _merge_layers(recipe_cfg, recipe_origin, [*extra, (COMMAND_LINE, cli)])
+        return _finish(path, cfg, origin, deletions, smoke=bool(extra)), origin
+
+    cfg, origin = variant(smoke_layers if smoke else [])
+    _validate(cfg, origin)
+    if smoke_section and not smoke:
+        try:
+            _validate(*variant(smoke_layers))
+        except ConfigError as err:
+            # Only the section's own problems: the command line was written for this run.
+            if str(err).startswith(SMOKE_SECTION):
+                raise
+    return cfg
+
+
+SMOKE_SECTION = "the recipe's smoke: section"
+SMOKE_DEFAULTS_SOURCE = "the --smoke defaults"
+
+
+def _merge_layers(
+    cfg: DictConfig, origin: dict[str, str], layers: list[tuple[str, dict]]
+) -> tuple[DictConfig, dict[str, str]]:
+    """``cfg`` with the layers merged in order (a new config), and where each key came from."""
+    origin = dict(origin)
     for source, data in layers:
         cfg = _merge_layer(cfg, data, source)
         origin.update(dict.fromkeys(_flat_keys(data), source))
+    return cfg, origin
+
+
+def _finish(
+    path: Path, cfg: DictConfig, origin: dict[str, str], deletions: list[str], smoke: bool
+) -> DictConfig:
+    """Apply the ``~key`` deletions and the smoke-mode precision; record the recipe's name."""
     if deletions:
         container = OmegaConf.to_container(cfg)
         for dotted in deletions:
             _delete(container, dotted)
         cfg = _merge_layer(OmegaConf.structured(RunConfig), container, COMMAND_LINE)
     OmegaConf.set_struct(cfg, False)
-    if smoke and cfg.precision == "fp16":  # fp16 needs CUDA; smoke runs on the CPU
+    # A recipe written for GPUs smoke-tests on the CPU, where fp16's GradScaler cannot run;
+    # fp16 asked for on the command line stays, and validation says why it cannot.
+    if (
+        smoke
+        and cfg.precision == "fp16"
+        and origin.get("precision") != COMMAND_LINE
+        and _device_type(cfg.device) != "cuda"
+    ):
         cfg.precision = "bf16"
     cfg.recipe = path.stem
     cfg.smoke_mode = smoke
-    _validate(cfg, origin)
     return cfg
 
 

@@ -33,6 +33,7 @@ import dataclasses
 import hashlib
 import heapq
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 from speedup.algorithm import Algorithm, Declaration, _writes_overlap
 from speedup.callback import Callback
 from speedup.event import Event
+from speedup.time import Time, TimeConverter, TimeUnit
 
 if TYPE_CHECKING:
     from speedup.loggers import Logger
@@ -51,8 +53,10 @@ __all__ = [
     "Engine",
     "Plan",
     "PlanError",
+    "algorithm_time_constants",
     "build_plan",
     "checking_declarations",
+    "long_time_constants",
 ]
 
 
@@ -166,18 +170,87 @@ def _reachable(pairs: set[tuple[str, str]]) -> set[tuple[str, str]]:
     return closure
 
 
+def algorithm_time_constants(algorithms: Sequence[Algorithm]) -> dict[str, Time]:
+    """Every algorithm's declared time constants, keyed as in a recipe
+    (``algorithms.ema.half_life``)."""
+    return {
+        f"algorithms.{a.name}.{key}": time
+        for a in algorithms
+        for key, time in a.time_constants().items()
+    }
+
+
+def _in_batches(
+    time: Time, converter: TimeConverter | None, batch_size: int | None
+) -> float | None:
+    """``time`` in batches where that is known: everything given the run's converter; batches
+    and samples given only the batch size (before the data is built); else None."""
+    if converter is not None:
+        try:
+            return converter.to_batches(time)
+        except ValueError:  # wall-clock, or tokens of data that has none
+            return None
+    if time.unit == TimeUnit.BATCH:
+        return float(time.value)
+    if time.unit == TimeUnit.SAMPLE and batch_size:
+        return time.value / batch_size
+    return None
+
+
+def long_time_constants(
+    constants: Mapping[str, Time],
+    max_duration: Time,
+    converter: TimeConverter | None = None,
+    batch_size: int | None = None,
+) -> list[str]:
+    """A warning for each time constant (``key -> Time``) longer than the run.
+
+    Compared in one unit where the units allow it: ``dur`` against 1, the same unit directly,
+    otherwise in batches, through ``converter`` once the data is built or, before that, the
+    batch size (epochs need the dataset's length, so those wait for the run)."""
+    found = []
+    for key, time in constants.items():
+        if time.unit == TimeUnit.DURATION:
+            longer, shown = time.value > 1, ""
+        elif time.unit == max_duration.unit:
+            longer, shown = time.value > max_duration.value, ""
+        else:
+            mine = _in_batches(time, converter, batch_size)
+            run = _in_batches(max_duration, converter, batch_size)
+            if mine is None or run is None:
+                continue
+            longer, shown = mine > run, f" ({mine:g}ba against {run:g}ba)"
+        if longer:
+            found.append(
+                f"{key}: {time} is longer than the whole run (max_duration {max_duration})"
+                f"{shown}, so it never plays out as set; shorten it or train longer"
+            )
+    return found
+
+
 def build_plan(
     declarations: dict[str, Declaration],
     model_kind: str | None = None,
     data_kind: str | None = None,
     known_names: set[str] | None = None,
     algorithms: Sequence[Algorithm] = (),
+    max_duration: Time | None = None,
+    converter: TimeConverter | None = None,
+    batch_size: int | None = None,
 ) -> Plan:
     """Plan the algorithms ``declarations`` (name -> Declaration, in recipe order).
 
-    ``algorithms`` (the instances), when given, are also asked ``check_composition``."""
+    ``algorithms`` (the instances), when given, are also asked ``check_composition``; with
+    ``max_duration`` their time constants longer than the run become warnings (see
+    :func:`long_time_constants` for ``converter`` and ``batch_size``)."""
     names = list(declarations)
     plan = Plan()
+    if max_duration is not None:
+        plan.warnings.extend(
+            long_time_constants(
+                algorithm_time_constants(algorithms), max_duration, converter, batch_size
+            )
+        )
     by_name = {a.name: a for a in algorithms}
     for algorithm in algorithms:
         for problem in algorithm.check_composition(by_name):
@@ -312,6 +385,13 @@ class Engine:
         )
         if self.plan.conflicts and strict:
             raise PlanError(self.plan.conflicts)
+        max_duration = getattr(self.state, "max_duration", None)
+        if max_duration is not None:  # exact now: the state's converter knows the epoch length
+            constants = algorithm_time_constants(self.algorithms)
+            converter = getattr(self.state, "converter", None)
+            for message in long_time_constants(constants, max_duration, converter):
+                self.plan.warnings.append(message)
+                warnings.warn(message, UserWarning, stacklevel=3)
         by_name = {a.name: a for a in self.algorithms}
         hooks = [(type(c).__name__, c.hooks()) for c in self.callbacks]  # once per callback
         self._dispatch = {}

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import inspect
 import math
+import typing
+import warnings
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from speedup.engine import long_time_constants
 from speedup.registry import suggest
 from speedup.time import Time, TimeUnit
 
@@ -27,8 +30,11 @@ __all__ = [
     "build_scheduler",
     "optimizer_class",
     "optimizer_names",
+    "optimizer_problem",
     "SCHEDULES",
+    "schedule_argument_types",
     "schedule_factor",
+    "schedule_time_constants",
 ]
 
 
@@ -70,6 +76,39 @@ def optimizer_class(name: str) -> type:
 
 def optimizer_arguments(cls: type) -> list[str]:
     return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "params")]
+
+
+def optimizer_problem(cls: type, args: dict[str, Any]) -> tuple[str | None, str] | None:
+    """Why ``cls(params, **args)`` would fail, found by building it over a dummy parameter
+    (cheap, and it runs the optimizer's own value checks: a negative lr, betas outside
+    [0, 1)), as ``(argument to blame or None, message)``; None when it builds.
+
+    The argument to blame is the first one that fails on its own (with only the required
+    arguments beside it), since torch's messages do not always name the argument."""
+
+    def failure(kwargs: dict[str, Any]) -> str | None:
+        # 2-D, since some optimizers (Muon) accept only matrices.
+        param = torch.zeros(2, 2, requires_grad=True)
+        try:
+            cls([param], **kwargs)
+        except (ValueError, TypeError, RuntimeError) as err:
+            return str(err).splitlines()[0] if str(err) else type(err).__name__
+        return None
+
+    message = failure(args)
+    if message is None:
+        return None
+    parameters = inspect.signature(cls.__init__).parameters
+    required = {
+        k: v
+        for k, v in args.items()
+        if k in parameters and parameters[k].default is parameters[k].empty
+    }
+    if failure(required) is None:
+        for key, value in args.items():
+            if key not in required and failure({**required, key: value}) is not None:
+                return key, message
+    return (next(iter(required)) if len(required) == 1 else None), message
 
 
 def build_optimizer(params: Iterable[Any], spec: dict[str, Any]) -> torch.optim.Optimizer:
@@ -121,6 +160,26 @@ def schedule_arguments(name: str) -> list[str]:
     return [p for p in inspect.signature(fn).parameters if p not in ("frac", "step")]
 
 
+def schedule_argument_types(name: str) -> dict[str, Any]:
+    """The non-Time arguments of schedule ``name`` -> their types (Time-valued ones, warmup,
+    step_size and milestones, are parsed as Times instead)."""
+    if name in ("step", "multistep"):
+        return {"scale_warmup": bool, "gamma": float}
+    hints = typing.get_type_hints(SCHEDULES[name][0])
+    return {"scale_warmup": bool, **{k: hints.get(k, Any) for k in schedule_arguments(name)}}
+
+
+def schedule_time_constants(spec: dict[str, Any] | None, ratio: float = 1.0) -> dict[str, Time]:
+    """The schedule's warmup as a time constant for the planner (``{}`` without one), stretched
+    by the scale-schedule ratio when ``scale_warmup`` asks for it, as :class:`_Schedule` does."""
+    warmup = Time.parse(str((spec or {}).get("warmup", "0ba")))
+    if warmup.value == 0:
+        return {}
+    if (spec or {}).get("scale_warmup", False) and warmup.unit != TimeUnit.DURATION:
+        warmup = warmup * ratio
+    return {"scheduler.warmup": warmup}
+
+
 class _Schedule:
     """The LR multiplier as a function of the state's timestamp."""
 
@@ -149,6 +208,7 @@ class _Schedule:
             return converter.to_batches(time) * factor
 
         self.state = state
+        warmups = schedule_time_constants(spec, ratio)
         self.warmup = batches(spec.pop("warmup", "0ba"), stretch=spec.pop("scale_warmup", False))
         self.gamma = float(spec.pop("gamma", 0.1))
         if self.name == "step":
@@ -158,6 +218,8 @@ class _Schedule:
         self.kwargs = spec
         md = state.max_duration
         self.total = None if md.unit == TimeUnit.SECOND else converter.to_batches(md)
+        for message in long_time_constants(warmups, md, converter):
+            warnings.warn(message, UserWarning, stacklevel=4)  # the LR never reaches its peak
 
     def __call__(self, _: int) -> float:
         return self.factor_at(self.state.timestamp.batch)

@@ -9,12 +9,17 @@ from speedup.algorithms.selective_backprop import (
     SelectiveBackprop,
     highest_loss_indices,
     kept_count,
+    loss_percentiles,
+    sampled_loss_indices,
     select_using_loss,
+    selection_probabilities,
+    updated_history,
 )
 from torch import nn
 
 from speedup.callback import Callback
-from speedup.config import ConfigError
+from speedup.checkpoint import save_checkpoint
+from speedup.config import ConfigError, load_config
 from speedup.data import DataInfo, TensorBatchLoader
 from speedup.engine import build_plan
 from speedup.event import Event
@@ -43,6 +48,63 @@ def test_highest_loss_indices_keep_the_largest_in_batch_order_ties_to_the_earlie
     assert highest_loss_indices(torch.ones(4), 0.5).tolist() == [0, 1]
     with pytest.raises(ValueError, match="keep must be in"):
         highest_loss_indices(losses, 0.0)
+
+
+# -- the probabilistic rule (Jiang et al. 2019) -------------------------------------------------
+
+
+def reference_probabilities(losses, history, beta):
+    """P(select) = CDF(loss) ** beta, CDF = the share of the history strictly below the loss,
+    written out with Python lists."""
+    history = [float(h) for h in history]
+    return [(sum(h < float(x) for h in history) / len(history)) ** beta for x in losses]
+
+
+def test_selection_probabilities_are_the_loss_percentile_to_the_power_beta():
+    history = torch.tensor([0.2, 1.5, 0.7, 3.0, 0.7, 0.1, 2.2, 0.9, 1.1, 0.4])
+    losses = torch.tensor([0.05, 0.7, 0.8, 1.2, 2.5, 3.0, 9.0])
+    # percentiles by hand: nothing below 0.05; 0.7 beats 0.2, 0.1, 0.4 (not itself): 3/10
+    assert loss_percentiles(losses, history).tolist() == pytest.approx(
+        [0.0, 0.3, 0.5, 0.7, 0.9, 0.9, 1.0]
+    )
+    for beta in (1.0, 2.0, 3.0, 0.5):
+        expected = reference_probabilities(losses, history, beta)
+        assert selection_probabilities(losses, history, beta).tolist() == pytest.approx(expected)
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        selection_probabilities(losses, history, 0.0)
+    with pytest.raises(ValueError, match="history is empty"):
+        loss_percentiles(losses, torch.zeros(0))
+
+
+def test_the_history_is_a_window_of_the_most_recent_losses():
+    history = torch.zeros(0)
+    history = updated_history(history, torch.tensor([1.0, 2.0, 3.0]), 5)
+    assert history.tolist() == [1.0, 2.0, 3.0]
+    history = updated_history(history, torch.tensor([4.0, 5.0, 6.0]), 5)
+    assert history.tolist() == [2.0, 3.0, 4.0, 5.0, 6.0]  # the oldest fell out
+    assert updated_history(history, torch.arange(8.0), 5).tolist() == [3.0, 4.0, 5.0, 6.0, 7.0]
+
+
+def test_sampled_indices_follow_independent_uniform_draws():
+    history = torch.linspace(0.0, 1.0, 11)
+    losses = torch.tensor([0.05, 0.35, 0.55, 0.95, 2.0, 0.75])
+    probabilities = reference_probabilities(losses, history, 2.0)
+    kept = sampled_loss_indices(losses, history, 2.0, torch.Generator().manual_seed(3))
+    draws = torch.rand(6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert kept.tolist() == [i for i in range(6) if draws[i] < probabilities[i]]
+    # over many draws each sample is kept with its probability (binomial sd <= 0.008)
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.zeros(6)
+    trials = 4000
+    for _ in range(trials):
+        counts[sampled_loss_indices(losses, history, 2.0, generator)] += 1
+    assert (counts / trials).tolist() == pytest.approx(probabilities, abs=0.035)
+
+
+def test_a_draw_that_keeps_nobody_keeps_the_highest_loss():
+    losses = torch.tensor([0.3, 0.1, 0.3, 0.2])
+    history = torch.tensor([5.0, 6.0])  # every loss is below the whole history: P = 0
+    assert sampled_loss_indices(losses, history, 1.0, torch.Generator()).tolist() == [0]
 
 
 def bn_classifier(seed=0):
@@ -91,7 +153,9 @@ def test_scale_factor_downscales_the_selection_forward_only():
     g = torch.Generator().manual_seed(0)
     images = {"inputs": torch.randn(16, 3, 16, 16, generator=g), "targets": torch.arange(16) % 10}
     loader = TensorBatchLoader(images, 8, shuffle=True, drop_last=True, seed=0)
-    algorithm = SelectiveBackprop(start="0ba", end="1ba", interval=1, scale_factor=0.5)
+    algorithm = SelectiveBackprop(
+        start="0ba", end="1ba", interval=1, scale_factor=0.5, selection="topk"
+    )
     Trainer(model, loader, "1ba", algorithms=[algorithm]).fit()
     assert shapes == [(8, 3, 8, 8), (4, 3, 16, 16)]  # selection at half size, training full
     with pytest.raises(ValueError, match="scale_factor < 1 needs floating"):
@@ -182,7 +246,9 @@ def run(algorithm, steps=20, batch_size=8, callbacks=()):
 
 def test_active_only_inside_its_window_every_interval_steps():
     sizes = BatchSizes()
-    algorithm = SelectiveBackprop(start="0.25dur", end="0.75dur", keep=0.25, interval=2)
+    algorithm = SelectiveBackprop(
+        start="0.25dur", end="0.75dur", selection="topk", keep=0.25, interval=2
+    )
     trainer = run(algorithm, callbacks=[sizes])
     active = [b for b in range(20) if 5 <= b < 15 and b % 2 == 0]  # [6, 8, 10, 12, 14]
     assert sizes.sizes == {b: (2 if b in active else 8) for b in range(20)}
@@ -191,9 +257,9 @@ def test_active_only_inside_its_window_every_interval_steps():
     assert trainer.state.timestamp.sample == 20 * 8
 
 
-def test_smoke_20_steps_with_defaults_halves_every_other_batch_in_its_window():
+def test_smoke_20_steps_of_topk_halves_every_other_batch_in_its_window():
     sizes = BatchSizes()
-    algorithm = SelectiveBackprop()
+    algorithm = SelectiveBackprop(selection="topk")
     trainer = run(algorithm, callbacks=[sizes])
     assert math.isfinite(float(trainer.state.train_metrics["loss"]))
     # 0.5dur-0.9dur of 20 steps is [10, 18); even steps: 10, 12, 14, 16
@@ -206,14 +272,103 @@ def test_selection_is_deterministic_and_inactive_steps_match_a_plain_run():
     def weights(trainer):
         return [p.detach().clone() for p in trainer.state.model.parameters()]
 
-    a = weights(run(SelectiveBackprop(start="0.5dur", end="0.9dur")))
-    b = weights(run(SelectiveBackprop(start="0.5dur", end="0.9dur")))
+    a = weights(run(SelectiveBackprop(start="0.5dur", end="0.9dur", selection="topk")))
+    b = weights(run(SelectiveBackprop(start="0.5dur", end="0.9dur", selection="topk")))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     early = weights(run(SelectiveBackprop(start="10ba", end="12ba"), steps=10))
-    plain = weights(run(SelectiveBackprop(start="10ba", end="12ba", keep=1.0), steps=10))
+    full_batch = SelectiveBackprop(start="10ba", end="12ba", selection="topk", keep=1.0)
+    plain = weights(run(full_batch, steps=10))
     assert all(torch.equal(x, y) for x, y in zip(early, plain))
     late = weights(run(SelectiveBackprop(start="0ba", end="2ba", interval=1), steps=10))
     assert not all(torch.equal(x, y) for x, y in zip(late, plain))
+
+
+def test_probabilistic_selection_in_a_run_keeps_samples_by_their_percentile_in_the_history():
+    recorded = []
+
+    class Recorder(SelectiveBackprop):
+        def _select(self, losses):
+            before = self.history.clone()
+            draws_state = self.generator.get_state()
+            index = super()._select(losses)
+            recorded.append((losses.clone(), before, draws_state, index.clone()))
+            return index
+
+    sizes = BatchSizes()
+    algorithm = Recorder(
+        start="0ba", end="12ba", interval=1, selection="probabilistic", beta=1.0, history_size=20
+    )
+    run(algorithm, steps=12, callbacks=[sizes])
+    assert len(recorded) == 12
+    for step, (losses, before, draws_state, index) in enumerate(recorded):
+        # the batch's losses join the window of the last 20 first, then each is ranked in it
+        window = torch.cat([before, losses])[-20:]
+        assert before.numel() == min(20, 8 * step)
+        generator = torch.Generator()
+        generator.set_state(draws_state)
+        draws = torch.rand(8, generator=generator, dtype=torch.float64)
+        probabilities = reference_probabilities(losses, window, 1.0)
+        expected = [i for i in range(8) if draws[i] < probabilities[i]]
+        expected = expected or [int(torch.argmax(losses))]
+        assert index.tolist() == expected
+        assert sizes.sizes[step] == len(expected)
+    assert len({sizes.sizes[b] for b in range(12)}) > 1  # the kept count varies by batch
+
+
+def test_probabilistic_draws_follow_the_run_seed():
+    def kept_sizes(seed):
+        sizes = BatchSizes()
+        train_loader, _ = loaders(make_blobs(n=64), batch_size=8)
+        algorithm = SelectiveBackprop(
+            start="0ba", end="20ba", interval=1, selection="probabilistic"
+        )
+        Trainer(
+            tiny_model(), train_loader, "20ba", algorithms=[algorithm], callbacks=[sizes], seed=seed
+        ).fit()
+        return [sizes.sizes[b] for b in range(20)]
+
+    assert kept_sizes(0) == kept_sizes(0)
+    assert kept_sizes(0) != kept_sizes(1)
+
+
+class SaveAt(Callback):
+    def __init__(self, at, folder):
+        self.at, self.folder, self.path = at, folder, None
+
+    def batch_checkpoint(self, state, logger):
+        if state.timestamp.batch == self.at:
+            self.path = save_checkpoint(state, self.folder)
+
+
+def test_resume_continues_the_draws_and_the_history_exactly(tmp_path):
+    def algorithm():
+        return SelectiveBackprop(
+            start="0ba", end="20ba", interval=1, selection="probabilistic", history_size=50
+        )
+
+    saver = SaveAt(7, tmp_path)
+    sizes = BatchSizes()
+    full = run(algorithm(), 20, callbacks=[saver, sizes])
+    resumed_sizes = BatchSizes()
+    resumed_algorithm = algorithm()
+    train_loader, _ = loaders(make_blobs(n=64), batch_size=8)
+    trainer = Trainer(
+        tiny_model(seed=5),  # other weights: the checkpoint must restore everything
+        train_loader,
+        "20ba",
+        algorithms=[resumed_algorithm],
+        callbacks=[resumed_sizes],
+        optimizer={"name": "sgd", "lr": 0.1},
+        seed=99,  # another seed too: the draws must continue from the saved generator
+    )
+    trainer.load_checkpoint(saver.path)
+    trainer.fit()
+    assert resumed_sizes.sizes == {b: sizes.sizes[b] for b in range(7, 20)}
+    first = full.state.algorithms[0]
+    assert torch.equal(first.history, resumed_algorithm.history)
+    assert torch.equal(first.generator.get_state(), resumed_algorithm.generator.get_state())
+    for name, value in full.state.model.state_dict().items():
+        assert torch.equal(trainer.state.model.state_dict()[name], value), name
 
 
 # -- arguments and declaration -----------------------------------------------------------------
@@ -222,19 +377,42 @@ def test_selection_is_deterministic_and_inactive_steps_match_a_plain_run():
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
     [
-        ({"keep": 0.0}, r"selective_backprop.keep must be in \(0, 1\], got 0"),
-        ({"keep": 1.5}, r"selective_backprop.keep must be in \(0, 1\]"),
+        ({"selection": "topk", "keep": 0.0}, r"keep must be in \(0, 1\], got 0"),
+        ({"selection": "topk", "keep": 1.5}, r"selective_backprop.keep must be in \(0, 1\]"),
         ({"scale_factor": 0.0}, r"selective_backprop.scale_factor must be in \(0, 1\]"),
         ({"scale_factor": 2.0}, r"selective_backprop.scale_factor must be in \(0, 1\]"),
         ({"interval": 0}, "selective_backprop.interval must be an integer >= 1, got 0"),
         ({"start": "0.9dur", "end": "0.5dur"}, "selective_backprop.end must be after start"),
         ({"start": "later"}, "selective_backprop.start"),
         ({"end": "5sec"}, "selective_backprop.end.*wall-clock"),
+        (
+            {"selection": "random"},
+            "selective_backprop.selection must be one of probabilistic, topk",
+        ),
+        ({"selection": "probabilistic", "beta": 0}, "selective_backprop.beta must be > 0, got 0"),
+        (
+            {"selection": "probabilistic", "history_size": 0},
+            "selective_backprop.history_size must be an integer >= 1, got 0",
+        ),
+        (
+            {"selection": "probabilistic", "keep": 0.3},
+            "selective_backprop.keep applies to selection 'topk' only.*set beta",
+        ),
+        ({"beta": 2.0}, "beta applies to selection 'probabilistic' only, and selection is 'topk'"),
+        ({"selection": "topk", "history_size": 9}, "history_size applies to selection 'prob"),
     ],
 )
 def test_bad_arguments_raise_naming_the_argument(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         SelectiveBackprop(**kwargs)
+
+
+def test_a_recipe_with_a_bad_selection_fails_at_validation():
+    with pytest.raises(ConfigError, match="algorithms.selective_backprop: .*selection must be one"):
+        load_config("shapes2d-baseline", ["algorithms.selective_backprop.selection=best"])
+    # top-k is the default: beta, the probabilistic rule's argument, is refused, not ignored
+    with pytest.raises(ConfigError, match="algorithms.selective_backprop: .*beta applies to"):
+        load_config("shapes2d-baseline", ["algorithms.selective_backprop.beta=2"])
 
 
 def test_declaration_runs_before_batch_augmentations():
@@ -270,7 +448,7 @@ def test_selection_on_a_language_model_keeps_whole_sequences():
     data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     loader = TensorBatchLoader(data, 4, shuffle=True, drop_last=True, seed=0)
     sizes = BatchSizes()
-    algorithm = SelectiveBackprop(start="0ba", end="2ba", keep=0.5, interval=1)
+    algorithm = SelectiveBackprop(start="0ba", end="2ba", selection="topk", keep=0.5, interval=1)
     trainer = Trainer(model, loader, "2ba", algorithms=[algorithm], callbacks=[sizes])
     trainer.fit()
     assert sizes.sizes == {0: 2, 1: 2}

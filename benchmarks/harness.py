@@ -357,7 +357,20 @@ def run_suite(
     ``parallel`` > 1 runs that many of the sweep's independent runs at once, each in its own
     process (``nproc`` > 1: each through torchrun with that many processes). Concurrent runs
     share the machine, so their wall-clock times are only comparable with each other when
-    each has its own devices (GPUs are split between the slots)."""
+    each has its own devices (GPUs are split between the slots).
+
+    ``out`` is locked while the sweep runs (:class:`speedup.lock.RunLock`): a second sweep into
+    it raises :class:`~speedup.lock.RunLockedError` naming the first's PID."""
+    from speedup.lock import RunLock
+
+    with RunLock(out):
+        return _run_suite(suite, Path(out), force, progress, parallel, nproc)
+
+
+def _run_suite(
+    suite: Suite, out: Path, force: bool, progress: bool, parallel: int, nproc: int
+) -> dict[str, Any]:
+    """:func:`run_suite` once ``out`` is locked."""
     from speedup.benchmarks.analysis import time_to_target
     from speedup.benchmarks.report import write_report
     from tqdm.auto import tqdm
@@ -405,6 +418,9 @@ def run_suite(
         cfg.run_dir = str(run_dir)
         configs.append(cfg)
     todo = [c for c in configs if force or not (Path(c.run_dir) / "summary.json").exists()]
+    if force:  # recompute: a finished run would otherwise report itself complete, unchanged
+        for cfg in todo:
+            cfg.resume = "never"
     fresh_dirs = {c.run_dir for c in todo}
     bar = tqdm(total=len(jobs), desc="runs", unit="run", disable=not progress)
     bar.update(len(jobs) - len(todo))

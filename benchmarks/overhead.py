@@ -9,8 +9,14 @@ medians of the per-step times are compared. Two models:
 * a tiny MLP whose step is so cheap that the framework's fixed per-step cost dominates:
   reported in microseconds per step (target <= 30 us).
 
-Run: ``python -m speedup.benchmarks.overhead [--repeats N] [--steps N]``. The last line is
-machine-readable: ``mlp_overhead_us=<float> cnn_ratio=<float> cnn_ratio_noop4=<float>``.
+The NaN/Inf guard (:mod:`speedup.guard`, on in every ``speedup run``: one fused norm of the
+gradients, one host sync per step) is measured the same way, the Trainer with it against the
+Trainer without it, back to back in alternating order: its cost ratio on the small CNN (the
+median of the per-pair ratios; target <= 1.02) and its microseconds per step on the MLP.
+
+Run: ``python -m speedup.benchmarks.overhead [--repeats N] [--mlp-steps N] [--cnn-steps N]``.
+The last line is machine-readable: ``mlp_overhead_us=<float> cnn_ratio=<float>
+cnn_ratio_noop4=<float> mlp_guard_us=<float> cnn_guard_ratio=<float>``.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from torch import nn
 from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.data import TensorBatchLoader
 from speedup.event import Event
+from speedup.guard import NonFiniteGuard
 from speedup.models import Classifier
 from speedup.models.nets import MLP, SmallCNN2d
 from speedup.trainer import Trainer
@@ -71,13 +78,16 @@ def plain_loop(net: nn.Module, loader: TensorBatchLoader, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def trainer_loop(net: nn.Module, loader: TensorBatchLoader, steps: int, noops: int) -> float:
+def trainer_loop(
+    net: nn.Module, loader: TensorBatchLoader, steps: int, noops: int, guard: bool = False
+) -> float:
     trainer = Trainer(
         Classifier(net, 10),
         loader,
         f"{steps}ba",
         optimizer={"name": "sgd", "lr": 0.01, "momentum": 0.9},
         algorithms=[NoOp(i) for i in range(noops)],
+        callbacks=[NonFiniteGuard()] if guard else [],
         log_interval="0ba",
         device="cpu",
     )
@@ -106,6 +116,31 @@ def compare(
             plain.append(p)
             framework.append(t)
     return statistics.median(plain), statistics.median(framework)
+
+
+def compare_guard(
+    make_net: Callable[[], nn.Module],
+    data: dict[str, torch.Tensor],
+    batch_size: int,
+    steps: int,
+    repeats: int,
+) -> tuple[float, float, float]:
+    """Median seconds per step of the Trainer without and with the NaN/Inf guard, and the
+    median of the per-repeat ratios (with / without). The two run back to back, in alternating
+    order (so that neither always runs second), and the ratio is taken within each pair, so a
+    change of machine load between repeats cancels out; the first pair is a warm-up."""
+    without, with_guard, ratios = [], [], []
+    for repeat in range(repeats + 1):
+        loader = TensorBatchLoader(data, batch_size, shuffle=True, drop_last=True)
+        times = {}
+        for guard in (False, True) if repeat % 2 else (True, False):
+            torch.manual_seed(repeat)
+            times[guard] = trainer_loop(make_net(), loader, steps, noops=0, guard=guard)
+        if repeat:
+            without.append(times[False])
+            with_guard.append(times[True])
+            ratios.append(times[True] / times[False])
+    return statistics.median(without), statistics.median(with_guard), statistics.median(ratios)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -142,6 +177,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             f"cnn  plain {plain * 1e3:8.2f} ms/step  trainer {framework * 1e3:8.2f} ms/step  "
             f"ratio {results[key]:.4f} with {noops} no-op algorithms (target <= {target})"
         )
+
+    without, with_guard, _ = compare_guard(
+        lambda: MLP(32, 10, (64,)), mlp_data, 32, args.mlp_steps, args.repeats
+    )
+    results["mlp_guard_us"] = (with_guard - without) * 1e6
+    print(
+        f"mlp  trainer {without * 1e6:8.1f} us/step  +guard {with_guard * 1e6:8.1f} us/step  "
+        f"guard {results['mlp_guard_us']:+.1f} us/step"
+    )
+    without, with_guard, ratio = compare_guard(cnn, cnn_data, 32, args.cnn_steps, args.repeats)
+    results["cnn_guard_ratio"] = ratio
+    print(
+        f"cnn  trainer {without * 1e3:8.2f} ms/step  +guard {with_guard * 1e3:8.2f} ms/step  "
+        f"guard ratio {ratio:.4f} (median of paired ratios; target <= 1.02)"
+    )
     print(" ".join(f"{k}={v:.4f}" for k, v in results.items()))
     return results
 

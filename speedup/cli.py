@@ -1,4 +1,4 @@
-"""The ``speedup`` command line: run, plan, list, describe, report, bench, lottery, export.
+"""The ``speedup`` command line: run, plan, list, describe, report, bench, tune, lottery, export.
 
 Imports are deferred to the command that needs them, so ``speedup --help`` stays fast.
 Bad input exits with code 2 and one message naming the key and file; ``--debug`` adds the
@@ -8,12 +8,16 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["main"]
+
+#: Output-directory locks (speedup.lock.RunLock) a command takes, released when it returns.
+_LOCKS = contextlib.ExitStack()
 
 LISTABLE = ("algorithms", "recipes", "models", "datasets", "callbacks", "optimizers", "schedules")
 
@@ -54,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
         help="lottery-ticket experiments: IMP with controls, pruning at init, instability",
         description="Iterative magnitude pruning with rewinding (default), or --pai, "
         "--instability, --scaling. Every run has its own directory; rerunning the same "
-        "command resumes at the first unfinished run.",
+        "command resumes at the first unfinished run, and a rerun with other settings into "
+        "the same --out is refused (exit 2), naming what differs.",
     )
     _add_recipe_args(lottery)
     lottery.add_argument(
@@ -64,15 +69,30 @@ def _parser() -> argparse.ArgumentParser:
     lottery.add_argument("--prune-fraction", type=float, default=0.2, help="of survivors per level")
     lottery.add_argument("--conv-fraction", type=float, help="conv layers' rate (default: same)")
     lottery.add_argument("--output-fraction", type=float, help="output layer (default: half)")
-    lottery.add_argument("--scope", choices=("layerwise", "global"), default="layerwise")
+    lottery.add_argument(
+        "--scope",
+        choices=("layerwise", "global"),
+        help="IMP: layerwise (default, as in the LTH paper); --pai: global (default, as in the "
+        "SNIP, GraSP and SynFlow papers)",
+    )
     lottery.add_argument("--rewind", default="0ba", help="rewind point, a Time (0ba: init)")
-    lottery.add_argument("--mode", choices=("weights", "lr"), default="weights")
+    lottery.add_argument(
+        "--mode",
+        choices=("weights", "lr", "finetune"),
+        default="weights",
+        help="after pruning: rewind the weights, rewind the LR schedule (Renda et al. 2020), "
+        "or fine-tune at the schedule's final LR",
+    )
+    lottery.add_argument(
+        "--finetune-lr", type=float, help="--mode finetune: the constant LR (default: final LR)"
+    )
     lottery.add_argument("--controls", nargs="*", default=["reinit", "random", "shuffle"])
     lottery.add_argument(
         "--seeds",
         nargs="+",
         type=int,
-        help="IMP once per seed (seed_<s>/), then mean ± std per level",
+        help="the experiment once per seed (seed_<s>/), then mean ± sample std (n) "
+        "(IMP, --pai, --instability)",
     )
     lottery.add_argument(
         "--pai",
@@ -91,6 +111,12 @@ def _parser() -> argparse.ArgumentParser:
     lottery.add_argument(
         "--rewind-points", nargs="+", default=["0ba"], help="rewind points for --instability"
     )
+    lottery.add_argument(
+        "--masks",
+        metavar="PATH",
+        help="--instability of a sparse network: a masks.pt of an IMP level "
+        "(e.g. OUT/level_3/masks.pt of a run with --rewind equal to the rewind point)",
+    )
     lottery.add_argument("--points", type=int, default=11, help="points on the linear path")
     lottery.add_argument(
         "--scaling",
@@ -98,7 +124,11 @@ def _parser() -> argparse.ArgumentParser:
         help="fit the pruning scaling law across widths, predict the largest",
     )
     lottery.add_argument("--widths", nargs="+", type=int, default=[8, 16, 32])
-    lottery.add_argument("--width-key", default="model.channels")
+    lottery.add_argument(
+        "--width-key",
+        help="the model argument scaled by --widths (default: its channels, widths or width; "
+        "a list such as an MLP's widths is scaled as a whole)",
+    )
     bench = sub.add_parser(
         "bench",
         help="run a composition benchmark suite: baseline, singles, pairs, full",
@@ -126,6 +156,38 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--nproc", type=int, default=1, metavar="N", help="each run with N processes (torchrun)"
     )
+    tune = sub.add_parser(
+        "tune",
+        help="find the fastest recipe with Optuna, against a baseline tuned as hard; prove it "
+        "on fresh seeds",
+        description="Tunes the baseline for quality (the target is the median of its final "
+        "quality over --seeds), then gives the baseline and the algorithms that apply the same "
+        "number of trials to reach the target fastest, and re-runs the best on --validate-seeds. "
+        "Writes the study, results.json, recipe.yaml and report.md to --out; the same command "
+        "resumes an interrupted tune. See docs/tuning.md.",
+    )
+    _add_recipe_args(tune)
+    tune.add_argument(
+        "--target",
+        metavar="METRIC[=VALUE]",
+        default="accuracy",
+        help="the metric to reach (default accuracy); =VALUE fixes the target instead of "
+        "pre-registering it from the tuned baseline",
+    )
+    tune.add_argument("--trials", type=int, default=None, help="trials per phase (default 20)")
+    tune.add_argument(
+        "--parallel", type=int, default=1, metavar="K", help="K local worker processes"
+    )
+    tune.add_argument("--storage", help="an Optuna storage URL shared by workers on many machines")
+    tune.add_argument("--seeds", type=int, nargs="+", help="search seeds (default 0 1 2)")
+    tune.add_argument(
+        "--validate-seeds", type=int, nargs="+", help="fresh seeds (default 100-104, >= 5)"
+    )
+    tune.add_argument("--algorithms", nargs="+", help="search only these (default: all that apply)")
+    tune.add_argument(
+        "--min-budget", type=float, default=0.25, help="shortest budget, a fraction of the recipe's"
+    )
+    tune.add_argument("--out", help="output directory (default runs/tune-<recipe>)")
     report = sub.add_parser(
         "report",
         help="plot a run (PNGs in RUN_DIR/plots) or rebuild a benchmark report",
@@ -156,7 +218,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--ema", action="store_true", help="export the EMA average of a mid-training checkpoint"
     )
-    for command in (run, plan, lottery, bench, report, listing, describe, export):
+    for command in (run, plan, lottery, bench, tune, report, listing, describe, export):
         command.add_argument(
             "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
         )
@@ -175,6 +237,12 @@ def cmd_list(args: argparse.Namespace) -> int:
         )
     from speedup.listing import listing  # reads source files: no component (nor torch) imported
 
+    # On a terminal, long summaries wrap under themselves; piped, each stays on one line (grep).
+    columns = None
+    if sys.stdout.isatty():
+        import shutil
+
+        columns = shutil.get_terminal_size().columns
     for kind in kinds:
         rows = listing(kind)
         print(f"{kind}:")
@@ -182,8 +250,19 @@ def cmd_list(args: argparse.Namespace) -> int:
             print("  (none)")
         width = max((len(n) for n, _ in rows), default=0)
         for name, summary in rows:
-            print(f"  {name.ljust(width)}  {summary}".rstrip())
+            print(_list_row(name.ljust(width), summary, columns))
     return 0
+
+
+def _list_row(name: str, summary: str, columns: int | None) -> str:
+    """``  name  summary``; with ``columns``, the summary wraps in its own column."""
+    indent = " " * (len(name) + 4)
+    if columns is None or not summary or columns - len(indent) < 30:
+        return f"  {name}  {summary}".rstrip()
+    import textwrap
+
+    lines = textwrap.wrap(summary, width=columns - len(indent) - 1, break_on_hyphens=False)
+    return f"  {name}  " + f"\n{indent}".join(lines)
 
 
 def _registry(kind: str):  # noqa: ANN202
@@ -207,6 +286,7 @@ def _registry(kind: str):  # noqa: ANN202
 def cmd_describe(args: argparse.Namespace) -> int:
     import inspect
 
+    from speedup.listing import plain_text
     from speedup.registry import UnknownNameError
 
     for kind in ("algorithms", "callbacks", "models", "datasets"):
@@ -215,11 +295,12 @@ def cmd_describe(args: argparse.Namespace) -> int:
             item = registry.get(args.name)
             print(f"{args.name} ({kind[:-1]}): {item.__module__}.{item.__qualname__}")
             print()
-            print(inspect.cleandoc(item.__doc__ or "(no description)"))
+            # Docstrings are reStructuredText for the API docs; a terminal shows plain text.
+            print(plain_text(inspect.cleandoc(item.__doc__ or "(no description)")))
             card = sys.modules[item.__module__].__doc__
             if kind == "algorithms" and card:  # the module docstring is the method card
                 print()
-                print(inspect.cleandoc(card))
+                print(plain_text(inspect.cleandoc(card)))
             print()
             print("arguments:")
             print(_format_arguments(item))
@@ -285,7 +366,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     plan, declarations = plan_config(cfg)
     print(f"plan for {cfg.recipe} (model {cfg.model.name}, data {cfg.data.name})")
     print(plan.format(declarations))
-    return 1 if plan.conflicts else 0
+    if plan.conflicts:  # the error `speedup run` stops on, with its exit code (2: bad input)
+        from speedup.engine import PlanError
+
+        error = PlanError(plan.conflicts)
+        count = len(plan.conflicts)
+        error.args = (  # one line: the conflicts are in the plan just printed
+            f"{count} composition conflict{'s' if count > 1 else ''} (listed above): "
+            "`speedup run` refuses this plan",
+        )
+        raise error
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -294,6 +385,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from speedup.engine import PlanError
     from speedup.run import plan_config, run_config
 
+    if args.nproc < 1:
+        from speedup.config import ConfigError
+
+        raise ConfigError(f"--nproc: must be >= 1 (processes on this machine), got {args.nproc}")
     cfg = load_config(args.recipe, args.overrides, smoke=args.smoke)
     plan, _ = plan_config(cfg)
     if plan.conflicts:  # before any data is loaded
@@ -316,7 +411,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _launch_torchrun(args: argparse.Namespace, cfg: object) -> int:
     """Re-run this command under torchrun with ``args.nproc`` processes on this machine."""
-    import subprocess
+    import os
 
     from speedup.config import check_global_batch
 
@@ -334,8 +429,16 @@ def _launch_torchrun(args: argparse.Namespace, cfg: object) -> int:
         *args.overrides,
         *(["--smoke"] if args.smoke else []),
     ]
-    print("launching: " + " ".join(command[1:]), file=sys.stderr)
-    return subprocess.call(command)
+    # The launcher holds the run directory for its workers: a second launch fails here at
+    # once, and rank 0 below finds the lock held by its own launcher (no self-deadlock).
+    from speedup.launch import run_launcher
+    from speedup.lock import RunLock
+    from speedup.run import default_run_dir
+
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)  # type: ignore[attr-defined]
+    with RunLock(run_dir) as lock:
+        print("launching: " + " ".join(command[1:]), file=sys.stderr)
+        return run_launcher(command, env={**os.environ, **lock.child_environment()})
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -346,48 +449,150 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lottery_settings_errors(args: argparse.Namespace) -> None:
+    """Flags that the chosen experiment would ignore are errors, not silent no-ops."""
+    from speedup.config import ConfigError
+
+    flags = {"--pai": args.pai, "--instability": args.instability, "--scaling": args.scaling}
+    chosen = [flag for flag, on in flags.items() if on]
+    if len(chosen) > 1:
+        raise ConfigError(f"speedup lottery: choose one of {', '.join(chosen)}")
+    if args.masks and not args.instability:
+        raise ConfigError("speedup lottery: --masks applies to --instability only")
+    if args.seeds and args.scaling:
+        raise ConfigError("speedup lottery: --seeds applies to IMP, --pai and --instability")
+    if args.seeds and len(set(args.seeds)) != len(args.seeds):
+        raise ConfigError(f"speedup lottery: --seeds must differ, got {args.seeds}")
+
+
+def _read_masks(path: str) -> dict:
+    import torch
+
+    from speedup.config import ConfigError
+
+    if not Path(path).is_file():
+        raise ConfigError(f"speedup lottery: --masks {path}: no such file")
+    try:
+        masks = torch.load(path, weights_only=True)
+    except Exception as err:  # not a torch file, or not tensors only
+        raise ConfigError(f"speedup lottery: --masks {path}: cannot be read: {err}") from None
+    if not isinstance(masks, dict) or not all(isinstance(m, torch.Tensor) for m in masks.values()):
+        raise ConfigError(
+            f"speedup lottery: --masks {path}: expected a dict of parameter name -> bool "
+            "tensor (an IMP level's masks.pt)"
+        )
+    return masks
+
+
+def _lottery_inputs(args: argparse.Namespace, cfg: object) -> dict | None:
+    """Checks what the experiment reads besides the recipe: the --width-key of --scaling
+    against the model's arguments, and the --masks of --instability against its weights
+    (returned)."""
+    if args.scaling:
+        from speedup.lottery.scaling import resolve_width_key
+
+        resolve_width_key(cfg, args.width_key)
+    if not args.masks:
+        return None
+    from speedup.config import with_changes
+    from speedup.lottery.instability import check_masks
+    from speedup.run import build_trainer
+
+    model = build_trainer(with_changes(cfg, progress_bar=False)).state.model
+    return check_masks(_read_masks(args.masks), model)
+
+
 def cmd_lottery(args: argparse.Namespace) -> int:
     import hashlib
     import json
     from pathlib import Path
 
-    from speedup.config import config_hash, load_config
+    from speedup.config import config_hash, load_config, with_changes
+    from speedup.lottery.report import format_spread
 
+    _lottery_settings_errors(args)
     cfg = load_config(args.recipe, args.overrides, smoke=args.smoke)
+    masks = _lottery_inputs(args, cfg)  # bad inputs exit 2 before the directory is made
     settings = {k: v for k, v in vars(args).items() if k not in ("recipe", "overrides", "debug")}
     digest = hashlib.sha256(
         (config_hash(cfg) + json.dumps(settings, sort_keys=True, default=str)).encode()
     ).hexdigest()[:8]
     out = Path(args.out or f"runs/lottery-{cfg.recipe}-{digest}")
-    if args.pai:
-        from speedup.lottery.pai import run_pai
+    from speedup.lock import RunLock
 
-        rows = []
-        for method in args.pai:
-            rows += run_pai(cfg, out, method, args.densities)
+    _LOCKS.enter_context(RunLock(out))  # one experiment per directory: a second exits 2
+    seeds = args.seeds or [None]
+
+    def for_seed(seed: int | None) -> tuple:  # the config and directory of one replicate
+        if seed is None:
+            return cfg, out
+        return with_changes(cfg, seed=seed), out / f"seed_{seed}"
+
+    if args.pai:
+        from speedup.lottery.pai import average_seeds, run_pai
+
+        per_seed = []
+        for seed in seeds:
+            seeded, where = for_seed(seed)
+            rows = []
+            for method in args.pai:
+                scope = args.scope or "global"
+                replicate = seed if seed is not None else 0  # seeds random scores, shuffles
+                rows += run_pai(seeded, where, method, args.densities, scope=scope, seed=replicate)
+            per_seed.append(rows)
+        rows = average_seeds(per_seed) if args.seeds else per_seed[0]
+        out.mkdir(parents=True, exist_ok=True)
         (out / "pai.json").write_text(json.dumps(rows, indent=2) + "\n")
         for row in rows:
-            accs = "  ".join(f"{k}={v:.4f}" for k, v in row["accuracy"].items())
+            if args.seeds:
+                accs = "  ".join(
+                    f"{k}={format_spread(v, row['accuracy_std'][k], row['accuracy_n'][k])}"
+                    for k, v in row["accuracy"].items()
+                )
+            else:
+                accs = "  ".join(f"{k}={v:.4f}" for k, v in row["accuracy"].items())
             print(f"{row['method']:>9} density {row['density']:.4f}  {accs}")
     elif args.instability:
-        from speedup.lottery.instability import plot_instability, run_instability
+        from speedup.lottery.instability import average_seeds, plot_instability, run_instability
 
-        results = run_instability(cfg, out, args.rewind_points, points=args.points)
+        per_seed = []
+        for seed in seeds:
+            seeded, where = for_seed(seed)
+            per_seed.append(
+                run_instability(seeded, where, args.rewind_points, points=args.points, masks=masks)
+            )
+        results = average_seeds(per_seed) if args.seeds else per_seed[0]
+        if args.seeds:
+            (out / "instability.json").write_text(json.dumps(results, indent=2) + "\n")
         plot_instability(results, out / "instability.png")
         for result in results:
-            print(f"rewind {result['rewind']}: error barrier {result['barrier']:.4f}")
+            barrier = f"{result['barrier']:.4f}"
+            if args.seeds:
+                barrier = format_spread(result["barrier"], result["barrier_std"], result["n"])
+            print(f"rewind {result['rewind']}: error barrier {barrier}")
     elif args.scaling:
         from speedup.lottery.scaling import run_scaling
 
         report = run_scaling(cfg, out, args.widths, args.densities, width_key=args.width_key)
+        print(f"width key: {report['width_key']}")
         for row in report["observations"]:
-            print(f"width {row['width']:g}  density {row['density']:.4f}  error {row['error']:.4f}")
+            print(
+                f"width {row['width']:g} ({row['model_arg']})  density {row['density']:.4f}  "
+                f"error {row['error']:.4f}"
+            )
+        fit = report["fit"]
+        print(
+            f"fit: eps_up {fit['eps_up']:.4f}, gamma {fit['gamma']:.4f}, p {fit['p']:.4g}, "
+            f"psi {fit['psi']:.4f}; loss {fit['loss']:.4g}, mean relative error on its own "
+            f"data {fit['fit_mean_rel_error']:.1%}"
+        )
         holdout = report.get("holdout")
         if holdout:
             print(
                 f"fit on the other widths predicts width {holdout['holdout_width']:g}: mean "
                 f"absolute error {holdout['mean_abs_error']:.4f}, mean relative error "
-                f"{holdout['mean_rel_error']:.1%}"
+                f"{holdout['mean_rel_error']:.1%}, max relative error "
+                f"{holdout['max_rel_error']:.1%}"
             )
     else:
         from speedup.lottery.imp import IMPSettings, run_imp
@@ -399,23 +604,23 @@ def cmd_lottery(args: argparse.Namespace) -> int:
                 prune_fraction=args.prune_fraction,
                 conv_fraction=args.conv_fraction,
                 output_fraction=args.output_fraction,
-                scope=args.scope,
+                scope=args.scope or "layerwise",
                 rewind=args.rewind,
                 mode=args.mode,
                 controls=tuple(args.controls),
+                finetune_lr=args.finetune_lr,
             )
         except ValueError as err:
             from speedup.config import ConfigError
 
             raise ConfigError(f"speedup lottery: {err}") from None
         if args.seeds:  # one experiment per seed, then the mean and spread per level
-            from speedup.config import with_changes
             from speedup.lottery.report import average_rows, write_reports
 
             runs = []
             for seed in args.seeds:
-                seeded = with_changes(cfg, seed=seed)
-                runs.append(run_imp(seeded, out / f"seed_{seed}", imp))
+                seeded, where = for_seed(seed)
+                runs.append(run_imp(seeded, where, imp))
             rows = average_rows(runs)
             write_reports(out, rows, imp)
         else:
@@ -484,11 +689,56 @@ def _format_summary(summary: dict) -> str:
     return format_run_summary(summary, records)
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from speedup.config import ConfigError
+    from speedup.tuning import TuneSettings, tune
+
+    metric, _, value = args.target.partition("=")
+    try:
+        target_value = float(value) if value else None
+    except ValueError:
+        raise ConfigError(f"--target: {value!r} is not a number (METRIC=VALUE)") from None
+    settings = TuneSettings(
+        recipe=args.recipe,
+        out=args.out or f"runs/tune-{Path(args.recipe).stem}",
+        overrides=list(args.overrides),
+        smoke=args.smoke,
+        metric=metric,
+        target_value=target_value,
+        trials=args.trials or (3 if args.smoke else 20),
+        parallel=args.parallel,
+        storage=args.storage,
+        budget_low=args.min_budget,
+        algorithms=args.algorithms,
+    )
+    if args.smoke:  # tiny, but every phase runs
+        from speedup.tuning.tune import SMOKE_TIMING
+
+        settings.seeds, settings.validate_seeds = [0, 1], [100, 101]
+        settings.timing, settings.top_k = dict(SMOKE_TIMING), 1
+    if args.seeds:
+        settings.seeds = args.seeds
+    if args.validate_seeds:
+        settings.validate_seeds = args.validate_seeds
+    results = tune(settings)
+    out = Path(settings.out)
+    for row in results["validated"]:
+        s = row["speedup"]
+        print(
+            f"trial {row['trial']}: speedup {s['point']:.3f} (95% CI {s['low']:.3f}-"
+            f"{s['high']:.3f}), misses {row['misses']}/{row['seeds']}"
+            + (" -> speedup" if row["is_speedup"] else "")
+        )
+    print(f"winner: {results['winner']['kind']}; {out / 'recipe.yaml'}, {out / 'report.md'}")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
     "plan": cmd_plan,
     "lottery": cmd_lottery,
     "bench": cmd_bench,
+    "tune": cmd_tune,
     "report": cmd_report,
     "list": cmd_list,
     "describe": cmd_describe,
@@ -502,9 +752,18 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from speedup.config import ConfigError
     from speedup.data import DataPathError
     from speedup.engine import PlanError
-    from speedup.registry import UnknownNameError
+    from speedup.lock import RunLockedError
+    from speedup.registry import PluginLoadError, UnknownNameError
 
-    return (ConfigError, DataPathError, PlanError, UnknownNameError, CheckpointError)
+    return (
+        PluginLoadError,
+        ConfigError,
+        DataPathError,
+        PlanError,
+        UnknownNameError,
+        CheckpointError,
+        RunLockedError,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -520,7 +779,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return COMMANDS[args.command](args)
+        with _LOCKS:
+            return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -528,9 +788,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except Exception as err:
+        from speedup.checkpoint import CheckpointWriteError
         from speedup.guard import NonFiniteLossError
 
-        if isinstance(err, NonFiniteLossError):  # training failed; the message says where
+        # Training failed (the input was fine); the message says where and what is intact.
+        if isinstance(err, (NonFiniteLossError, CheckpointWriteError)):
             print(f"error: {err}", file=sys.stderr)
             return 1
         if isinstance(err, _user_errors()):

@@ -20,7 +20,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from speedup import distributed
-from speedup.config import DATA_LOADER_KEYS, check_global_batch, config_hash, load_config
+from speedup.config import (
+    DATA_LOADER_KEYS,
+    ConfigError,
+    check_batch_fits,
+    check_global_batch,
+    config_hash,
+    load_config,
+)
 from speedup.loggers import JSONLLogger, LoggerDestination, ProgressBar, build_loggers
 
 __all__ = [
@@ -91,6 +98,13 @@ def build_trainer(
     splits = DATASETS.get(data["name"])(**dataset_args)
     splits.train = _subset(splits.train, data.get("train_samples"))
     splits.eval = _subset(splits.eval, data.get("eval_samples"))
+    if isinstance(splits.train, dict) or hasattr(splits.train, "__len__"):  # before any step
+        train_size = (
+            len(next(iter(splits.train.values())))
+            if isinstance(splits.train, dict)
+            else len(splits.train)
+        )
+        check_batch_fits(data["batch_size"], train_size)
     train_loader, eval_loader = build_dataloaders(
         splits,
         batch_size=data["batch_size"],
@@ -146,20 +160,33 @@ def plan_config(cfg: DictConfig):
     """The engine's plan for the recipe's algorithms, without building data or model."""
     from speedup.algorithm import ALGORITHMS
     from speedup.data import DATASETS
-    from speedup.engine import build_plan
+    from speedup.engine import build_plan, long_time_constants
     from speedup.models import MODELS
+    from speedup.optim import schedule_time_constants
+    from speedup.time import Time
 
     algorithms = [
         ALGORITHMS.get(name)(**(args or {}))
         for name, args in OmegaConf.to_container(cfg.algorithms).items()
     ]
     declarations = {a.name: a.declare() for a in algorithms}
+    # Time constants longer than the run: those comparable before the data is built (an
+    # epoch's length is known once it is; the Trainer checks the rest then).
+    max_duration = Time.parse(cfg.max_duration) * cfg.scale_schedule_ratio
     plan = build_plan(
         declarations,
         model_kind=getattr(MODELS.get(cfg.model.name), "kind", None),
         data_kind=getattr(DATASETS.get(cfg.data.name), "kind", None),
         known_names=set(ALGORITHMS.names()),
         algorithms=algorithms,
+        max_duration=max_duration,
+        batch_size=cfg.data.batch_size,
+    )
+    schedule = schedule_time_constants(
+        OmegaConf.to_container(cfg.scheduler), cfg.scale_schedule_ratio
+    )
+    plan.warnings.extend(
+        long_time_constants(schedule, max_duration, batch_size=cfg.data.batch_size)
     )
     return plan, declarations
 
@@ -170,13 +197,43 @@ def run_config(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
     Checkpoints go to ``<run_dir>/checkpoints`` (``cfg.checkpoint``); with ``resume=auto`` the
     same command in the same run directory continues from the newest complete one. A run
     stopped by SIGTERM/SIGINT returns ``{"preempted": ...}`` and writes no summary.
-    ``extra_callbacks`` are instances added by drivers (e.g. the harness's FLOPs meter)."""
-    from speedup.checkpoint import CheckpointSaver, load_checkpoint
+    ``extra_callbacks`` are instances added by drivers (e.g. the harness's FLOPs meter).
+
+    The run directory is locked for the whole run (:class:`speedup.lock.RunLock`, held by rank
+    0): the same command started twice raises :class:`~speedup.lock.RunLockedError` in the
+    second, naming the first's PID, before it reads or writes anything there."""
+    from speedup.checkpoint import unwritable
+    from speedup.lock import main_process_lock
+
+    _init_distributed(cfg)
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
+    # One line now, not a traceback from the lock (which creates it) or after training.
+    problem = distributed.broadcast_object(unwritable(run_dir) if distributed.is_main() else None)
+    if problem is not None:
+        raise ConfigError(f"run_dir: {run_dir}: cannot write there ({problem})")
+    with main_process_lock(run_dir):
+        return _run_locked(cfg, extra_callbacks)
+
+
+def _run_locked(cfg: DictConfig, extra_callbacks: list) -> dict[str, Any]:
+    """:func:`run_config` once the run directory is locked."""
+    from speedup.checkpoint import CheckpointSaver, check_folder, load_checkpoint
     from speedup.guard import NonFiniteLossError
 
     _init_distributed(cfg)
     main = distributed.is_main()  # only rank 0 logs and writes files
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
+    # The same command again after the run finished: report it, touch nothing (before any
+    # logger exists: some create their files when built).
+    finished = distributed.broadcast_object(_finished_run(cfg, run_dir) if main else None)
+    if finished is not None:
+        if main:
+            print(
+                f"{run_dir}: this run is already complete (step {finished.get('steps')}, "
+                "summary.json); nothing was changed. To train it again: resume=never",
+                file=sys.stderr,
+            )
+        return {**finished, "already_complete": True}
     metrics_path = run_dir / "metrics.jsonl"
     loggers: list[LoggerDestination] = []
     if main:  # JSONL always; the recipe's ``loggers:`` (csv, tensorboard, mlflow) besides
@@ -188,11 +245,16 @@ def run_config(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
         loggers.append(ProgressBar())
     options = OmegaConf.to_container(cfg.checkpoint)
     folder = Path(options.pop("folder", None) or run_dir / "checkpoints")
+    check_folder(folder)  # unwritable, or holding files speedup did not write: fail now
     resolved = OmegaConf.to_container(cfg, resolve=True)
     saver = CheckpointSaver(folder, **options, config=resolved, config_hash=config_hash(cfg))
     # Rank 0 picks the checkpoint (skipping damaged ones) and tells the others.
     resume_from, verified = _resume_point(cfg, folder) if main else (None, None)
     resume_from = distributed.broadcast_object(resume_from)
+    if main and resume_from is None:
+        # A fresh run of the same config gets a fresh log. Before the trainer exists: algorithms
+        # log at INIT, and a logger that already opened the file must not write to a deleted one.
+        metrics_path.unlink(missing_ok=True)
     # Bad data paths fail here, before any file is written.
     trainer = build_trainer(
         cfg, loggers, trace=cfg.trace, extra_callbacks=[saver, *extra_callbacks]
@@ -207,7 +269,6 @@ def run_config(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
         config_text = OmegaConf.to_yaml(cfg, resolve=True)
         (run_dir / "config.yaml").write_text(config_text, encoding="utf-8")
         if resume_from is None:
-            metrics_path.unlink(missing_ok=True)  # a fresh run of the same config: a fresh log
             trainer.logger.log_hyperparameters(resolved)
         else:  # drop what was logged after the checkpoint: the resumed run logs it again
             truncate_metrics(metrics_path, trainer.state.timestamp.batch)
@@ -215,7 +276,7 @@ def run_config(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
         metrics = trainer.fit()
     except NonFiniteLossError as err:
         last = saver.last_saved or resume_from
-        kept = f" The last good checkpoint is {last}." if last else ""
+        kept = f" The last good checkpoint is {last}." if last else " No checkpoint was saved."
         raise NonFiniteLossError(f"{err}{kept}", err.step) from None
     state = trainer.state
     if state.preempted:
@@ -255,6 +316,33 @@ def run_config(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
         tmp = run_dir / "summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         tmp.replace(run_dir / "summary.json")
+    return summary
+
+
+def _finished_run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
+    """The summary of a run of this config that already finished in ``run_dir``, or None.
+
+    Finished means: ``summary.json`` (written only at the end) is there, for this config, and
+    no checkpoint was written after the one it ended on. With ``resume=never`` or an explicit
+    checkpoint the user asked to train, so it is never finished; a longer ``max_duration`` is
+    another config, and continues from the last checkpoint."""
+    from speedup.checkpoint import list_checkpoints
+
+    if str(cfg.resume).strip() != "auto":
+        return None
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or summary.get("config_hash") != config_hash(cfg):
+        return None
+    folder = Path(cfg.checkpoint.get("folder") or run_dir / "checkpoints")
+    written = list_checkpoints(folder)
+    ended_on = summary.get("checkpoint")
+    if ended_on is None:
+        return summary if not written else None
+    if not written or os.path.realpath(written[-1]) != os.path.realpath(ended_on):
+        return None
     return summary
 
 
@@ -325,6 +413,17 @@ def truncate_metrics(path: Path, step: int) -> None:
 def run_recipe(
     recipe: str, overrides: list[str] | None = None, smoke: bool = False
 ) -> dict[str, Any]:
+    """Train ``recipe`` (a shipped name or a YAML path) as ``speedup run`` does and return the
+    summary (the dictionary saved as ``summary.json``).
+
+    ``overrides`` are the command line's ``key=value`` and ``~key`` strings; its ``--smoke``
+    flag is ``smoke=True`` here: ``run_recipe("quickstart", ["seed=3"], smoke=True)``."""
+    flags = [o for o in overrides or [] if isinstance(o, str) and o.startswith("--")]
+    if flags:  # a command-line flag among the overrides: say which keyword it is here
+        hint = "pass smoke=True" if flags[0] == "--smoke" else "overrides are key=value or ~key"
+        raise ConfigError(
+            f"run_recipe: overrides: {flags[0]!r} is a command-line flag, not an override; {hint}"
+        )
     return run_config(load_config(recipe, overrides, smoke=smoke))
 
 

@@ -11,13 +11,14 @@ import os
 import random
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from speedup import distributed
+from speedup.adapters import adapt_inputs
 from speedup.algorithm import Algorithm
 from speedup.callback import Callback
 from speedup.engine import Engine
@@ -87,7 +88,14 @@ class Interval:
 
 
 class Trainer:
-    """Trains a :class:`~speedup.models.Model` with algorithms and callbacks.
+    """Trains a model with algorithms and callbacks.
+
+    ``model`` is a plain ``nn.Module`` (its loss ``loss_fn(outputs, targets)``, cross-entropy
+    when omitted), a Hugging Face model, or a speedup :class:`~speedup.models.Model`. The
+    dataloaders yield ``(inputs, targets)`` tuples or dicts of tensors. ``algorithms`` are
+    instances, registry names (``"label_smoothing"``) or ``{name: kwargs}``. ``metrics`` are
+    torchmetrics metrics (default: accuracy for classification). See :mod:`speedup.adapters`
+    and docs/own-model.md.
 
     ``optimizer`` is a spec (``{"name": "adamw", "lr": 1e-3}``) or a function
     ``params -> Optimizer``; it is built after the INIT event so that model surgery is seen by
@@ -98,14 +106,16 @@ class Trainer:
 
     def __init__(
         self,
-        model: Model,
+        model: Model | torch.nn.Module,
         train_dataloader: Any,
         max_duration: Time | str,
         *,
         eval_dataloader: Any = None,
+        loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+        metrics: Any = None,
         optimizer: dict[str, Any] | Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: dict[str, Any] | None = None,
-        algorithms: Sequence[Algorithm] = (),
+        algorithms: Sequence[Algorithm | str | Mapping[str, Any]] | Mapping[str, Any] = (),
         callbacks: Sequence[Callback] = (),
         loggers: Sequence[LoggerDestination] = (),
         eval_interval: Time | str = "1ep",
@@ -123,6 +133,11 @@ class Trainer:
         strategy: str = "ddp",
         fsdp_param_dtype: str | None = None,
     ) -> None:
+        # What users already have (a plain module, tuple batches, algorithm names) becomes a
+        # Model, dict batches and Algorithm instances; bad input fails here, before training.
+        model, train_dataloader, eval_dataloader, algorithms = adapt_inputs(
+            model, train_dataloader, eval_dataloader, algorithms, loss_fn, metrics
+        )
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r}: allowed {', '.join(PRECISIONS)}")
         seed_everything(seed, deterministic)
@@ -189,9 +204,10 @@ class Trainer:
         self._ddp: Any = None
         if self.world_size > 1 and self._fsdp is None:
             self._forward = self._ddp = self._wrap_ddp(model, device)
-        self.engine.run(Event.AFTER_LOAD)
-        if compile:
-            model.compile()
+        # AFTER_LOAD and compilation wait for the first fit(): a checkpoint is loaded between
+        # construction and fit (load_checkpoint), and the event's contract is "after loading".
+        self._loaded = False
+        self._compile = compile
         self._autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self._clock: float | None = None
 
@@ -304,6 +320,11 @@ class Trainer:
         """Train to max_duration (or until stop_training()); returns the final eval metrics."""
         s, run = self.state, self.engine.run
         loader = s.train_dataloader
+        if not self._loaded:  # once per Trainer, after any checkpoint was loaded
+            self._loaded = True
+            run(Event.AFTER_LOAD)
+            if self._compile:
+                s.model.compile()
         run(Event.FIT_START)
         s.model.train()
         self.eval_interval.start(s.timestamp)

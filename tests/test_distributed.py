@@ -292,3 +292,44 @@ def test_fsdp_gpt2_blocks_stop_on_sigterm_and_resume_exactly(tmp_path: Path) -> 
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def _checkpoint_at(folder: Path, batch: int) -> Path:
+    for path in list_checkpoints(folder):
+        if read_checkpoint(path)[0]["timestamp"]["batch"] == batch:
+            return path
+    raise AssertionError(f"no checkpoint at batch {batch} in {folder}")
+
+
+def test_resume_on_another_process_count_continues_the_global_position(tmp_path: Path) -> None:
+    """A run checkpointed by one process continues under DDP on two with the same global
+    batch: same global sample position, same result as the uninterrupted single process (the
+    MLP draws no random numbers in training, so the per-process streams do not matter)."""
+    keep = ["checkpoint.interval=12ba", "checkpoint.keep_last=5"]
+    single = run_config(load_config(RUN[0], [*RUN[2:], *keep, f"run_dir={tmp_path / 'one'}"], True))
+    halfway = _checkpoint_at(tmp_path / "one" / "checkpoints", 12)
+
+    done = speedup(
+        "run", *RUN, *keep, "--nproc", "2", "run_dir=two", f"resume={halfway}", cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from" in done.stderr
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["processes"] == 2
+    assert (summary["steps"], summary["samples"]) == (single["steps"], single["samples"])
+    for key, value in single["metrics"].items():
+        assert summary["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6)
+    losses = {r["step"]: r["loss/train"] for r in records(tmp_path / "two") if "loss/train" in r}
+    reference = {r["step"]: r["loss/train"] for r in records(tmp_path / "one") if "loss/train" in r}
+    assert min(losses) == 13  # it continued after the checkpoint, not from the start
+    for step, loss in losses.items():
+        assert loss == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
+
+    # FSDP does not reshard a checkpoint onto another process count: it says so, exit 2.
+    done = speedup(
+        "run", *RUN, *keep, "--nproc", "2", "run_dir=fsdp", f"resume={halfway}",
+        "distributed.strategy=fsdp", cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "this FSDP run has 2" in done.stderr and "--nproc 1" in done.stderr
+    assert "ChildFailedError" not in done.stderr and "Traceback" not in done.stderr

@@ -44,6 +44,15 @@ and GPT-2 have no ALiBi, so a reloaded copy gets fresh position embeddings and n
 :func:`apply_alibi` after loading. ``train_sequence_length_scaling`` below 1 multiplies the
 rows of each batch, so a ``microbatch_size`` counts the shorter rows.
 
+**transformers versions.** Tested with 4.40 (the floor in ``pyproject.toml``), 4.41, 4.47,
+4.50, 4.53, 4.57, 5.0 and 5.25. Across them the attention implementation is a class fixed when
+the model is built (GPT-2 up to 4.47, BERT up to 4.57) or the config read at each call; the
+KV cache is a ``(key, value)`` tuple or a ``Cache`` object, passed as ``layer_past``,
+``past_key_value``, ``past_key_values`` or (5.x) ``cache``; eager GPT-2 (up to 5.0 at
+least) slices its causal mask from an ``n_positions``-square table, which the hook grows
+for longer inputs. SDPA exists for BERT from 4.41 and GPT-2 from 4.47 at the latest (4.40
+has eager only); the tests skip what the installed release lacks.
+
 Functional twins: :func:`apply_alibi`, :func:`alibi_slopes`, :func:`alibi_bias`.
 """
 
@@ -52,6 +61,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import sys
 import weakref
 
 import torch
@@ -134,19 +144,103 @@ def _parameters(cls: type) -> tuple[str, ...]:
     return tuple(inspect.signature(cls.forward).parameters)[1:]
 
 
+@functools.cache
+def _class_implementation(cls: type) -> str | None:
+    """The implementation a class computes where transformers picks one subclass per
+    implementation as the model is built (``GPT2_ATTENTION_CLASSES`` in 4.40-4.47,
+    ``BERT_SELF_ATTENTION_CLASSES`` in 4.41-4.57 among the releases tested); None where one
+    class dispatches on its config at call time."""
+    for name, table in vars(sys.modules[cls.__module__]).items():
+        if name.endswith("_ATTENTION_CLASSES") and isinstance(table, dict):
+            for implementation, member in table.items():
+                if member is cls:
+                    return implementation
+    return None
+
+
+def _implementation(module: nn.Module) -> str:
+    """The attention implementation ``module`` actually computes.
+
+    Where the class was chosen at build time, the class decides (the config may have been
+    edited since); otherwise the module's config, read at each call. BERT's self-attention
+    has no ``config`` before transformers 5; there, without a table (4.40) it is eager.
+    """
+    implementation = _class_implementation(type(module))
+    if implementation is not None:
+        return implementation
+    config = getattr(module, "config", None)
+    return "eager" if config is None else config._attn_implementation
+
+
+def _is_causal(module: nn.Module) -> bool:
+    """Whether ``module`` masks the keys after each query (GPT-2; BERT as a decoder)."""
+    causal = getattr(module, "is_causal", None)  # GPT-2; BERT from transformers 5
+    if causal is None:
+        causal = getattr(module, "is_decoder", False)  # BERT in transformers 4
+    return bool(causal)
+
+
+def _past_length(module: nn.Module, call: dict) -> int:
+    """How many keys the module has cached from earlier forwards (0 without a cache).
+
+    The cache's argument has been renamed across transformers releases (``layer_past``,
+    ``past_key_value``, ``past_key_values``, ``cache``), so a ``Cache`` object is found by
+    what it is, not by its name. Legacy caches (GPT-2 in 4.40-4.47, for one) are a
+    ``(key, value)`` pair of ``[N, heads, past, head_dim]`` tensors.
+    """
+    for value in call.values():
+        if hasattr(value, "get_seq_length"):  # a transformers Cache
+            cache = getattr(value, "self_attention_cache", value)  # EncoderDecoderCache
+            return int(cache.get_seq_length(getattr(module, "layer_idx", None) or 0))
+    for name in ("layer_past", "past_key_value", "past_key_values"):
+        legacy = call.get(name)
+        if isinstance(legacy, (tuple, list)) and legacy and torch.is_tensor(legacy[0]):
+            return int(legacy[0].shape[-2])
+    return 0
+
+
+def _grow_causal_table(module: nn.Module, length: int) -> None:
+    """Grow the ``[1, 1, n, n]`` causal table that eager GPT-2 slices its mask from.
+
+    Eager GPT-2 in transformers 4.40 to 5.0 (at least) slices ``module.bias[..., :kv]``, sized
+    by ``n_positions`` at build time, so an input longer than the position table (which ALiBi
+    makes possible) would not fit. The table doubles (amortized while decoding one token at a
+    time) and costs what building the model with that ``n_positions`` would have.
+    """
+    table = module._buffers.get("bias")
+    if table is None or table.dtype != torch.bool or table.shape[-1] >= length:
+        return
+    size = max(length, 2 * table.shape[-1])
+    full = torch.ones(size, size, dtype=torch.bool, device=table.device)
+    module.bias = torch.tril(full).view(1, 1, size, size)
+
+
 class _AddAlibiBias:
     """A forward pre-hook on self-attention modules: adds the ALiBi bias to their mask.
 
     The slopes follow from the module's head count (``alibi_heads``), so there is no state
-    to go stale. One instance serves every patched module of a model and keeps a weak
-    reference to the last bias it built: while autograd holds that bias for backward (SDPA's
-    memory-efficient kernel saves its mask), the next layers of the same forward reuse it
-    instead of saving a copy each; once nothing holds it, it is freed, not cached.
+    to go stale. One instance serves every patched module of a model, and the layers of one
+    forward share the bias it builds rather than each saving a copy for backward (SDPA's
+    kernels save their mask). Inside a forward of the enclosing ``GPT2Model``/``BertModel``
+    (:meth:`enter`/:meth:`leave` hooks) it holds that bias; some transformers releases (4.50
+    to 4.57) hand SDPA a slice of it, which would otherwise drop the last reference. Outside
+    one (a bare encoder) a weak reference lets autograd's copy serve. Once the forward is
+    over, nothing is cached.
     """
 
     def __init__(self) -> None:
         self._key: tuple | None = None
         self._bias: weakref.ref | None = None
+        self._held: torch.Tensor | None = None
+        self._depth = 0
+
+    def enter(self, module: nn.Module, args: tuple) -> None:
+        self._depth += 1
+
+    def leave(self, module: nn.Module, args: tuple, output: object) -> None:
+        self._depth = max(0, self._depth - 1)
+        if self._depth == 0:
+            self._held = None
 
     def bias(
         self, heads: int, q: int, kv: int, offset: int, causal: bool, like: torch.Tensor
@@ -163,10 +257,11 @@ class _AddAlibiBias:
                 bias = bias.masked_fill(future, _masked_value(like.dtype))
             bias = bias[None].to(like.dtype)
             self._key, self._bias = key, weakref.ref(bias)
+        self._held = bias if self._depth > 0 else None
         return bias
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        implementation = module.config._attn_implementation
+        implementation = _implementation(module)
         if implementation not in SUPPORTED_ATTENTION:
             raise RuntimeError(
                 f"alibi: attention implementation {implementation!r} cannot add a bias; use "
@@ -175,26 +270,24 @@ class _AddAlibiBias:
         names = _parameters(type(module))
         call = {**dict(zip(names, args)), **kwargs}
         hidden, mask = call["hidden_states"], call.get("attention_mask")
-        past = call.get("past_key_values")
-        offset = 0
-        if past is not None:
-            cache = getattr(past, "self_attention_cache", past)
-            offset = int(cache.get_seq_length(module.layer_idx))
+        # Cached decoding: the new queries sit after the cached keys.
+        offset = _past_length(module, call)
         q = hidden.shape[1]
         kv = mask.shape[-1] if mask is not None else offset + q
+        if implementation == "eager":
+            _grow_causal_table(module, kv)
         heads = module.alibi_heads
         # The mask's dtype: fp32 under autocast (SDPA casts it itself), else the model's.
         if torch.is_autocast_enabled(hidden.device.type):
             like = hidden.new_empty((), dtype=torch.float32)
         else:
             like = hidden.new_empty(())
-        if mask is None:  # sdpa without padding: add the causal mask it would have implied
-            causal = bool(getattr(module, "is_causal", False))
-            mask = self.bias(heads, q, kv, offset, causal, like)
+        if mask is None:  # no padding: add the causal mask the model would have implied
+            mask = self.bias(heads, q, kv, offset, _is_causal(module), like)
         elif mask.dtype == torch.bool:  # sdpa with padding: True attends
             bias = self.bias(heads, q, kv, offset, False, like)
             mask = bias.masked_fill(~mask, _masked_value(bias.dtype))
-        else:  # eager: an additive float mask already, in the model's dtype
+        else:  # an additive float mask already, in the model's dtype (eager; 4.x sdpa)
             mask = mask + self.bias(heads, q, kv, offset, False, mask)
         index = names.index("attention_mask")
         if "attention_mask" in kwargs or len(args) <= index:
@@ -224,14 +317,27 @@ def apply_alibi(model: nn.Module, max_sequence_length: int | None = None) -> int
     position-id buffers and is written to the configs. Applying it twice changes nothing
     more.
     """
-    from transformers.models.bert.modeling_bert import BertEmbeddings, BertSelfAttention
+    from transformers.models.bert.modeling_bert import (
+        BertEmbeddings,
+        BertModel,
+        BertSelfAttention,
+    )
     from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, GPT2Model
 
     if max_sequence_length is not None and max_sequence_length < 1:
         raise ValueError(f"max_sequence_length must be >= 1, got {max_sequence_length}")
     hook = _AddAlibiBias()
     attention = 0
-    for module in list(model.modules()):
+    modules = list(model.modules())
+    # Before transformers 5 BERT's cross-attention is a BertSelfAttention too (under
+    # BertLayer.crossattention.self); queries and keys come from different sequences there.
+    cross = {
+        id(layer.crossattention.self)
+        for layer in modules
+        if isinstance(getattr(layer, "crossattention", None), nn.Module)
+        and isinstance(getattr(layer.crossattention, "self", None), nn.Module)
+    }
+    for module in modules:
         if isinstance(module, BertEmbeddings):
             if not isinstance(module.position_embeddings, NoPositionEmbedding):
                 width = module.position_embeddings.embedding_dim
@@ -241,25 +347,34 @@ def apply_alibi(model: nn.Module, max_sequence_length: int | None = None) -> int
         elif isinstance(module, GPT2Model):
             if not isinstance(module.wpe, NoPositionEmbedding):
                 module.wpe = NoPositionEmbedding(module.wpe.embedding_dim)
-        is_self_attention = isinstance(module, BertSelfAttention) or (
+        if isinstance(module, (BertModel, GPT2Model)) and not hasattr(module, "alibi_scope"):
+            # The span of one forward, over which the layers share one bias.
+            module.alibi_scope = hook
+            module.register_forward_pre_hook(hook.enter)
+            module.register_forward_hook(hook.leave, always_call=True)
+        is_self_attention = (isinstance(module, BertSelfAttention) and id(module) not in cross) or (
             isinstance(module, GPT2Attention) and not module.is_cross_attention
         )
         if not is_self_attention:
             continue
         attention += 1
-        implementation = module.config._attn_implementation
+        implementation = _implementation(module)
         if implementation not in SUPPORTED_ATTENTION:
             raise ValueError(
                 f"alibi: the model uses attention implementation {implementation!r}, which "
                 f"cannot add a bias; build it with attn_implementation one of "
                 f"{', '.join(SUPPORTED_ATTENTION)}"
             )
-        if max_sequence_length is not None:
-            current = module.config.max_position_embeddings
-            module.config.max_position_embeddings = max(current, max_sequence_length)
         if not hasattr(module, "alibi_heads"):  # not patched by an earlier call
             module.alibi_heads = getattr(module, "num_attention_heads", None) or module.num_heads
             module.register_forward_pre_hook(hook, with_kwargs=True)
+    if attention and max_sequence_length is not None:
+        # The models' configs (BERT's attention modules hold none before transformers 5).
+        for module in modules:
+            config = getattr(module, "config", None)
+            if getattr(config, "model_type", None) in ("bert", "gpt2"):
+                current = config.max_position_embeddings
+                config.max_position_embeddings = max(current, max_sequence_length)
     if attention == 0:
         raise ValueError(
             "alibi: found no Hugging Face BERT or GPT-2 self-attention in the model "

@@ -119,6 +119,11 @@ class AugMix(Algorithm):
     """Blend each training image with a random mixture of augmentation chains (no JSD loss)."""
 
     name = "augmix"
+    # Hendrycks et al. 2020 (Sec. 4): severity 3, width 3; the ablations span these.
+    SEARCH_SPACE = {
+        "severity": {"type": "float", "low": 1.0, "high": 6.0},
+        "width": {"type": "int", "low": 1, "high": 4},
+    }
 
     def __init__(
         self,

@@ -240,6 +240,8 @@ class BlurPool(Algorithm):
     """Blur before every strided conv and max-pool (anti-aliased downsampling, Zhang 2019)."""
 
     name = "blurpool"
+    # Zhang 2019: the blur placement is the only design choice worth searching.
+    SEARCH_SPACE = {"blur_first": {"type": "categorical", "choices": [True, False]}}
 
     def __init__(
         self,

@@ -70,6 +70,8 @@ class ChannelsLast(Algorithm):
     """Store weights and inputs channels-last (NHWC) so GPU convolutions skip transposes."""
 
     name = "channels_last"
+    # No arguments: the tuner only switches it on or off.
+    SEARCH_SPACE = {}
 
     def __init__(self) -> None:
         pass

@@ -85,6 +85,11 @@ class ColOut(Algorithm):
     """Drop random rows and columns of the whole batch: smaller images, faster steps."""
 
     name = "colout"
+    # Composer's default drops 15% of rows and columns.
+    SEARCH_SPACE = {
+        "p_row": {"type": "float", "low": 0.05, "high": 0.3},
+        "p_col": {"type": "float", "low": 0.05, "high": 0.3},
+    }
 
     def __init__(
         self, p_row: float = 0.15, p_col: float = 0.15, resize_target: bool | str = "auto"

@@ -94,6 +94,8 @@ class CutMix(MixingAlgorithm):
     """Paste a box from a partner image and mix the labels by area (one box per batch)."""
 
     name = "cutmix"
+    # Yun et al. 2019 (CutMix, Sec. 4.1) use alpha 1.0; smaller alphas mix less.
+    SEARCH_SPACE = {"alpha": {"type": "float", "low": 0.2, "high": 1.0, "log": True}}
 
     def __init__(self, alpha: float = 1.0) -> None:
         super().__init__(alpha)

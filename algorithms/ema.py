@@ -131,6 +131,10 @@ class EMA(Algorithm):
     """
 
     name = "ema"
+    # Half-lives as fractions of the run: Composer's recipes use about 0.1-2% of the run.
+    SEARCH_SPACE = {
+        "half_life": {"type": "float", "low": 0.001, "high": 0.05, "log": True, "unit": "dur"}
+    }
 
     def __init__(
         self,

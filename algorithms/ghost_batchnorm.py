@@ -240,6 +240,8 @@ class GhostBatchNorm(Algorithm):
     """Normalise with BatchNorm statistics of small ghost batches (Hoffer et al. 2017)."""
 
     name = "ghost_batchnorm"
+    # Hoffer et al. 2017 (Sec. 4.1) use ghost batches of 128; smaller ones regularise more.
+    SEARCH_SPACE = {"ghost_batch_size": {"type": "categorical", "choices": [16, 32, 64, 128]}}
 
     def __init__(self, ghost_batch_size: int = 32) -> None:
         if (

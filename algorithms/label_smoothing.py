@@ -81,6 +81,8 @@ class LabelSmoothing(Algorithm):
     """Smooth the targets for the loss, then restore them, so metrics see the true labels."""
 
     name = "label_smoothing"
+    # Szegedy et al. 2016 (Inception-v3, Sec. 7) used 0.1; Muller et al. 2019 span 0.05-0.2.
+    SEARCH_SPACE = {"alpha": {"type": "float", "low": 0.02, "high": 0.2}}
 
     def __init__(self, alpha: float = 0.1, binary: bool = False) -> None:
         _check_alpha(alpha, "label_smoothing.alpha")

@@ -117,6 +117,11 @@ class LayerFreezing(Algorithm):
     """Progressively freeze the earliest layers at epoch ends (Composer's FreezeOut variant)."""
 
     name = "layer_freezing"
+    # Composer's method card: freeze from 0.5dur; Brock et al. 2017 (FreezeOut) t_0 0.5-0.8.
+    SEARCH_SPACE = {
+        "freeze_start": {"type": "float", "low": 0.3, "high": 0.8, "unit": "dur"},
+        "freeze_level": {"type": "float", "low": 0.5, "high": 1.0},
+    }
 
     def __init__(self, freeze_start: str = "0.5dur", freeze_level: float = 1.0) -> None:
         start = schedule_time("layer_freezing.freeze_start", freeze_start)

@@ -331,6 +331,8 @@ class MixUp(MixingAlgorithm):
     """Train on convex combinations of example pairs and their labels (one lam per batch)."""
 
     name = "mixup"
+    # Zhang et al. 2018 (mixup, Sec. 3.1): alpha 0.1-0.4 on ImageNet, 1.0 on CIFAR-10.
+    SEARCH_SPACE = {"alpha": {"type": "float", "low": 0.1, "high": 1.0, "log": True}}
 
     def __init__(self, alpha: float = 0.2) -> None:
         super().__init__(alpha)

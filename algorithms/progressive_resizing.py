@@ -132,6 +132,12 @@ class ProgressiveResizing(Algorithm):
     """Train at a lower resolution early and ramp up to full size; eval is never resized."""
 
     name = "progressive_resizing"
+    # Composer's defaults (scale 0.5, delay 0.5dur, finetune 0.2dur) sit mid-range.
+    SEARCH_SPACE = {
+        "initial_scale": {"type": "float", "low": 0.3, "high": 0.8},
+        "delay": {"type": "float", "low": 0.2, "high": 0.6, "unit": "dur"},
+        "finetune": {"type": "float", "low": 0.1, "high": 0.3, "unit": "dur"},
+    }
 
     def __init__(
         self,

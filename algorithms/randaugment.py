@@ -414,6 +414,11 @@ class RandAugment(Algorithm):
     """Apply N random image operations at a fixed magnitude M to each training image."""
 
     name = "randaugment"
+    # Cubuk et al. 2020 (Sec. 3): N in 1-3, M in 5-15 on a 0-30 scale (here 0-10).
+    SEARCH_SPACE = {
+        "depth": {"type": "int", "low": 1, "high": 3},
+        "severity": {"type": "float", "low": 2.0, "high": 10.0},
+    }
 
     def __init__(self, depth: int = 2, severity: float = 9, augmentation_set: str = "all") -> None:
         if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:

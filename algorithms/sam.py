@@ -170,6 +170,12 @@ class SAM(Algorithm):
     """Sharpness-Aware Minimization: step with the gradient at the worst nearby weights."""
 
     name = "sam"
+    # Foret et al. 2021 (SAM, App. C) grid rho over {0.01, ..., 0.5}; interval > 1 trades
+    # sharpness-awareness for speed (Composer's interval).
+    SEARCH_SPACE = {
+        "rho": {"type": "float", "low": 0.01, "high": 0.5, "log": True},
+        "interval": {"type": "categorical", "choices": [1, 2, 5, 10]},
+    }
 
     def __init__(
         self,

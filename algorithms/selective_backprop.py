@@ -242,6 +242,11 @@ class SelectiveBackprop(Algorithm):
     """Backpropagate only the samples likely to matter (high loss) in a window of the run."""
 
     name = "selective_backprop"
+    # Jiang et al. 2019 keep about a third to a half of the examples; start/end as fractions.
+    SEARCH_SPACE = {
+        "start": {"type": "float", "low": 0.1, "high": 0.5, "unit": "dur"},
+        "end": {"type": "float", "low": 0.6, "high": 0.95, "unit": "dur"},
+    }
 
     def __init__(
         self,

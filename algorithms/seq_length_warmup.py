@@ -120,6 +120,11 @@ class SeqLengthWarmup(Algorithm):
     """Grow the training sequence length linearly from short to full early in training."""
 
     name = "seq_length_warmup"
+    # Li et al. 2022 (Sec. 4): warm up over a fraction of the run from short sequences.
+    SEARCH_SPACE = {
+        "duration": {"type": "float", "low": 0.1, "high": 0.5, "unit": "dur"},
+        "min_seq_length": {"type": "categorical", "choices": [8, 16, 32, 64]},
+    }
 
     def __init__(
         self,

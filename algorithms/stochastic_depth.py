@@ -226,6 +226,8 @@ class StochasticDepth(Algorithm):
     """Drop ResNet residual branches at random while training (Huang et al. 2016)."""
 
     name = "stochastic_depth"
+    # Huang et al. 2016 (Sec. 4): p_L = 0.5 on CIFAR, 0.2 with fewer layers.
+    SEARCH_SPACE = {"drop_rate": {"type": "float", "low": 0.05, "high": 0.5}}
 
     def __init__(
         self,

@@ -177,6 +177,8 @@ class SWA(Algorithm):
     """Average the weights with equal weights late in training; end on the average."""
 
     name = "swa"
+    # Izmailov et al. 2018 start averaging at about 75% of the budget.
+    SEARCH_SPACE = {"swa_start": {"type": "float", "low": 0.5, "high": 0.9, "unit": "dur"}}
 
     def __init__(
         self,

@@ -12,7 +12,11 @@ the sweep runner (``speedup.benchmarks.harness``) writes:
       "seeds": [1, 2],                           # may be a single seed
       "environment": {...},                      # versions and hardware, shown as is
       "baseline_step_time_s": 0.123,             # median s/step of the baseline, timing phase
-      "step_cost": {"baseline": 1.0, "a": 1.01, "a+b": 0.62},   # step cost relative to baseline
+      "step_cost": {"baseline": 1.0, "a": 1.01, "a+b": 0.62},   # run-average relative cost
+      "step_cost_profile": {                     # optional: cost along the run (see below)
+        "a": {"total_steps": 780,                # the run's length the fractions refer to
+              "points": [[0.12, 0.31], [0.52, 0.64], [0.92, 1.0]],   # (fraction, cost)
+              "samples": [[0.3, 0.31, 0.33], ...]}},                 # pair ratios per point
       "conflicts": {"mixup+cutmix": "message"},  # refused by the engine: not run
       "runs": [
         {"config": "a+b",                        # "baseline", or names joined by "+"
@@ -31,12 +35,17 @@ Conventions (AlgoPerf's, ``research/speed.md`` §9 items 4 and 12):
 
 * **Time-to-target** is the *first* crossing of the target, linearly interpolated between the
   two evaluations around it. Raw time uses the measured ``train_time_s`` (eval excluded);
-  **calibrated** time is ``steps_to_target x step_cost[config] x baseline_step_time_s``: the
-  step count is exact and hardware-independent, and the per-step costs come from an
-  interleaved timing phase, so calibrated times are far less noisy than wall-clock on a shared
-  host. ``step_cost`` is a whole-run average, so for methods whose step cost changes during
-  training (progressive resizing) the calibrated time is approximate when the target is
-  reached mid-schedule.
+  **calibrated** time is ``baseline_step_time_s x`` the step cost *integrated* from step 0 to
+  the crossing step: the step count is exact and hardware-independent, and the per-step costs
+  come from an interleaved timing phase, so calibrated times are far less noisy than
+  wall-clock on a shared host. The cost is measured at a few fractions of the run
+  (``step_cost_profile``) and joined piecewise-linearly (held flat before the first and after
+  the last point), so a schedule whose cost changes (progressive resizing from 0.25 to 1,
+  batch-size or sequence-length warmup) is charged what it cost *up to the crossing*, not its
+  whole-run average (:func:`integrated_cost`). Without a profile, ``steps x step_cost``.
+* **The step-cost uncertainty is carried into the CIs**: each bootstrap resample also
+  resamples the timing phase's pair ratios at every point of the profile (their median is the
+  point's cost), so a configuration timed noisily gets a wider speedup interval.
 * **A run that never reaches the target counts as infinite time.** A mean over seeds that
   includes one is infinite and its speedup is 0; the fraction of seeds reaching the target is
   reported next to it.
@@ -59,8 +68,11 @@ __all__ = [
     "analyze",
     "bootstrap",
     "bootstrap_ci",
+    "cost_draws",
+    "integrated_cost",
     "interaction",
     "pareto_frontier",
+    "period_mean",
     "speedup",
     "summarize",
     "time_to_target",
@@ -119,6 +131,91 @@ def time_to_target(
     return None
 
 
+def period_mean(durations: Sequence[float], period: int = 1) -> float:
+    """The cost per step of a timing window that holds work recurring every ``period`` steps.
+
+    The window is cut into whole periods (a trailing partial period is dropped, since it
+    would over- or under-count the periodic step); each period's mean step time is taken and
+    the result is the median over periods. A median over single steps would miss a step that
+    is slow once per period (SAM's extra forward-backward every 10th step, a Lookahead sync):
+    the mean over a whole period counts it exactly once per period, and the median across
+    periods still ignores a period hit by a load spike. With ``period`` 1 this is the median
+    of the steps.
+    """
+    if period < 1:
+        raise ValueError(f"period must be a positive number of steps, got {period}")
+    values = np.asarray(durations, dtype=float).ravel()
+    whole = values.size // period
+    if whole == 0:
+        raise ValueError(f"a window of {values.size} steps holds no whole period of {period}")
+    return float(np.median(values[: whole * period].reshape(whole, period).mean(axis=1)))
+
+
+def integrated_cost(
+    points: Sequence[Sequence[float]], total_steps: float, upto_step: float | None
+) -> float:
+    """Relative step cost summed over steps 0 .. ``upto_step`` of a ``total_steps`` run.
+
+    ``points`` are (fraction of the run, relative cost per step) pairs measured in the timing
+    phase. Between points the cost is joined linearly; before the first point and after the
+    last it is held at that point's value. The integral of that piecewise-linear function over
+    [0, upto_step] (in steps) is exact by the trapezoid rule on its breakpoints. A constant
+    profile ``c`` gives ``c x upto_step``. None or inf (target not reached) gives inf.
+    """
+    if upto_step is None or math.isinf(upto_step):
+        return math.inf
+    if not points:
+        raise ValueError("integrated_cost: empty step-cost profile")
+    ordered = sorted((float(f), float(c)) for f, c in points)
+    xs = np.array([f * float(total_steps) for f, _ in ordered])
+    cs = np.array([c for _, c in ordered])
+    end = float(upto_step)
+    if end <= 0:
+        return 0.0
+    grid = np.unique(np.concatenate([[0.0, end], xs[(xs > 0) & (xs < end)]]))
+    values = np.interp(grid, xs, cs)  # flat beyond the end points
+    return float(np.sum((values[1:] + values[:-1]) / 2 * np.diff(grid)))
+
+
+def cost_draws(
+    profile: dict[str, Any],
+    upto_step: float,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> np.ndarray | None:
+    """Multiplicative bootstrap draws of a configuration's integrated step cost.
+
+    ``profile["samples"][i]`` holds the timing phase's pair ratios (configuration / baseline)
+    at ``profile["points"][i]``, whose cost is their median. Each draw resamples every point's
+    ratios with replacement, takes their medians, integrates that profile to ``upto_step`` and
+    divides by the integral of the measured profile: a factor near 1 whose spread is the
+    step-cost uncertainty at that step. None when there is nothing to resample (no samples,
+    or one ratio per point) or ``upto_step`` is not finite.
+    """
+    samples = profile.get("samples")
+    points = profile.get("points")
+    if not samples or not points or not math.isfinite(upto_step) or upto_step <= 0:
+        return None
+    if all(len(s) < 2 for s in samples):
+        return None
+    total = float(profile["total_steps"])
+    base = integrated_cost(points, total, upto_step)
+    if not base > 0:
+        return None
+    rng = np.random.default_rng(seed)
+    fractions = [float(f) for f, _ in points]
+    medians = []
+    for ratios in samples:
+        arr = np.asarray(ratios, dtype=float)
+        picks = arr[rng.integers(0, arr.size, size=(n_resamples, arr.size))]
+        medians.append(np.median(picks, axis=1))
+    draws = np.empty(n_resamples)
+    for r in range(n_resamples):
+        resampled = [(f, m[r]) for f, m in zip(fractions, medians)]
+        draws[r] = integrated_cost(resampled, total, upto_step) / base
+    return draws
+
+
 def bootstrap(
     samples: Sequence[Sequence[float]],
     statistic: Callable[..., Any],
@@ -126,8 +223,14 @@ def bootstrap(
     confidence: float = 0.95,
     seed: int = 0,
     vectorized: bool = False,
+    factors: Sequence[np.ndarray | None] | None = None,
 ) -> Estimate:
     """Percentile bootstrap of ``statistic(*samples)`` over independent samples.
+
+    ``factors``, when given, holds per sample None or ``n_resamples`` multiplicative draws
+    (e.g. :func:`cost_draws`): resample ``r`` of sample ``i`` is multiplied by
+    ``factors[i][r]``, so an uncertainty that scales a whole arm (its measured step cost) is
+    carried into the interval next to the spread across seeds.
 
     Each sample is resampled with replacement on its own. With ``vectorized`` the statistic is
     called once with arrays of shape (n_resamples, n_i) and must reduce the last axis;
@@ -141,12 +244,22 @@ def bootstrap(
     arrays = [np.asarray(s, dtype=float).ravel() for s in samples]
     if any(a.size == 0 for a in arrays):
         return Estimate(math.nan, math.nan, math.nan)
+    factors = list(factors) if factors is not None else [None] * len(arrays)
+    if len(factors) != len(arrays):
+        raise ValueError(f"factors: {len(factors)} given for {len(arrays)} samples")
+    for f in factors:
+        if f is not None and np.shape(f) != (n_resamples,):
+            raise ValueError(f"factors: each needs n_resamples={n_resamples} draws")
     with np.errstate(divide="ignore", invalid="ignore"):
         point = float(statistic(*arrays))
-        if all(a.size == 1 for a in arrays):
+        if all(a.size == 1 for a in arrays) and all(f is None for f in factors):
             return Estimate(point, point, point)
         rng = np.random.default_rng(seed)
         resampled = [a[rng.integers(0, a.size, size=(n_resamples, a.size))] for a in arrays]
+        resampled = [
+            r if f is None else r * np.asarray(f, dtype=float)[:, None]
+            for r, f in zip(resampled, factors)
+        ]
         if vectorized:
             stats = np.asarray(statistic(*resampled), dtype=float)
         else:
@@ -191,8 +304,12 @@ def speedup(
     n_resamples: int = 2000,
     confidence: float = 0.95,
     seed: int = 0,
+    config_factors: np.ndarray | None = None,
 ) -> Estimate:
-    """mean(baseline) / mean(config) with a bootstrap CI; infinite times give speedup 0."""
+    """mean(baseline) / mean(config) with a bootstrap CI; infinite times give speedup 0.
+
+    ``config_factors``: multiplicative draws of the configuration's times (its step-cost
+    uncertainty, :func:`cost_draws`), carried into the CI; see :func:`bootstrap`."""
     return bootstrap(
         [baseline_times, config_times],
         _ratio_of_means,
@@ -200,6 +317,7 @@ def speedup(
         confidence,
         seed,
         vectorized=True,
+        factors=[None, config_factors],
     )
 
 
@@ -218,13 +336,23 @@ def interaction(
     n_resamples: int = 2000,
     confidence: float = 0.95,
     seed: int = 0,
+    factors: Sequence[np.ndarray | None] | None = None,
 ) -> Estimate:
     """speedup(ab) / (speedup(a) * speedup(b)) from four samples of times, with a bootstrap CI.
 
     > 1: the pair does better than the product of its singles (synergy); < 1: interference.
     NaN when a single never reaches the target; 0 when only the pair never reaches it.
+    ``factors``: per sample, None or multiplicative draws (step-cost uncertainty).
     """
-    return bootstrap([base, a, b, ab], _interaction, n_resamples, confidence, seed, vectorized=True)
+    return bootstrap(
+        [base, a, b, ab],
+        _interaction,
+        n_resamples,
+        confidence,
+        seed,
+        vectorized=True,
+        factors=factors,
+    )
 
 
 def pareto_frontier(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -298,25 +426,49 @@ def _or_inf(value: float | None) -> float:
     return math.inf if value is None else float(value)
 
 
+def _profile(name: str, results: dict) -> dict | None:
+    profile = (results.get("step_cost_profile") or {}).get(name)
+    return profile if profile and profile.get("points") else None
+
+
+def _calibrated_cost(
+    name: str, results: dict, run_total: float | None, upto: float | None
+) -> float:
+    """Relative cost of steps 0 .. ``upto`` (no base seconds); NaN without a step cost."""
+    if upto is None or math.isinf(upto):
+        return math.inf
+    profile = _profile(name, results)
+    if profile is not None:
+        total = profile.get("total_steps") or run_total
+        return integrated_cost(profile["points"], float(total), upto)
+    cost = (results.get("step_cost") or {}).get(name)
+    return math.nan if cost is None else upto * float(cost)
+
+
 def _analyze_config(name: str, runs: list[dict], results: dict) -> dict:
     target = results["target"]
     metric, goal = target["metric"], float(target["value"])
     higher = bool(target.get("higher_is_better", True))
     cost = (results.get("step_cost") or {}).get(name)
     base_step = results.get("baseline_step_time_s")
-    calibrate = cost is not None and base_step is not None
+    calibrate = (cost is not None or _profile(name, results) is not None) and (
+        base_step is not None
+    )
     steps, seconds, calibrated, flops, totals = [], [], [], [], []
     for run in runs:
         curve = run.get("curve", [])
         step = _or_inf(time_to_target(curve, goal, higher, x="step"))
         steps.append(step)
         seconds.append(_or_inf(time_to_target(curve, goal, higher, x="train_time_s")))
-        calibrated.append(step * cost * base_step if calibrate else math.nan)
+        run_steps = run.get("steps")
+        if calibrate:
+            calibrated.append(_calibrated_cost(name, results, run_steps, step) * base_step)
+        else:
+            calibrated.append(math.nan)
         has_flops = curve and all(p.get("flops") is not None for p in curve)
         flops.append(_or_inf(time_to_target(curve, goal, higher, x="flops")) if has_flops else None)
-        run_steps = run.get("steps")
         if calibrate and run_steps is not None:
-            totals.append(run_steps * cost * base_step)
+            totals.append(_calibrated_cost(name, results, run_steps, run_steps) * base_step)
         else:
             totals.append(float(run.get("train_time_s", math.nan)))
     reached = sum(math.isfinite(s) for s in steps)
@@ -368,21 +520,41 @@ def analyze(
     notes = [
         "A seed that never reaches the target counts as infinite time: a mean including it "
         "is infinite and its speedup 0 (AlgoPerf's convention).",
-        "Calibrated time = steps-to-target x relative step cost x baseline seconds per step "
-        f"({results.get('baseline_step_time_s')}).",
+        "Calibrated time = relative step cost integrated from step 0 to the crossing x "
+        f"baseline seconds per step ({results.get('baseline_step_time_s')}).",
     ]
+    if results.get("step_cost_profile"):
+        notes.append(
+            "Step costs were measured at several fractions of the run and joined "
+            "piecewise-linearly; their timing-phase spread is carried into the CIs."
+        )
     seeds = results.get("seeds") or sorted({r.get("seed") for r in runs})
     if len(seeds) < 2:
         notes.append("One seed per configuration: confidence intervals have zero width.")
     base = configs.get(BASELINE)
     if base is None:
         notes.append("No baseline runs: speedups and interactions are undefined.")
-    missing_cost = [n for n in order if configs[n]["step_cost"] is None]
+    missing_cost = [
+        n for n in order if configs[n]["step_cost"] is None and _profile(n, results) is None
+    ]
     if missing_cost:
         notes.append(f"No step cost for {', '.join(missing_cost)}: calibrated times undefined.")
 
     def times(name: str, key: str) -> list[float]:
         return configs[name][key]["values"]
+
+    # Step-cost uncertainty of each configuration, at its mean crossing step: multiplicative
+    # draws applied to its calibrated times in every bootstrap resample. Each configuration
+    # gets its own random stream so that the arms of an interaction stay independent.
+    draws: dict[str, np.ndarray | None] = {}
+    for index, name in enumerate(order):
+        profile = _profile(name, results)
+        reached_steps = [s for s in configs[name]["steps_to_target"]["values"] if math.isfinite(s)]
+        if profile is None or not reached_steps:
+            draws[name] = None
+            continue
+        upto = float(np.mean(reached_steps))
+        draws[name] = cost_draws(profile, upto, n_resamples, seed=seed + 1 + index)
 
     for name, stats in configs.items():
         for kind, key in (
@@ -392,7 +564,10 @@ def analyze(
             if base is None:
                 estimate = Estimate(math.nan, math.nan, math.nan)
             else:
-                estimate = speedup(times(BASELINE, key), times(name, key), **options)
+                factors = draws[name] if kind == "calibrated" else None
+                estimate = speedup(
+                    times(BASELINE, key), times(name, key), config_factors=factors, **options
+                )
             stats[f"speedup_{kind}"] = estimate.as_dict()
 
     singles = {tuple(c["algorithms"]): n for n, c in configs.items() if len(c["algorithms"]) == 1}
@@ -411,7 +586,10 @@ def analyze(
             ("raw", "time_to_target_s"),
         ):
             samples = [times(BASELINE, key), times(a, key), times(b, key), times(name, key)]
-            row[f"interaction_{kind}"] = interaction(*samples, **options).as_dict()
+            factors = (
+                [draws[BASELINE], draws[a], draws[b], draws[name]] if kind == "calibrated" else None
+            )
+            row[f"interaction_{kind}"] = interaction(*samples, factors=factors, **options).as_dict()
         row["speedup_a"] = configs[a]["speedup_calibrated"]["point"]
         row["speedup_b"] = configs[b]["speedup_calibrated"]["point"]
         row["speedup_ab"] = stats["speedup_calibrated"]["point"]

@@ -42,8 +42,22 @@ SETUPS: dict[str, tuple[tuple[str, list[str]], list[str], dict, float]] = {
     "layer_freezing": (IMAGE, [], {}, 0.95),
     "progressive_resizing": (IMAGE, [], {}, 0.2),
     "magnitude_pruning": (IMAGE, [], {"sparsity": 0.9, "at": "0ba"}, 0.5),
+    "alternating_flip": (IMAGE, [], {}, 0.5),
+    "whitening_init": (IMAGE, [], {}, 0.5),  # past its bias phase: the first conv is frozen
+    "muon": (IMAGE, [], {}, 0.5),
+    "lookahead": (IMAGE, [], {}, 0.5),
+    # It replaces the LR schedule and refuses one: both arms at a constant LR (same step cost).
+    "schedule_free": (IMAGE, ["scheduler.name=constant"], {}, 0.5),
+    "rotary": (GPT, [], {}, 0.5),
+    "qk_norm": (GPT, [], {}, 0.5),
+    "relu_squared": (GPT, [], {}, 0.5),
+    # In its first stage (a third of each batch): the cost of a warmup step, not a full one.
+    "batch_size_warmup": (GPT, [], {}, 0.2),
 }
-SKIPPED = {"rewinding": "acts only when masks change"}
+SKIPPED = {
+    "rewinding": "acts only when masks change",
+    "test_time_augmentation": "acts only at evaluation; each eval logs its cost as tta/seconds",
+}
 
 
 def setup(name: str) -> tuple[tuple[str, list[str]], list[str], dict, float]:

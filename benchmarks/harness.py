@@ -7,8 +7,13 @@ arguments, the seeds, the budget of every run, and which combinations to run (``
 
 1. plans every combination with the engine; a conflicting one is reported and not run;
 2. measures each configuration's **relative step cost** in a short interleaved timing phase
-   (baseline and configuration alternating in one process, medians, at several points of the
-   run so that schedules such as progressive resizing are sampled where they differ);
+   (baseline and configuration alternating in ABBA order in one process, after one discarded
+   warm-up pair) at several points of the run, so that schedules such as progressive resizing
+   are sampled where they differ; the analysis integrates that profile up to the step where
+   the target is crossed. Each window's cost is the median over whole periods of the mean
+   step time, so work done every k-th step (SAM's ``interval``, Lookahead's ``k``, EMA's
+   ``update_interval``) is counted. The result, ``timing.json``, is keyed by a hash of
+   everything it depends on, so a different suite's timing is never reused;
 3. runs baseline, singles, pairs and the full recipe for every seed, each in a directory
    named by the hash of its resolved config: a finished run is never recomputed (``--force``
    recomputes), so an interrupted sweep resumes;
@@ -22,8 +27,10 @@ cost as well as raw wall-clock, which on shared machines varies several-fold.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -40,7 +47,18 @@ from speedup.config import ConfigError, config_hash, load_config, resolve_recipe
 from speedup.registry import suggest
 from speedup.run import build_trainer, environment, plan_config, run_config
 
-__all__ = ["Suite", "load_suite", "suite_names", "run_suite", "configurations", "FlopsMeter"]
+__all__ = [
+    "Suite",
+    "load_suite",
+    "suite_names",
+    "run_suite",
+    "configurations",
+    "FlopsMeter",
+    "measure_step_costs",
+    "measure_step_profiles",
+    "timing_key",
+    "window_period",
+]
 
 BASELINE = "baseline"
 COMBINATIONS = ("singles", "pairs", "full")
@@ -53,6 +71,16 @@ METRICS_BY_KIND = {
     "bert": {"loss", "perplexity", "masked_accuracy", "accuracy"},
 }
 LOWER_IS_BETTER = {"loss", "perplexity"}
+_TIMING_KEYS = {"steps", "repeats", "positions", "period"}
+#: Algorithms whose work recurs every k-th step: (argument, default). A timing window spans a
+#: whole number of these periods (see :func:`window_period`).
+PERIODIC_ARGUMENTS = {
+    "sam": ("interval", 1),
+    "lookahead": ("k", 5),
+    "ema": ("update_interval", "1ba"),
+}
+#: Bumped when the timing phase's method changes: an older timing.json is then recomputed.
+TIMING_VERSION = 2
 _SUITE_KEYS = {
     "description",
     "workload",
@@ -147,8 +175,37 @@ def load_suite(name_or_path: str, smoke: bool = False) -> Suite:
         timing={"steps": 8, "repeats": 3, **(data.get("timing") or {})},
         description=str(data.get("description", "")),
     )
+    _validate_timing(suite)
     _validate(suite)
     return suite
+
+
+def _validate_timing(suite: Suite) -> None:
+    """The timing phase's settings: counts are positive integers, positions fractions."""
+    timing = suite.timing
+    for key in timing:
+        if key not in _TIMING_KEYS:
+            raise _fail(
+                suite.path,
+                f"timing.{key}: unknown key{suggest(key, sorted(_TIMING_KEYS))}; "
+                f"allowed: {', '.join(sorted(_TIMING_KEYS))}",
+            )
+    for key in ("steps", "repeats", "period"):
+        if key in timing and not (
+            isinstance(timing[key], int) and not isinstance(timing[key], bool) and timing[key] >= 1
+        ):
+            raise _fail(suite.path, f"timing.{key}: must be an integer >= 1, got {timing[key]!r}")
+    positions = timing.get("positions", (0.1, 0.5, 0.9))
+    if not isinstance(positions, list | tuple) or not positions:
+        raise _fail(
+            suite.path,
+            f"timing.positions: a non-empty list of fractions in [0, 1], got {positions!r}",
+        )
+    for value in positions:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+            raise _fail(
+                suite.path, f"timing.positions: {value!r} is not a fraction of the run in [0, 1]"
+            )
 
 
 def _validate(suite: Suite) -> None:
@@ -275,9 +332,46 @@ class _StopAfter(Callback):
             state.stop_training("timing window done")
 
 
-def _time_window(cfg: DictConfig, position: float, steps: int) -> float:
-    """Median seconds per step (data loading included) over ``steps`` steps starting at
-    ``position`` (a fraction of the run); one extra first step is run as warm-up."""
+def _period_steps(value: Any) -> int | None:
+    """A period given as an int or as a Time string in batches (``"20ba"``); None otherwise
+    (an epoch-based period cannot be spanned by a short window)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    text = str(value).strip()
+    if text.endswith("ba") and text[:-2].strip().isdigit():
+        return int(text[:-2])
+    return None
+
+
+def window_period(suite: Suite, algorithms: list[str]) -> int:
+    """Steps per period of the recurring work of ``algorithms``: the least common multiple of
+    ``timing.period`` (default 1) and each periodic algorithm's interval
+    (:data:`PERIODIC_ARGUMENTS`), so a window of whole periods counts each one's extra step."""
+    period = int(suite.timing.get("period", 1))
+    for name in algorithms:
+        if name not in PERIODIC_ARGUMENTS:
+            continue
+        argument, default = PERIODIC_ARGUMENTS[name]
+        steps = _period_steps(suite.algorithms.get(name, {}).get(argument, default))
+        if steps and steps > 1:
+            period = math.lcm(period, steps)
+    return period
+
+
+def _time_window_detail(
+    cfg: DictConfig, position: float, steps: int, period: int = 1
+) -> tuple[float, float, int]:
+    """Seconds per step over ``steps`` steps (data loading included) starting at ``position``
+    (a fraction of the run), the fraction of the run at the window's middle, and the run's
+    total steps. ``steps`` is rounded up to whole ``period``s and the cost is
+    :func:`~speedup.benchmarks.analysis.period_mean`. Every window is a fresh trainer whose
+    first step pays one-off costs (allocations, the data iterator, lazy modules), so one extra
+    first step runs and is dropped."""
+    from speedup.benchmarks.analysis import period_mean
+
+    steps = period * math.ceil(steps / period)
     durations: list[float] = []
 
     class StepClock(Callback):
@@ -290,39 +384,126 @@ def _time_window(cfg: DictConfig, position: float, steps: int) -> float:
     trainer = build_trainer(cfg, extra_callbacks=[StepClock(), _StopAfter(steps + 1)])
     trainer.state.eval_dataloader = None  # timing only: no evaluation
     total = int(trainer.converter.to_batches(trainer.state.max_duration))
-    trainer.seek(max(0, min(int(position * total), total - steps - 1)))
+    start = max(0, min(int(position * total), total - steps - 1))
+    trainer.seek(start)
     trainer.fit()
-    return statistics.median(durations[1:] or durations)
+    measured = durations[1:] or durations
+    # A run shorter than one period (a smoke budget) leaves only single steps to compare.
+    cost = period_mean(measured, period if len(measured) >= period else 1)
+    # Measured steps are start+1 .. start+steps; step i occupies [i, i+1) of the run.
+    middle = (start + 1 + len(measured) / 2) / total if total else position
+    return cost, min(max(middle, 0.0), 1.0), total
+
+
+def _time_window(cfg: DictConfig, position: float, steps: int, period: int = 1) -> float:
+    """Seconds per step of a timing window: see :func:`_time_window_detail`."""
+    return _time_window_detail(cfg, position, steps, period)[0]
+
+
+def measure_step_profiles(suite: Suite, configs: list[list[str]], out: Path) -> dict[str, Any]:
+    """The timing phase: ``{"baseline_step_time_s", "step_cost", "step_cost_profile"}``.
+
+    For each configuration and each of ``timing.positions`` (fractions of the run),
+    ``timing.repeats`` pairs of windows, baseline and configuration, in ABBA order (the pairs
+    alternate which arm runs first, so neither always gets a warmer cache or a quieter
+    machine); a pair's ratio is configuration / baseline, and a position's cost the median of
+    its pairs. Before anything is recorded one pair runs and is discarded: the process's first
+    windows pay for imports, allocator growth and kernel selection. ``step_cost_profile``
+    holds per configuration the measured points (window middle as a fraction of the run, cost)
+    and the pair ratios behind each; ``step_cost`` is the profile's run average (piecewise
+    linear, :func:`~speedup.benchmarks.analysis.integrated_cost`); baseline seconds per step
+    is the median of all baseline windows."""
+    from speedup.benchmarks.analysis import integrated_cost
+
+    steps, repeats = int(suite.timing["steps"]), int(suite.timing["repeats"])
+    positions = [float(p) for p in suite.timing.get("positions", (0.1, 0.5, 0.9))]
+    seed = suite.seeds[0]
+    base_cfg = _config(suite, [], seed, out)
+    others = [a for a in configs if a]
+    # Warm-up pair, discarded.
+    _time_window(base_cfg, positions[0], steps)
+    if others:
+        _time_window(_config(suite, others[0], seed, out), positions[0], steps)
+    base_times: list[float] = []
+    costs: dict[str, float] = {BASELINE: 1.0}
+    profiles: dict[str, dict[str, Any]] = {}
+    for algorithms in others:
+        cfg = _config(suite, algorithms, seed, out)
+        period = window_period(suite, algorithms)
+        points, samples, total = [], [], 0
+        pair = 0
+        for position in positions:
+            ratios, middles = [], []
+            for _ in range(repeats):
+                order = ("base", "config") if pair % 2 == 0 else ("config", "base")
+                pair += 1
+                timed = {}
+                for arm in order:
+                    arm_cfg = base_cfg if arm == "base" else cfg
+                    timed[arm] = _time_window_detail(arm_cfg, position, steps, period)
+                b, c = timed["base"][0], timed["config"][0]
+                base_times.append(b)
+                ratios.append(c / b)
+                middles.append(timed["config"][1])
+                total = timed["config"][2]
+            points.append([statistics.fmean(middles), statistics.median(ratios)])
+            samples.append(ratios)
+        name = config_name(algorithms)
+        profiles[name] = {"total_steps": total, "points": points, "samples": samples}
+        costs[name] = integrated_cost(points, total, total) / total if total else points[0][1]
+    if not base_times:
+        base_times = [_time_window(base_cfg, p, steps) for p in positions]
+    return {
+        "baseline_step_time_s": statistics.median(base_times),
+        "step_cost": costs,
+        "step_cost_profile": profiles,
+    }
 
 
 def measure_step_costs(
     suite: Suite, configs: list[list[str]], out: Path
 ) -> tuple[float, dict[str, float]]:
-    """Median baseline seconds per step, and each configuration's cost relative to it,
-    baseline and configuration alternating at every position (fractions of the run) and
-    repeat; a configuration's cost is the mean over positions of the median ratios."""
-    steps, repeats = int(suite.timing["steps"]), int(suite.timing["repeats"])
-    positions = [float(p) for p in suite.timing.get("positions", (0.1, 0.5, 0.9))]
-    seed = suite.seeds[0]
-    base_cfg = _config(suite, [], seed, out)
-    base_times, ratios = [], {}
-    for algorithms in configs:
-        if not algorithms:
-            continue
-        cfg = _config(suite, algorithms, seed, out)
-        per_position = []
-        for position in positions:
-            pairs = []
-            for _ in range(repeats):
-                b = _time_window(base_cfg, position, steps)
-                c = _time_window(cfg, position, steps)
-                base_times.append(b)
-                pairs.append(c / b)
-            per_position.append(statistics.median(pairs))
-        ratios[config_name(algorithms)] = statistics.fmean(per_position)
-    if not base_times:
-        base_times = [_time_window(base_cfg, p, steps) for p in positions]
-    return statistics.median(base_times), {BASELINE: 1.0, **ratios}
+    """Median baseline seconds per step, and each configuration's run-average cost relative
+    to it (:func:`measure_step_profiles`, less the profiles)."""
+    timing = measure_step_profiles(suite, configs, out)
+    return timing["baseline_step_time_s"], timing["step_cost"]
+
+
+def timing_key(suite: Suite, configs: list[list[str]], out: Path) -> str:
+    """Hash of everything the timing phase depends on: the method's version, the timing
+    settings and the resolved config (:func:`~speedup.config.config_hash`) of every timed
+    configuration. A ``timing.json`` with another key belongs to another suite (or an edited
+    one) and is recomputed."""
+    content = {
+        "version": TIMING_VERSION,
+        "timing": {k: suite.timing[k] for k in sorted(suite.timing)},
+        "configs": {
+            config_name(a): config_hash(_config(suite, a, suite.seeds[0], out)) for a in configs
+        },
+    }
+    text = json.dumps(content, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_or_measure_timing(
+    suite: Suite, configs: list[list[str]], out: Path, force: bool = False
+) -> dict[str, Any]:
+    """``out/timing.json`` if it was measured for exactly this suite (same :func:`timing_key`),
+    else a fresh timing phase, saved there with its key."""
+    timing_file = out / "timing.json"
+    key = timing_key(suite, configs, out)
+    if timing_file.exists() and not force:
+        saved = json.loads(timing_file.read_text())
+        if saved.get("timing_key") == key:
+            return saved
+        print(
+            f"timing.json in {out} was measured for another suite or settings "
+            f"(key {saved.get('timing_key')!r}, this suite {key!r}): measuring again"
+        )
+    print(f"timing phase: {len(configs) - 1} configurations against the baseline")
+    timing = {"timing_key": key, **measure_step_profiles(suite, configs, out)}
+    _write_json(timing_file, timing)
+    return timing
 
 
 def _curve(run_dir: Path, metric: str) -> list[dict[str, Any]]:
@@ -400,15 +581,7 @@ def _run_suite(
         else:
             runnable.append(algorithms)
 
-    timing_file = out / "timing.json"
-    if timing_file.exists() and not force:
-        timing = json.loads(timing_file.read_text())
-    else:
-        print(f"timing phase: {len(runnable) - 1} configurations against the baseline")
-        base, costs = measure_step_costs(suite, runnable, out)
-        timing = {"baseline_step_time_s": base, "step_cost": costs}
-        timing_file.write_text(json.dumps(timing, indent=2) + "\n")
-    results.update(timing)
+    results.update(load_or_measure_timing(suite, runnable, out, force))
 
     jobs = [(a, s) for a in runnable for s in suite.seeds]
     configs = []

@@ -205,30 +205,88 @@ def render_markdown(results: dict, analysis: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _figure(width: float = 7.0, height: float = 4.5):  # noqa: ANN202
+def _figure(width: float = 7.0, height: float = 4.5, layout: str | None = None):  # noqa: ANN202
     """A matplotlib Figure on the Agg canvas (no display, no pyplot global state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height))
+    fig = Figure(figsize=(width, height), layout=layout)
     FigureCanvasAgg(fig)
     return fig
 
 
 def _colours(names: list[str]) -> dict[str, Any]:
+    """Ten clearly different colours (tab20's light/dark pairs are too alike to tell apart
+    at a glance); shapes (:func:`_markers`) separate configurations beyond ten."""
     from matplotlib import colormaps
 
-    cmap = colormaps["tab10" if len(names) <= 10 else "tab20"]
+    cmap = colormaps["tab10"]
     return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
 
 
-def plot_curves(results: dict, analysis: dict, path: Path) -> None:
-    """The target metric against training seconds: a line per run, a colour per config."""
-    fig = _figure(8.0, 4.5)
-    ax = fig.add_subplot()
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+_LEGEND_FONT = 8.0
+_LEGEND_LINE = 34  # characters per legend line: a long combination wraps at its "+"
+
+
+def _markers(names: list[str]) -> dict[str, str]:
+    """A marker shape per configuration, cycling at another period than the ten colours, so
+    that colour and shape together tell up to 70 configurations apart."""
+    return {name: _MARKERS[i % len(_MARKERS)] for i, name in enumerate(names)}
+
+
+def _legend_label(name: str) -> str:
+    """A configuration's name wrapped at its "+" signs into lines of at most ~34 characters."""
+    lines: list[str] = []
+    for part in name.split("+"):
+        if lines and len(lines[-1]) + 1 + len(part) <= _LEGEND_LINE:
+            lines[-1] += "+" + part
+        else:
+            lines.append(("+" if lines else "") + part)
+    return "\n".join(lines)
+
+
+def _legend_columns(labels: list[str], width_in: float) -> int:
+    """As many legend columns as the longest line of ``labels`` lets fit across the figure."""
+    longest = max((len(line) for label in labels for line in label.split("\n")), default=1)
+    char_in = 0.6 * _LEGEND_FONT / 72  # the average width of a character of this font
+    return max(1, min(len(labels), int(width_in // (longest * char_in + 0.55))))
+
+
+def _fit_height(fig: Any, legend: Any, plot_height_in: float) -> None:
+    """Make the figure tall enough for the plot and, below it, the legend as drawn: the
+    legend gets its own room instead of squeezing the axes."""
+    fig.canvas.draw()
+    legend_in = legend.get_window_extent(fig.canvas.get_renderer()).height / fig.dpi
+    fig.set_size_inches(fig.get_figwidth(), plot_height_in + legend_in + 0.15)
+    fig.canvas.draw()
+
+
+def _legend_below(fig: Any, handles: list[Any], labels: list[str], columns: int) -> Any:
+    """The legend under the axes, outside them: it never covers data, nor squeezes the axes
+    sideways (the figure was made taller for it)."""
+    return fig.legend(
+        handles,
+        labels,
+        loc="outside lower center",
+        ncols=columns,
+        fontsize=_LEGEND_FONT,
+        frameon=False,
+        handlelength=1.6,
+        columnspacing=1.2,
+    )
+
+
+def plot_curves(results: dict, analysis: dict, path: Path) -> Any:
+    """The target metric against training seconds: a line per run, a colour per config, the
+    legend below the axes. Returns the figure (saved to ``path``)."""
+    from matplotlib.lines import Line2D
+
     names = list(analysis["configs"])
-    colours = _colours(names)
-    labelled = set()
+    colours, markers = _colours(names), _markers(names)
+    labels = [_legend_label(n) for n in names]
+    fig = _figure(9.0, 4.2, layout="constrained")
+    ax = fig.add_subplot()
     for run in results.get("runs", []):
         curve = [p for p in run.get("curve", []) if p.get("value") is not None]
         if not curve:
@@ -238,48 +296,57 @@ def plot_curves(results: dict, analysis: dict, path: Path) -> None:
             [p["train_time_s"] for p in curve],
             [p["value"] for p in curve],
             color=colours.get(name),
-            marker=".",
+            marker=markers.get(name, "o"),
+            markersize=3,
             linewidth=1.2,
             alpha=0.8,
-            label=None if name in labelled else name,
         )
-        labelled.add(name)
     target = results["target"]
-    ax.axhline(target["value"], color="black", linestyle="--", linewidth=1, label="target")
+    ax.axhline(target["value"], color="black", linestyle="--", linewidth=1)
     ax.set_xlabel("training time (s, eval excluded)")
     ax.set_ylabel(target["metric"])
     ax.set_title(f"{results.get('suite', '')}: {target['metric']} vs training time")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
+    handles = [
+        Line2D([], [], color=colours[n], marker=markers[n], markersize=4, linewidth=1.2)
+        for n in names
+    ]
+    handles.append(Line2D([], [], color="black", linestyle="--", linewidth=1))
+    labels.append("target")
+    legend = _legend_below(fig, handles, labels, _legend_columns(labels, 9.0))
+    _fit_height(fig, legend, 4.2)
     fig.savefig(path, dpi=120)
+    return fig
 
 
-def plot_pareto(results: dict, analysis: dict, path: Path) -> None:
-    """Calibrated time against final quality; the frontier highlighted and joined."""
-    fig = _figure(7.0, 4.5)
-    ax = fig.add_subplot()
+def plot_pareto(results: dict, analysis: dict, path: Path) -> Any:
+    """Calibrated time against final quality, the frontier highlighted and joined. Every
+    configuration is in the legend below the axes (its colour and marker), and named beside
+    its point where the name fits without covering another name or point (the baseline's and
+    the frontier's first). Returns the figure (saved to ``path``)."""
+    from matplotlib.lines import Line2D
+
+    names = list(analysis["configs"])
+    colours, markers = _colours(names), _markers(names)
     points = [p for p in analysis["pareto"]["points"] if math.isfinite(p["time_s"])]
     frontier = set(analysis["pareto"]["frontier"])
-    colours = _colours(list(analysis["configs"]))
+    labels = [_legend_label(n) for n in names]
+    labels += ["Pareto frontier", "target missed (hollow)"]
+    fig = _figure(8.0, 4.6, layout="constrained")
+    ax = fig.add_subplot()
     for p in points:
         reached = p["time_kind"] == "time_to_target"
         on_front = p["config"] in frontier
+        colour = colours.get(p["config"], "grey")
         ax.scatter(
             p["time_s"],
             p["quality"],
-            s=80 if on_front else 40,
-            facecolors=colours[p["config"]] if reached else "none",
-            edgecolors="red" if on_front else colours[p["config"]],
-            linewidths=2 if on_front else 1,
+            s=90 if on_front else 45,
+            marker=markers.get(p["config"], "o"),
+            facecolors=colour if reached else "none",
+            edgecolors="red" if on_front else colour,
+            linewidths=2 if on_front else 1.2,
             zorder=3,
-        )
-        ax.annotate(
-            p["config"],
-            (p["time_s"], p["quality"]),
-            fontsize=7,
-            xytext=(4, 4),
-            textcoords="offset points",
         )
     front = sorted((p for p in points if p["config"] in frontier), key=lambda p: p["time_s"])
     if front:
@@ -289,17 +356,114 @@ def plot_pareto(results: dict, analysis: dict, path: Path) -> None:
             color="red",
             linewidth=1,
             drawstyle="steps-post",
-            label="Pareto frontier",
             zorder=2,
         )
-        ax.legend(fontsize=8)
     metric = results["target"]["metric"]
-    ax.set_xlabel("calibrated time to target (s); hollow: target missed, total time")
+    ax.set_xlabel("calibrated time to target (s); where the target was missed: total time")
     ax.set_ylabel(f"final {metric}")
     ax.set_title("time vs quality")
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
+    ax.margins(0.12)  # room inside the axes for the names beside the outermost points
+    handles = [
+        Line2D([], [], color=colours[n], marker=markers[n], linestyle="none", markersize=6)
+        for n in names
+    ]
+    handles.append(Line2D([], [], color="red", linewidth=1))
+    handles.append(
+        Line2D([], [], color="grey", marker="o", markerfacecolor="none", linestyle="none")
+    )
+    legend = _legend_below(fig, handles, labels, _legend_columns(labels, 8.0))
+    _fit_height(fig, legend, 4.6)
+    fig.set_layout_engine("none")  # freeze the layout: names are placed in pixels
+    # Named first: the baseline, then the frontier, then the rest, fastest first in each.
+    named = sorted(
+        points,
+        key=lambda p: (p["config"] != "baseline", p["config"] not in frontier, p["time_s"]),
+    )
+    areas = [{**p, "marker_area": 90.0 if p["config"] in frontier else 45.0} for p in points]
+    # Only the baseline's and the frontier's names may move away on a leader line: another
+    # name far from its point would be read as a neighbour's.
+    prominent = frontier | {"baseline"}
+    items = [(p["time_s"], p["quality"], p["config"], p["config"] in prominent) for p in named]
+    _place_labels(fig, ax, items, areas)
     fig.savefig(path, dpi=120)
+    return fig
+
+
+#: Where a point's name may go: (dx, dy) in points from the point, and the text's alignment.
+#: Beside it first, then further out with a leader line; above/below it, it starts at the
+#: point or ends there.
+_LABEL_SPOTS = [
+    (dx * r, dy * r, ha, va)
+    for r in (1.0, 2.5, 4.0)
+    for dx, dy, ha, va in (
+        (6, 5, "left", "bottom"),
+        (6, -5, "left", "top"),
+        (-6, 5, "right", "bottom"),
+        (-6, -5, "right", "top"),
+        (0, 9, "center", "bottom"),
+        (0, -9, "center", "top"),
+        (2, 9, "left", "bottom"),
+        (2, -9, "left", "top"),
+        (-2, 9, "right", "bottom"),
+        (-2, -9, "right", "top"),
+        (9, 0, "left", "center"),
+        (-9, 0, "right", "center"),
+    )
+]
+
+
+def _place_labels(
+    fig: Any, ax: Any, items: list[tuple[float, float, str, bool]], points: list[dict]
+) -> list[Any]:
+    """Annotate each ``(x, y, text, may_move_away)`` at the first spot where its box stays
+    inside the axes and overlaps no earlier label and no marker (only beside the point unless
+    it may move away); a name that fits nowhere is left to the legend. Returns the
+    annotations made."""
+    renderer = fig.canvas.get_renderer()
+    inside = ax.get_window_extent(renderer)
+    taken = []
+    for p in points:  # each marker's box: half its width (sqrt of its area) and its edge
+        radius = (math.sqrt(p.get("marker_area", 90.0)) / 2 + 2) * fig.dpi / 72
+        x, y = ax.transData.transform((p["time_s"], p["quality"]))
+        taken.append((x - radius, y - radius, x + radius, y + radius))
+    made = []
+    for x, y, text, may_move_away in items:
+        for dx, dy, ha, va in _LABEL_SPOTS:
+            far = abs(dx) > 10 or abs(dy) > 10
+            if far and not may_move_away:
+                continue
+            note = ax.annotate(
+                text,
+                (x, y),
+                xytext=(dx, dy),
+                textcoords="offset points",
+                fontsize=7.5,
+                ha=ha,
+                va=va,
+                # A pale backing keeps the name readable where it crosses a line or grid.
+                bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.75},
+                arrowprops={"arrowstyle": "-", "color": "0.5", "lw": 0.6} if far else None,
+                zorder=4,
+            )
+            box = note.get_window_extent(renderer)
+            bounds = (box.x0, box.y0, box.x1, box.y1)
+            fits = (
+                box.x0 >= inside.x0
+                and box.x1 <= inside.x1
+                and box.y0 >= inside.y0
+                and box.y1 <= inside.y1
+            )
+            if fits and not any(_overlap(bounds, other) for other in taken):
+                taken.append(bounds)
+                made.append(note)
+                break
+            note.remove()
+    return made
+
+
+def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
 def plot_interactions(analysis: dict, path: Path) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 __all__ = [
     "average_rows",
+    "density_ticks",
     "format_spread",
     "markdown_table",
     "mean_spread",
@@ -91,15 +92,19 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_accuracy_vs_density(rows: list[dict], path: Path, title: str = "") -> None:
-    """Test accuracy against density (log scale, dense on the left), ticket and controls."""
-    import matplotlib
+def plot_accuracy_vs_density(rows: list[dict], path: Path, title: str = "") -> Any:
+    """Test accuracy against density (log scale, dense on the left), ticket and controls.
+    Returns the figure (saved to ``path``)."""
+    # A Figure on the Agg canvas: no display needed, and no pyplot state (nor backend switch)
+    # left behind in the caller's process.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    series = sorted({k for row in rows for k in row["accuracy"]}, key=lambda k: k != "ticket")
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    # The ticket first, then the controls by name: the same colours in every plot.
+    series = sorted({k for row in rows for k in row["accuracy"]}, key=lambda k: (k != "ticket", k))
     for name in series:
         points = [(r["density"], r["accuracy"].get(name)) for r in rows]
         points = [(d, a) for d, a in points if a is not None]
@@ -107,15 +112,51 @@ def plot_accuracy_vs_density(rows: list[dict], path: Path, title: str = "") -> N
             xs, ys = zip(*points, strict=True)
             ax.plot(xs, ys, marker="o", label=name, linewidth=2 if name == "ticket" else 1)
     ax.set_xscale("log")
+    _density_ticks(ax, [r["density"] for r in rows])
     ax.invert_xaxis()
-    ax.set_xlabel("density (fraction of weights remaining)")
+    ax.set_xlabel("density: % of weights remaining (log scale)")
     ax.set_ylabel("test accuracy")
     ax.set_title(title or "IMP: ticket vs controls")
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def density_ticks(densities: list[float], max_ticks: int = 8) -> list[float]:
+    """The densities to mark on a log axis: the measured ones (IMP's are evenly spaced there),
+    thinned from the dense end so that neighbours are at least 1/``max_ticks`` of the span
+    apart and their labels never run into each other."""
+    import math
+
+    points = sorted({d for d in densities if d > 0}, reverse=True)
+    if len(points) < 2:
+        return points
+    span = math.log10(points[0] / points[-1])
+    kept = [points[0]]
+    for density in points[1:]:
+        if math.log10(kept[-1] / density) >= span / max_ticks - 1e-12:
+            kept.append(density)
+    if kept[-1] != points[-1]:  # always mark the sparsest level, in place of its neighbour
+        if len(kept) > 1 and math.log10(kept[-1] / points[-1]) < span / max_ticks:
+            kept.pop()
+        kept.append(points[-1])
+    return kept
+
+
+def _density_ticks(ax: Any, densities: list[float]) -> None:
+    """Ticks at the measured densities labelled as plain percentages (``51.2%``), instead of
+    matplotlib's log-axis defaults (``9x10^-1`` minor labels, or a single major tick)."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
+
+    ticks = density_ticks(densities)
+    if not ticks:
+        return
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{100 * x:.3g}%"))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def write_reports(out_dir: Path, rows: list[dict], settings: Any = None) -> None:

@@ -26,6 +26,8 @@ PyTorch loop; the Algorithm class is a thin scheduler around it.
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -37,7 +39,15 @@ if TYPE_CHECKING:
     from speedup.state import State
     from speedup.time import Time
 
-__all__ = ["Access", "Algorithm", "Declaration", "STATE_FIELDS", "check_field"]
+__all__ = [
+    "Access",
+    "Algorithm",
+    "Declaration",
+    "SEARCH_TYPES",
+    "STATE_FIELDS",
+    "check_field",
+    "check_search_space",
+]
 
 #: The state fields an algorithm may declare. ``batch.<key>`` names any batch key.
 STATE_FIELDS: dict[str, str] = {
@@ -127,6 +137,62 @@ class Declaration:
         return access.writes if access else frozenset()
 
 
+#: The kinds of searchable argument (``speedup tune``), as Optuna's ``suggest_*`` know them.
+SEARCH_TYPES = ("float", "int", "categorical")
+_SEARCH_KEYS = {"type", "low", "high", "log", "choices", "unit"}
+_TIME_UNITS = ("ep", "ba", "sp", "tok", "dur")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_search_space(cls: type, space: Mapping[str, Mapping[str, Any]]) -> dict[str, dict]:
+    """``space`` validated against ``cls``'s constructor, as plain dicts; ValueError naming the
+    algorithm, the argument and what is allowed otherwise.
+
+    Each entry is ``{type: float|int, low, high, log}`` or ``{type: categorical, choices}``;
+    ``unit`` (a Time unit such as ``dur``) turns a sampled number into a Time string, for
+    schedule arguments (``delay: {type: float, low: 0.2, high: 0.7, unit: dur}`` -> "0.45dur")."""
+    who = getattr(cls, "name", "") or cls.__name__
+    params = inspect.signature(cls.__init__).parameters
+    accepted = [n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL,)]
+    out: dict[str, dict] = {}
+    for arg, spec in dict(space).items():
+        where = f"{who}.SEARCH_SPACE[{arg!r}]"
+        if arg not in accepted and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            raise ValueError(f"{where}: {who} has no argument {arg!r}; its arguments: {accepted}")
+        if not isinstance(spec, Mapping):
+            raise ValueError(f"{where}: expected a mapping such as {{type: float, low, high}}")
+        spec = dict(spec)
+        unknown = sorted(set(spec) - _SEARCH_KEYS)
+        if unknown:
+            allowed = sorted(_SEARCH_KEYS)
+            raise ValueError(f"{where}: unknown key {unknown[0]!r}; allowed: {allowed}")
+        kind = spec.get("type")
+        if kind not in SEARCH_TYPES:
+            allowed = ", ".join(SEARCH_TYPES)
+            raise ValueError(f"{where}: type must be one of {allowed}, got {kind!r}")
+        if kind == "categorical":
+            choices = spec.get("choices")
+            if not isinstance(choices, (list, tuple)) or not choices:
+                raise ValueError(f"{where}: categorical needs a non-empty list of choices")
+            spec["choices"] = list(choices)
+        else:
+            low, high = spec.get("low"), spec.get("high")
+            if not (_number(low) and _number(high) and low < high):
+                raise ValueError(f"{where}: needs numbers low < high, got low={low}, high={high}")
+            if kind == "int" and not (float(low).is_integer() and float(high).is_integer()):
+                raise ValueError(f"{where}: an int range needs whole-number bounds")
+            spec["log"] = bool(spec.get("log", False))
+            if spec["log"] and low <= 0:
+                raise ValueError(f"{where}: a log range needs low > 0, got {low}")
+        if "unit" in spec and spec["unit"] not in _TIME_UNITS:
+            raise ValueError(f"{where}: unit must be one of {', '.join(_TIME_UNITS)}")
+        out[arg] = spec
+    return out
+
+
 class Algorithm:
     """Base class of every speedup. Subclasses set ``name`` and implement ``declare``/``apply``.
 
@@ -136,6 +202,17 @@ class Algorithm:
     """
 
     name: ClassVar[str] = ""
+    #: The arguments worth searching and their ranges, for ``speedup tune`` (data, validated by
+    #: :meth:`search_space`). None: not offered to the tuner; ``{}``: offered with its
+    #: defaults only (an on/off choice).
+    SEARCH_SPACE: ClassVar[Mapping[str, Mapping[str, Any]] | None] = None
+
+    @classmethod
+    def search_space(cls) -> dict[str, dict] | None:
+        """:attr:`SEARCH_SPACE`, validated (:func:`check_search_space`); None if undeclared."""
+        if cls.SEARCH_SPACE is None:
+            return None
+        return check_search_space(cls, cls.SEARCH_SPACE)
 
     def declare(self) -> Declaration:
         raise NotImplementedError(f"{type(self).__name__} must declare what it does")

@@ -705,7 +705,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         smoke=args.smoke,
         metric=metric,
         target_value=target_value,
-        trials=args.trials or (3 if args.smoke else 20),
+        trials=args.trials if args.trials is not None else (3 if args.smoke else 20),
         parallel=args.parallel,
         storage=args.storage,
         budget_low=args.min_budget,

@@ -123,8 +123,9 @@ REFERENCE: dict[str, tuple[str, str]] = {
         "mapping",
         (
             "`name`: constant, linear (`start_factor`, `end_factor`), cosine (`alpha_f`), step "
-            "(`step_size`, `gamma`), multistep (`milestones`, `gamma`); `warmup` (a Time) and "
-            "`scale_warmup` for all"
+            "(`step_size`, `gamma`), multistep (`milestones`, `gamma`), wsd (`decay`, `shape`: "
+            "linear or sqrt, `final_factor`; warmup-stable-decay, Hägele et al. 2024); `warmup` "
+            "(a Time) and `scale_warmup` for all"
         ),
     ),
     "algorithms": ("mapping", "algorithm name -> its arguments (`{}` for defaults)"),
@@ -184,8 +185,8 @@ REFERENCE: dict[str, tuple[str, str]] = {
     "nonfinite": (
         "str",
         (
-            "a NaN/Inf training loss `stop`s the run before the optimizer step (exit 1, naming "
-            "the step), or `skip`s that batch"
+            "a NaN/Inf training loss or gradient `stop`s the run before the optimizer step "
+            "(exit 1, naming the step), or `skip`s that batch"
         ),
     ),
     "loggers": (
@@ -499,12 +500,13 @@ def check_arguments(
 
 
 def _check_duration(cfg: DictConfig, key: str, origin: dict[str, str], allow_dur: bool) -> None:
+    # Errors list the units this key accepts: dur (a fraction of max_duration) is not one of
+    # max_duration's.
+    units = [u for u in TimeUnit if allow_dur or u != TimeUnit.DURATION]
     try:
-        value = Time.parse(str(cfg[key]))
+        value = Time.parse(str(cfg[key]), units=units)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{origin.get(key, 'recipe')}: {key}: {err}") from None
-    if not allow_dur and value.unit == TimeUnit.DURATION:
-        raise ConfigError(f"{origin.get(key, 'recipe')}: {key}: cannot be in dur")
     if key == "max_duration" and value.value <= 0:
         raise ConfigError(f"{origin.get(key, 'recipe')}: {key}: must be > 0, got {value}")
 
@@ -669,7 +671,10 @@ def _validate_scheduler(cfg: DictConfig, src: Any) -> None:
         factor = SCHEDULES[name][0]
         kwargs = {k: v for k, v in scheduler.items() if k in schedule_arguments(name)}
         for frac in (0.0, 0.5, 1.0):  # the multiplier must be a finite number along the run
-            value = factor(frac, 0.0, **kwargs)
+            try:  # a schedule refuses values outside its range (wsd's shape, decay)
+                value = factor(frac, 0.0, **kwargs)
+            except ValueError as err:
+                raise ConfigError(f"{src('scheduler')}: {err}") from None
             if not math.isfinite(value):
                 raise ConfigError(
                     f"{src('scheduler')}: scheduler: {name} with {kwargs} gives an LR "

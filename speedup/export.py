@@ -11,6 +11,7 @@ as separate copies, since safetensors stores no aliasing.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,9 @@ def export_model(source: str | Path, out: str | Path | None = None, ema: bool = 
     path = out / WEIGHTS
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
+    # safetensors creates its file with mode 0600 whatever the umask; give it the mode every
+    # other file gets (0644 under the usual umask 022), so whoever may read the folder can load it.
+    os.chmod(tmp, 0o666 & ~_umask())
     tmp.replace(path)
     if meta.get("model_config") is not None:  # a Hugging Face config: from_pretrained(out)
         (out / "config.json").write_text(json.dumps(meta["model_config"], indent=2) + "\n")
@@ -110,6 +114,20 @@ def _plain_network_weights(
             algorithm.load_state_dict(saved)
         weights = algorithm.exported_weights(weights)
     return weights
+
+
+def _umask() -> int:
+    """The process's file-creation mask. Read from /proc where it is shown, so that no other
+    thread ever sees it changed; elsewhere set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _run_dir_of(checkpoint: Path) -> Path:

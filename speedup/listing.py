@@ -18,13 +18,14 @@ import ast
 import hashlib
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 from importlib.machinery import ModuleSpec
 from importlib.metadata import PackageNotFoundError, entry_points, version
 from pathlib import Path
 
-__all__ = ["listing"]
+__all__ = ["listing", "plain_text", "summary"]
 
 #: kind -> (registry variable, entry-point group, module that defines the registry)
 _REGISTRIES = {
@@ -40,8 +41,10 @@ class _SourceUnavailable(Exception):
 
 
 def listing(kind: str) -> list[tuple[str, str]]:
-    """``(name, first line of its docstring)`` for every registered ``kind``, sorted as the
-    registry sorts them (recipes, optimizers and schedules have their own order)."""
+    """``(name, summary)`` for every registered ``kind``, sorted as the registry sorts them
+    (recipes, optimizers and schedules have their own order). The summary is the first
+    sentence of the docstring (of a recipe: of its header comment) as plain text, whole
+    however long: :func:`summary`."""
     if kind == "recipes":
         return _recipes()
     if kind == "optimizers":
@@ -132,9 +135,80 @@ def _parse(fullname: str) -> ast.Module:
         raise _SourceUnavailable(fullname) from err
 
 
-def _first_line(doc: str | None) -> str:
-    doc = (doc or "").strip()
-    return doc.splitlines()[0] if doc else ""
+# Inline reStructuredText, in the order it must be matched: a literal first (its content is
+# never re-read, so ``*.JPEG`` inside one stays), then roles, links, strong, emphasis, interpreted.
+_INLINE_RST = re.compile(
+    r"``(?P<literal>.+?)``"
+    r"|:(?P<rolename>[\w:.+-]+):`(?P<role>[^`]+)`"
+    r"|`(?P<link>[^`<]+?)\s*(?:<[^`>]*>)?`__?"
+    r"|\*\*(?P<strong>[^*]+?)\*\*"
+    r"|(?<![\w*/\\])\*(?P<emphasis>[^*\s](?:[^*]*?[^*\s])?)\*(?![\w*])"
+    r"|`(?P<interpreted>[^`]+)`",
+    re.S,
+)
+# A sentence ends at . ! or ? (and any closing bracket or quote) before a space, except after
+# these abbreviations or a lone initial ("J. Frankle").
+_SENTENCE_END = re.compile(r"[.!?][)\]\"']*(?=\s)")
+_ABBREVIATIONS = frozenset(
+    {"e.g.", "i.e.", "al.", "cf.", "vs.", "fig.", "figs.", "eq.", "eqs.", "sec.", "no.", "approx."}
+)
+
+
+def _plain_inline(match: re.Match[str]) -> str:
+    kind = match.lastgroup
+    text = match.group(kind)
+    if kind == "role":  # :func:`~a.b.f` -> f(), :class:`text <target>` -> text
+        labelled = re.fullmatch(r"\s*(.*?)\s*<[^<>]*>\s*", text, flags=re.S)
+        if labelled:
+            return labelled.group(1)
+        name = text[1:].rpartition(".")[2] if text.startswith("~") else text
+        # Sphinx shows a function as f(); a terminal reader gets the same hint.
+        callable_role = match.group("rolename").rpartition(":")[2] in ("func", "meth")
+        return f"{name}()" if callable_role and not name.endswith(")") else name
+    return text
+
+
+def plain_text(rst: str) -> str:
+    """reStructuredText as a terminal shows it well: inline markup removed (````x````,
+    ``:func:`~m.f```, ``**x**``, ``*x*``, ```text <url>`_``), a paragraph's closing ``::``
+    turned into ``:``, and ``..`` directives and comments dropped with their indented body.
+    Line breaks and indentation are kept."""
+    lines: list[str] = []
+    skipping_indent: int | None = None
+    for line in rst.splitlines():
+        indent = len(line) - len(line.lstrip())
+        if skipping_indent is not None:
+            if not line.strip() or indent > skipping_indent:
+                continue
+            skipping_indent = None
+        if line.lstrip().startswith(".. "):
+            skipping_indent = indent
+            continue
+        if line.strip() == "::":
+            continue
+        if line.rstrip().endswith("::"):
+            line = line.rstrip()[:-2].rstrip()
+            line = line + ":" if line and line[-1].isalnum() else line
+        lines.append(_INLINE_RST.sub(_plain_inline, line))
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return "\n".join(lines)
+
+
+def summary(doc: str | None) -> str:
+    """The first sentence of a docstring's first paragraph, as plain text on one line (a
+    paragraph without a sentence end is taken whole): what ``speedup list`` shows."""
+    text = (doc or "").strip()
+    if not text:
+        return ""
+    paragraph = re.split(r"\n\s*\n", text, maxsplit=1)[0]
+    flat = " ".join(plain_text(paragraph).split())
+    for end in _SENTENCE_END.finditer(flat):
+        word = flat[: end.end()].rsplit(None, 1)[-1].lstrip("([\"'")
+        if word.lower() in _ABBREVIATIONS or re.fullmatch(r"[A-Z]\.", word):
+            continue
+        return flat[: end.end()]
+    return flat
 
 
 def _definitions(tree: ast.Module) -> Iterator[ast.ClassDef | ast.FunctionDef]:
@@ -200,7 +274,7 @@ def _registered(variable: str, home: str) -> dict[str, str]:
             for decorator in node.decorator_list:
                 name = _registered_name(decorator, variable)
                 if name is not None:
-                    found[name] = _first_line(ast.get_docstring(node, clean=False))
+                    found[name] = summary(ast.get_docstring(node, clean=False))
         is_package = spec.submodule_search_locations is not None
         pending += _imported_modules(tree, fullname, is_package)
     return found
@@ -215,8 +289,8 @@ def _entry_point_summary(ep: object) -> str:
         except _SourceUnavailable:
             nodes = []
         if nodes:  # the last definition is the one the module leaves bound
-            return _first_line(ast.get_docstring(nodes[-1], clean=False))
-    return _first_line(getattr(ep.load(), "__doc__", None))  # type: ignore[attr-defined]
+            return summary(ast.get_docstring(nodes[-1], clean=False))
+    return summary(getattr(ep.load(), "__doc__", None))  # type: ignore[attr-defined]
 
 
 def _imported_listing(kind: str) -> list[tuple[str, str]]:
@@ -232,7 +306,7 @@ def _imported_listing(kind: str) -> list[tuple[str, str]]:
     rows = []
     for name in registry.names():
         try:
-            rows.append((name, _first_line(getattr(registry.get(name), "__doc__", None))))
+            rows.append((name, summary(getattr(registry.get(name), "__doc__", None))))
         except Exception as err:  # a broken plugin: warn once, list the rest
             warn_broken_plugin(registry.entry_point(name) or name, err)
     return rows
@@ -242,7 +316,7 @@ def _imported_listing(kind: str) -> list[tuple[str, str]]:
 
 
 def _recipes() -> list[tuple[str, str]]:
-    """Shipped recipes and their first comment line (``speedup.config.recipe_names()``)."""
+    """Shipped recipes (``speedup.config.recipe_names()``) and their headers' first sentence."""
     spec = _find_spec("speedup.recipes")
     folders = list(spec.submodule_search_locations or []) if spec is not None else []
     if folders:
@@ -251,12 +325,18 @@ def _recipes() -> list[tuple[str, str]]:
         from speedup.config import recipe_names, resolve_recipe
 
         paths = [resolve_recipe(name) for name in recipe_names()]
-    rows = []
-    for path in paths:
-        text = path.read_text(encoding="utf-8")
-        first = next((ln[1:].strip() for ln in text.splitlines() if ln.startswith("#")), "")
-        rows.append((path.stem, first))
-    return rows
+    return [(path.stem, _recipe_summary(path.read_text(encoding="utf-8"))) for path in paths]
+
+
+def _recipe_summary(text: str) -> str:
+    """The first sentence of a recipe's leading comment block (its header)."""
+    header: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("#"):
+            header.append(line[1:].strip())
+        elif header or line.strip():  # the block ends at its first other line
+            break
+    return summary("\n".join(header))
 
 
 def _schedule_names() -> list[str]:

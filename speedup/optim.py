@@ -141,11 +141,56 @@ def _cosine(frac: float, step: float, alpha_f: float = 0.0) -> float:
     return alpha_f + (1 - alpha_f) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
+#: Cooldown shapes of the warmup-stable-decay schedule: the share of the peak left at
+#: position ``p`` in [0, 1] of the cooldown (before the final factor is mixed in).
+WSD_SHAPES: dict[str, Callable[[float], float]] = {
+    "linear": lambda p: 1.0 - p,
+    "sqrt": lambda p: 1.0 - math.sqrt(p),  # "1-sqrt", the better of the two in Hägele et al.
+}
+
+
+def _wsd(
+    frac: float, step: float, decay: float = 0.2, shape: str = "sqrt", final_factor: float = 0.0
+) -> float:
+    """Warmup-stable-decay (Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training
+    Beyond Fixed Training Durations", arXiv 2405.18392): the peak LR held constant,
+    then a cooldown over the last ``decay`` fraction of the *whole* run (warmup included, as in
+    the authors' ``wsd_schedule``) to ``final_factor`` of the peak, with shape ``linear`` or
+    ``sqrt`` (``1 - sqrt(p)``). Their finding, and these defaults: a cooldown of about 20% of
+    the steps matches or beats cosine, and ``1 - sqrt`` beats linear; their code defaults to
+    10% and linear. The warmup is the project's (``scheduler.warmup``, linear from
+    ``1/warmup``), where theirs starts at lr/100."""
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < decay <= 1.0:
+        raise ValueError(
+            f"scheduler.decay: the cooldown's share of the run, in (0, 1]; got {decay!r}"
+        )
+    if shape not in WSD_SHAPES:
+        raise ValueError(
+            f"scheduler.shape: unknown cooldown shape {shape!r}; allowed: {', '.join(WSD_SHAPES)}"
+        )
+    if (
+        isinstance(final_factor, bool)
+        or not isinstance(final_factor, (int, float))
+        or not (0.0 <= final_factor <= 1.0)
+    ):
+        raise ValueError(
+            f"scheduler.final_factor: the LR at the end as a share of the peak, in [0, 1]; "
+            f"got {final_factor!r}"
+        )
+    # Rounded so that the run's last step lands exactly on the final factor (float noise
+    # in frac - (1 - decay) would leave it a hair above).
+    into_cooldown = round((frac - (1.0 - decay)) / decay, 12)
+    if into_cooldown <= 0.0:
+        return 1.0
+    return final_factor + (1.0 - final_factor) * WSD_SHAPES[shape](min(1.0, into_cooldown))
+
+
 #: name -> (factor function, the Time-valued arguments it takes)
 SCHEDULES: dict[str, tuple[Callable[..., float], tuple[str, ...]]] = {
     "constant": (_constant, ()),
     "linear": (_linear, ()),
     "cosine": (_cosine, ()),
+    "wsd": (_wsd, ()),
     "step": (None, ("step_size",)),  # type: ignore[dict-item]
     "multistep": (None, ("milestones",)),  # type: ignore[dict-item]
 }
@@ -236,6 +281,8 @@ class _Schedule:
             return warm * self.gamma ** math.floor(step / self.step_size)
         if self.name == "multistep":
             return warm * self.gamma ** sum(step >= m for m in self.milestones)
+        if self.name == "wsd":  # its cooldown is a share of the whole run: warmup does not
+            return warm * _wsd(frac, step, **self.kwargs)  # restart its clock (Hägele et al.)
         if self.warmup > 0:
             if step < self.warmup:
                 return warm

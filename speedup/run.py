@@ -323,10 +323,12 @@ def _finished_run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     """The summary of a run of this config that already finished in ``run_dir``, or None.
 
     Finished means: ``summary.json`` (written only at the end) is there, for this config, and
-    no checkpoint was written after the one it ended on. With ``resume=never`` or an explicit
-    checkpoint the user asked to train, so it is never finished; a longer ``max_duration`` is
-    another config, and continues from the last checkpoint."""
-    from speedup.checkpoint import list_checkpoints
+    the newest complete checkpoint is the one it ended on (none written since, and that one
+    intact: a damaged final checkpoint is redone from the one before, as any resume would).
+    With ``resume=never`` or an explicit checkpoint the user asked to train, so it is never
+    finished; a longer ``max_duration`` is another config, and continues from the last
+    checkpoint."""
+    from speedup.checkpoint import list_checkpoints, verified_latest
 
     if str(cfg.resume).strip() != "auto":
         return None
@@ -337,11 +339,13 @@ def _finished_run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     if not isinstance(summary, dict) or summary.get("config_hash") != config_hash(cfg):
         return None
     folder = Path(cfg.checkpoint.get("folder") or run_dir / "checkpoints")
-    written = list_checkpoints(folder)
     ended_on = summary.get("checkpoint")
-    if ended_on is None:
-        return summary if not written else None
-    if not written or os.path.realpath(written[-1]) != os.path.realpath(ended_on):
+    if ended_on is None:  # a run without checkpoints: finished unless some were written since
+        return summary if not list_checkpoints(folder) else None
+    with warnings.catch_warnings():  # a damaged one is reported where the run resumes
+        warnings.simplefilter("ignore")
+        newest = verified_latest(folder)
+    if newest is None or os.path.realpath(newest[0]) != os.path.realpath(ended_on):
         return None
     return summary
 

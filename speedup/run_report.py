@@ -5,8 +5,9 @@ or evaluation, with ``step`` and ``train_time_s`` in each) and ``summary.json``,
 on any run, finished or not, without torch. matplotlib is imported only to plot, and draws on
 the Agg canvas (no display, no pyplot global state).
 
-Which way is better for an eval metric is read from its name: losses, errors and perplexities
-are minimised, everything else (accuracy, F1, ...) is maximised.
+Which way is better for an eval metric is read from its name: losses, errors, perplexities
+and the like are minimised, everything else (accuracy, F1, ...) is maximised; the table says
+which way it took for each metric.
 """
 
 from __future__ import annotations
@@ -26,7 +27,32 @@ __all__ = [
     "read_metrics",
 ]
 
-_LOWER_IS_BETTER = re.compile(r"loss|error|err\b|perplexity|ppl|nll|mse|mae|rmse|wer|cer")
+# Words of a metric's name (split at anything not a letter or digit) that make it a cost: whole
+# words, so that "answer_accuracy" is not a word error rate nor "lossless_acc" a loss.
+_LOWER_IS_BETTER = frozenset(
+    {
+        "loss",
+        "losses",
+        "error",
+        "errors",
+        "err",
+        "perplexity",
+        "ppl",
+        "nll",
+        "ce",
+        "entropy",
+        "mse",
+        "mae",
+        "rmse",
+        "wer",
+        "cer",
+        "bpb",
+        "bpc",
+        "bits",
+        "kl",
+        "distance",
+    }
+)
 _RULE = "-" * 64
 
 
@@ -55,8 +81,11 @@ def _number(value: Any) -> float | None:
 
 
 def lower_is_better(metric: str) -> bool:
-    """True for losses, errors and perplexities (by name); False for accuracy and the like."""
-    return bool(_LOWER_IS_BETTER.search(metric.lower()))
+    """True for losses, errors, perplexities and other costs (a word of the name says so:
+    ``loss``, ``top1_error``, ``perplexity``, ``cross_entropy``, ``bpb``...); False for
+    accuracy and the like."""
+    words = re.split(r"[^a-z0-9]+", metric.lower())
+    return any(word in _LOWER_IS_BETTER for word in words)
 
 
 def eval_history(records: list[dict[str, Any]]) -> dict[str, list[tuple[int, float, float]]]:
@@ -136,14 +165,17 @@ def format_run_summary(summary: dict[str, Any], records: list[dict[str, Any]] | 
     names = sorted(set(final) | set(best))
     if names:
         width = min(max(12, *(len(n) for n in names)), 30)
-        lines.append(f"{'eval metric'.ljust(width)}  {'final':>12}  {'best':>12}  at step")
+        lines.append(f"{'eval metric'.ljust(width)}  {'final':>12}  {'best':>12}        at step")
         for name in names:
             value = _number(final.get(name))
             best_value, best_step = best.get(name, (None, None))
             at = "" if best_step is None else str(best_step)
+            # Which way "best" went, so a reader can check it: min for costs, max otherwise.
+            way = "(min)" if lower_is_better(name) else "(max)"
             lines.append(
                 f"{name[:width].ljust(width)}  {format_value(value):>12}  "
-                f"{format_value(best_value):>12}  {at}".rstrip()
+                f"{format_value(best_value):>12} {way if best_step is not None else '':5}  "
+                f"{at}".rstrip()
             )
     else:
         lines.append("eval metric  (no eval data)")

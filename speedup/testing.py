@@ -288,6 +288,7 @@ def check_algorithm(
     companions: Sequence[AlgorithmSpec] = (),
     seed: int = 0,
     precision: str = "fp32",
+    scheduler: Mapping[str, Any] | None = None,
 ) -> ConformanceReport:
     """Train ``algorithm`` on a tiny workload and check the contract (see the module doc).
 
@@ -296,7 +297,8 @@ def check_algorithm(
     pruner): instances, classes, names or ``(name_or_class, kwargs)`` pairs; they run in
     every run but are not themselves the subject. ``workload`` is a :class:`Workload` or a
     name in :data:`WORKLOADS`; by default the first that every declaration applies to.
-    ``precision`` is the trainer's (``bf16`` runs under CPU autocast).
+    ``precision`` is the trainer's (``bf16`` runs under CPU autocast). ``scheduler`` is the
+    LR schedule spec (default cosine; ``{"name": "constant"}`` for algorithms that replace it).
     Raises :class:`ConformanceError` on the first failed check; returns a report otherwise.
     """
     started = time.perf_counter()
@@ -342,7 +344,7 @@ def check_algorithm(
                 f"{steps}ba",
                 eval_dataloader=TensorBatchLoader(evaluation, 2 * chosen.batch_size),
                 optimizer=dict(chosen.optimizer),
-                scheduler={"name": "cosine"},
+                scheduler=dict(scheduler) if scheduler is not None else {"name": "cosine"},
                 algorithms=algorithms,
                 callbacks=callbacks,
                 eval_interval=f"{resume_at}ba",

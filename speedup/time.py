@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import Any
@@ -57,9 +58,16 @@ class Time:
             object.__setattr__(self, "value", int(self.value))
 
     @classmethod
-    def parse(cls, text: str | Time) -> Time:
-        """Parse ``"90ep"``, ``"500ba"``, ``"0.3dur"``, ``"2e9tok"``; a Time passes through."""
+    def parse(cls, text: str | Time, units: Iterable[TimeUnit | str] | None = None) -> Time:
+        """Parse ``"90ep"``, ``"500ba"``, ``"0.3dur"``, ``"2e9tok"``; a Time passes through.
+
+        ``units`` restricts the units accepted where some make no sense (``max_duration``
+        cannot be in ``dur``, the fraction of itself); errors then list only those."""
+        allowed = list(TimeUnit) if units is None else [TimeUnit(u) for u in units]
+        listed = ", ".join(u.value for u in allowed)
         if isinstance(text, Time):
+            if text.unit not in allowed:
+                raise ValueError(f"{text}: cannot be in {text.unit.value}; units: {listed}")
             return text
         if not isinstance(text, str):
             raise TypeError(f"expected a duration string such as '10ep', got {text!r}")
@@ -67,13 +75,21 @@ class Time:
             raise ValueError(f"duration {text!r} is negative; durations are >= 0")
         match = _PATTERN.match(text)
         if not match:
+            examples = [
+                e
+                for e in ("10ep", "500ba", "0.25dur")
+                if TimeUnit(e.lstrip("0123456789.")) in allowed
+            ]
+            shown = ", ".join(repr(e) for e in examples)
             raise ValueError(
-                f"malformed duration {text!r}: expected <number><unit>, e.g. '10ep', "
-                f"'500ba', '0.25dur'; units: {_UNITS}"
+                f"malformed duration {text!r}: expected <number><unit>"
+                f"{', e.g. ' + shown if shown else ''}; units: {listed}"
             )
         number, unit = match.groups()
         if unit not in {u.value for u in TimeUnit}:
-            raise ValueError(f"unknown time unit {unit!r} in {text!r}; units: {_UNITS}")
+            raise ValueError(f"unknown time unit {unit!r} in {text!r}; units: {listed}")
+        if TimeUnit(unit) not in allowed:
+            raise ValueError(f"{text!r}: cannot be in {unit}; units: {listed}")
         value = float(number)
         if TimeUnit(unit) in _INTEGRAL and not value.is_integer():
             raise ValueError(f"{text!r}: {unit} must be a whole number")

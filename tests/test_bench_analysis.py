@@ -7,8 +7,11 @@ import pytest
 from speedup.benchmarks.analysis import (
     analyze,
     bootstrap_ci,
+    cost_draws,
+    integrated_cost,
     interaction,
     pareto_frontier,
+    period_mean,
     speedup,
     time_to_target,
 )
@@ -223,3 +226,97 @@ def test_analyze_single_seed_missing_flops_and_lower_is_better():
     assert out["configs"]["a"]["final_quality"]["mean"] == pytest.approx(0.12)
     # "a" is faster, the baseline ends at a lower loss (0.10 vs 0.12): both on the frontier.
     assert out["pareto"]["frontier"] == ["a", "baseline"]
+
+
+# A planted progressive-resizing-like schedule: cost 0.25 early, 0.6 mid-run, 1.0 late,
+# measured at 10%, 50% and 90% of a 100-step run.
+PLANTED = [[0.1, 0.25], [0.5, 0.6], [0.9, 1.0]]
+
+
+def test_cost_integration_on_a_planted_schedule():
+    # By hand, piecewise linear between (10, 0.25), (50, 0.6), (90, 1.0), flat outside:
+    # 0..10: 0.25 x 10 = 2.5; 10..50: (0.25 + 0.6) / 2 x 40 = 17; 50..70: c(70) = 0.8,
+    # (0.6 + 0.8) / 2 x 20 = 14. Total 33.5.
+    assert integrated_cost(PLANTED, 100, 70) == pytest.approx(33.5)
+    # The whole run adds 70..90: (0.8 + 1.0) / 2 x 20 = 18 and 90..100: 10.
+    assert integrated_cost(PLANTED, 100, 100) == pytest.approx(61.5)
+    assert integrated_cost(PLANTED, 100, 5) == pytest.approx(1.25)  # before the first point
+    assert integrated_cost(list(reversed(PLANTED)), 100, 70) == pytest.approx(33.5)
+    assert integrated_cost([[0.5, 0.7]], 100, 40) == pytest.approx(28.0)  # constant: c x steps
+    assert integrated_cost(PLANTED, 100, 0) == 0.0
+    assert math.isinf(integrated_cost(PLANTED, 100, None))
+    with pytest.raises(ValueError, match="empty"):
+        integrated_cost([], 100, 10)
+
+
+def test_analyze_integrates_the_profile_up_to_the_crossing():
+    results = synthetic_results(
+        {"baseline": [70, 70], "a": [70, 70]}, FINALS, {"baseline": 1.0, "a": 0.615}
+    )
+    for run in results["runs"]:
+        run["steps"] = 100
+    results["step_cost_profile"] = {"a": {"total_steps": 100, "points": PLANTED}}
+    out = analyze(results)
+    a = out["configs"]["a"]
+    # 33.5 cost-steps to the crossing at step 70 x 0.1 s per baseline step; the whole-run
+    # average (0.615 x 70 = 43.05 cost-steps) would overcharge the cheap early phase.
+    assert a["calibrated_time_to_target_s"]["values"] == pytest.approx([3.35, 3.35])
+    assert a["calibrated_train_time_s"]["mean"] == pytest.approx(6.15)
+    assert a["speedup_calibrated"]["point"] == pytest.approx(70 / 33.5)
+    # Without the profile the old whole-run average applies.
+    del results["step_cost_profile"]
+    flat = analyze(results)["configs"]["a"]
+    assert flat["calibrated_time_to_target_s"]["mean"] == pytest.approx(0.615 * 70 * 0.1)
+
+
+def test_period_mean_counts_a_periodic_cost_the_median_misses():
+    # A step ten times dearer every 10th step (SAM at interval 10), three periods.
+    durations = ([1.0] * 9 + [10.0]) * 3
+    assert float(np.median(durations)) == 1.0  # the median never sees it
+    assert period_mean(durations, 10) == pytest.approx(1.9)  # (9 x 1 + 10) / 10
+    # A trailing partial period is dropped, not averaged in.
+    assert period_mean(durations + [1.0] * 5, 10) == pytest.approx(1.9)
+    # A load spike in one period moves only that period's mean: the median over periods holds.
+    spiked = list(durations)
+    spiked[3] = 50.0
+    assert period_mean(spiked, 10) == pytest.approx(1.9)
+    assert period_mean([3.0, 1.0, 2.0], 1) == 2.0  # period 1: the median step
+    with pytest.raises(ValueError, match="no whole period"):
+        period_mean([1.0] * 5, 10)
+
+
+def test_cost_draws_resample_the_timing_pairs():
+    profile = {"total_steps": 100, "points": [[0.5, 0.6]], "samples": [[0.5, 0.6, 0.9]]}
+    draws = cost_draws(profile, 50, n_resamples=500, seed=3)
+    # One point: each draw is the median of three resampled ratios over the measured median.
+    assert draws.shape == (500,)
+    assert set(np.round(draws, 12)) <= {round(r / 0.6, 12) for r in (0.5, 0.6, 0.9)}
+    assert len(set(np.round(draws, 12))) == 3
+    assert cost_draws({**profile, "samples": [[0.6]]}, 50) is None  # nothing to resample
+    assert cost_draws(profile, math.inf) is None
+
+
+def test_speedup_ci_carries_a_planted_cost_uncertainty():
+    # One seed each: without factors the interval has zero width.
+    assert speedup([10.0], [5.0]) == (2.0, 2.0, 2.0)
+    factors = np.array([0.5, 2.0] * 1000)
+    # Every resample is 10 / (5 x f): 4 or 1; the ends of the interval are those values.
+    assert speedup([10.0], [5.0], config_factors=factors) == (2.0, 1.0, 4.0)
+    with pytest.raises(ValueError, match="n_resamples"):
+        speedup([10.0], [5.0], config_factors=np.ones(3))
+
+
+def test_analyze_widens_the_calibrated_ci_with_the_timing_spread():
+    results = synthetic_results(
+        {"baseline": [70, 70, 70], "a": [70, 70, 70]}, FINALS, {"baseline": 1.0}, seeds=(1, 2, 3)
+    )
+    steady = {"total_steps": 200, "points": [[0.5, 0.5]], "samples": [[0.5, 0.5, 0.5]]}
+    noisy = {"total_steps": 200, "points": [[0.5, 0.5]], "samples": [[0.3, 0.5, 0.8]]}
+    results["step_cost_profile"] = {"a": steady}
+    tight = analyze(results)["configs"]["a"]["speedup_calibrated"]
+    results["step_cost_profile"] = {"a": noisy}
+    wide = analyze(results)["configs"]["a"]["speedup_calibrated"]
+    assert tight == {"point": 2.0, "low": 2.0, "high": 2.0}  # identical seeds, exact timing
+    assert wide["point"] == pytest.approx(2.0)
+    # The resampled medians are 0.3, 0.5 or 0.8: speedups 1/0.8 = 1.25 .. 1/0.3 = 3.33.
+    assert wide["low"] == pytest.approx(1.25) and wide["high"] == pytest.approx(1 / 0.3)

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from speedup.benchmarks.harness import configurations, load_suite
 
 from speedup.config import ConfigError
@@ -93,6 +94,12 @@ combinations: [singles, pairs]
     assert set(results["conflicts"]) == {"rewinding", "label_smoothing+rewinding"}
     assert [r["config"] for r in results["runs"]] == ["baseline", "label_smoothing"]
     assert set(results["step_cost"]) == {"baseline", "label_smoothing"}
+    [(fraction, cost)] = results["step_cost_profile"]["label_smoothing"]["points"]
+    # 4-step run, 2-step window at 0.5: it starts at step 1, measures steps 2-3 (middle 3).
+    assert fraction == pytest.approx(0.75) and cost > 0
+    assert results["step_cost"]["label_smoothing"] == pytest.approx(cost)
+    timing = json.loads((out / "timing.json").read_text())
+    assert timing["timing_key"] == results["timing_key"]
     run = results["runs"][1]
     assert run["steps"] == 4 and run["curve"][-1]["step"] == 4
     assert run["steps_to_target"] is None or 0 < run["steps_to_target"] <= 4
@@ -111,7 +118,15 @@ combinations: [singles, pairs]
 
 
 @pytest.mark.parametrize(
-    "name", ["shapes2d-named", "stdlib-gpt", "resnet50-imagenet", "gpt2-c4", "bert-c4"]
+    "name",
+    [
+        "shapes2d-named",
+        "stdlib-gpt",
+        "stdlib-gpt-speedrun",
+        "resnet50-imagenet",
+        "gpt2-c4",
+        "bert-c4",
+    ],
 )
 def test_shipped_suites_validate_with_and_without_smoke(name):
     suite = load_suite(name)
@@ -145,3 +160,124 @@ def test_parallel_sweep_runs_in_separate_processes_with_the_same_results(tmp_pat
         assert b["curve"][-1]["flops"] == a["curve"][-1]["flops"]
     logs = sorted(p.name for p in (tmp_path / "parallel" / "requests").glob("*.log"))
     assert len(logs) == len(parallel["runs"]) == 2
+
+
+PERIODIC = BASE + "algorithms: {label_smoothing: {alpha: 0.1}, sam: {interval: 10}}\n"
+
+
+def test_timing_windows_alternate_abba_after_a_discarded_warmup_pair(tmp_path, monkeypatch):
+    from speedup.benchmarks import harness
+
+    text = PERIODIC.replace("positions: [0.5]", "positions: [0.25, 0.75]").replace(
+        "repeats: 1", "repeats: 2"
+    )
+    suite = load_suite(str(write_suite(tmp_path, text)))
+    base_hash = harness.config_hash(harness._config(suite, [], 1, tmp_path))
+    calls = []
+    # Planted window costs: baseline 2 s/step; label smoothing 3 at 25%, 5 at 75% of the run.
+    planted = {0.25: 3.0, 0.75: 5.0}
+
+    def fake_window(cfg, position, steps, period=1):
+        arm = "B" if harness.config_hash(cfg) == base_hash else "C"
+        calls.append((arm, position, period))
+        cost = 2.0 if arm == "B" else planted[position]
+        return cost, position, 100
+
+    monkeypatch.setattr(harness, "_time_window_detail", fake_window)
+    timing = harness.measure_step_profiles(suite, [[], ["label_smoothing"], ["sam"]], tmp_path)
+    arms = "".join(arm for arm, _, _ in calls)
+    # Warm-up pair, then per configuration ABBA over positions x repeats.
+    assert arms == "BC" + "BCCBBCCB" + "BCCBBCCB"
+    profile = timing["step_cost_profile"]["label_smoothing"]
+    assert profile["points"] == [[0.25, 1.5], [0.75, 2.5]]
+    assert profile["samples"] == [[1.5, 1.5], [2.5, 2.5]]
+    # Run average of the piecewise-linear profile: 1.5 to 25, linear to 2.5 at 75, flat after.
+    assert timing["step_cost"]["label_smoothing"] == pytest.approx(
+        (25 * 1.5 + 50 * 2.0 + 25 * 2.5) / 100
+    )
+    assert timing["baseline_step_time_s"] == 2.0
+    # SAM every 10th step: its windows (and their baseline partners) span whole periods.
+    assert {period for arm, _, period in calls[10:]} == {10}
+    assert {period for arm, _, period in calls[2:10]} == {1}
+
+
+@pytest.mark.parametrize(
+    "algorithms, period, expected",
+    [
+        ("{sam: {interval: 10}, lookahead: {k: 4}}", None, 20),
+        ("{ema: {half_life: 100ba, update_interval: 20ba}}", None, 20),
+        ("{sam: {interval: 10}}", 3, 30),
+        ("{label_smoothing: {}}", None, 1),
+        ("{lookahead: {}}", None, 5),  # its default k
+    ],
+)
+def test_window_period_spans_every_periodic_algorithm(tmp_path, algorithms, period, expected):
+    from speedup.benchmarks.harness import window_period
+
+    text = BASE + f"algorithms: {algorithms}\n"
+    if period:
+        text = text.replace("positions: [0.5]", f"positions: [0.5], period: {period}")
+    suite = load_suite(str(write_suite(tmp_path, text)))
+    assert window_period(suite, list(suite.algorithms)) == expected
+
+
+@pytest.mark.parametrize(
+    "timing, needle",
+    [
+        ("{stesp: 2}", "timing.stesp: unknown key"),
+        ("{steps: 0}", "timing.steps: must be an integer >= 1"),
+        ("{period: 2.5}", "timing.period: must be an integer >= 1"),
+        ("{positions: [0.5, 1.5]}", "timing.positions: 1.5 is not a fraction"),
+    ],
+)
+def test_timing_settings_are_validated(tmp_path, timing, needle):
+    text = BASE.replace("timing: {steps: 2, repeats: 1, positions: [0.5]}", f"timing: {timing}")
+    text += "algorithms: {label_smoothing: {}}\n"
+    with pytest.raises(ConfigError, match=needle):
+        load_suite(str(write_suite(tmp_path, text)))
+
+
+def test_timing_json_of_another_suite_is_not_reused(tmp_path, monkeypatch, capsys):
+    from speedup.benchmarks import harness
+
+    measured = []
+
+    def fake_profiles(suite, configs, out):
+        measured.append(suite.algorithms["label_smoothing"]["alpha"])
+        return {"baseline_step_time_s": 0.5, "step_cost": {"baseline": 1.0}}
+
+    monkeypatch.setattr(harness, "measure_step_profiles", fake_profiles)
+    out = tmp_path / "out"
+    out.mkdir()
+    configs = [[], ["label_smoothing"]]
+    text = BASE + "algorithms: {label_smoothing: {alpha: 0.1}}\n"
+    first = load_suite(str(write_suite(tmp_path, text)))
+    timing = harness.load_or_measure_timing(first, configs, out)
+    saved = json.loads((out / "timing.json").read_text())
+    assert saved["timing_key"] == timing["timing_key"] == harness.timing_key(first, configs, out)
+    assert harness.load_or_measure_timing(first, configs, out) == timing
+    assert measured == [0.1]  # reused: same suite, same key
+    # Another suite (a different argument) writing into the same directory: measured again.
+    other = load_suite(str(write_suite(tmp_path, text.replace("0.1", "0.2"))))
+    assert harness.timing_key(other, configs, out) != timing["timing_key"]
+    harness.load_or_measure_timing(other, configs, out)
+    assert measured == [0.1, 0.2]
+    assert "measured for another suite" in capsys.readouterr().out
+    # A timing.json from before the key existed is measured again too.
+    (out / "timing.json").write_text(json.dumps({"baseline_step_time_s": 9.0}))
+    assert harness.load_or_measure_timing(other, configs, out)["baseline_step_time_s"] == 0.5
+    assert measured == [0.1, 0.2, 0.2]
+
+
+def test_overhead_pairs_alternate_abba(monkeypatch):
+    from speedup.benchmarks import overhead
+
+    calls = []
+    monkeypatch.setattr(overhead, "plain_loop", lambda net, loader, steps: calls.append("P") or 1.0)
+    monkeypatch.setattr(
+        overhead, "trainer_loop", lambda net, loader, steps, noops: calls.append("T") or 2.0
+    )
+    data = {"inputs": torch.zeros(8, 4), "targets": torch.zeros(8, dtype=torch.long)}
+    plain, framework = overhead.compare(lambda: torch.nn.Linear(4, 2), data, 4, 1, 4, 0)
+    assert "".join(calls) == "PT" + "TPPTTPPT"  # warm-up pair, then ABBA
+    assert (plain, framework) == (1.0, 2.0)

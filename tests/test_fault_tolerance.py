@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -82,53 +83,87 @@ def _training_started(run_dir: Path, launched: float) -> bool:
     return metrics.exists() and metrics.stat().st_mtime > launched
 
 
-def _writing(run_dir: Path) -> bool:
-    folder = run_dir / "checkpoints"
+_SAVED = re.compile(r"ep[0-9]+-ba[0-9]+")
+
+
+def _saved(run_dir: Path) -> set[str]:
+    """Names of the complete checkpoints: a write becomes visible only by the atomic rename
+    of its finished temporary directory."""
     try:
-        return any(entry.name.startswith(".tmp-") for entry in os.scandir(folder))
+        return {e.name for e in os.scandir(run_dir / "checkpoints") if _SAVED.fullmatch(e.name)}
+    except FileNotFoundError:
+        return set()
+
+
+def _writing(run_dir: Path, pid: int) -> bool:
+    """Whether process ``pid`` has a checkpoint write under way: its ``.tmp-NAME-PID``
+    directory (a leftover of an earlier killed process has another PID)."""
+    try:
+        folder = os.scandir(run_dir / "checkpoints")
     except FileNotFoundError:
         return False
+    with folder:
+        return any(e.name.startswith(".tmp-") and e.name.endswith(f"-{pid}") for e in folder)
+
+
+def _wait_for(condition, process: subprocess.Popen, what: str, poll: float) -> None:
+    """Poll ``condition`` while ``process`` runs. The deadline only stops a hung run from
+    hanging the suite; no timing is asserted."""
+    deadline = time.monotonic() + 600
+    while not condition():
+        if process.poll() is not None:
+            _, err = process.communicate()
+            pytest.fail(f"the run ended while waiting for {what} ({err[-2000:]})")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"no {what} in 600 s: the run looks hung")
+        time.sleep(poll)
 
 
 @pytest.mark.slow
 def test_sigkill_at_ten_seeded_moments_then_resume_matches(reference, tmp_path: Path) -> None:
+    # Moments are defined by the run's progress, not by time after launch: on a loaded
+    # machine a fixed delay can land every kill before the first checkpoint is complete, so
+    # that nothing is ever resumed. (Nor is metrics.jsonl a sign of training: a resumed run
+    # rewrites it while starting up.)
     rng = random.Random(20261121)
     run_dir = tmp_path / "killed"
     mid_write_kills = 0
     for moment in range(10):
+        saved_before = _saved(run_dir)
         process = launch(run_dir)
-        launched = time.time()
         if moment == 0:  # during start-up, before anything is written
             time.sleep(rng.uniform(0.2, 1.0))
-        else:
-            while not _training_started(run_dir, launched) and process.poll() is None:
-                time.sleep(0.01)
-            if moment % 3 == 2:  # the moment a checkpoint write is under way
-                deadline = time.time() + 20
-                while not _writing(run_dir) and process.poll() is None and time.time() < deadline:
-                    time.sleep(0.0005)
-            else:
-                time.sleep(rng.uniform(0.0, 1.5))
+        elif moment % 3 == 2:  # the moment a checkpoint write of this process is under way
+            writes = lambda pid=process.pid: _writing(run_dir, pid)  # noqa: E731
+            _wait_for(writes, process, "checkpoint write", 0.0005)
+        else:  # some time after this process completed a checkpoint (mid-step, mid-write...)
+            saves = lambda before=saved_before: _saved(run_dir) - before  # noqa: E731
+            _wait_for(saves, process, "new checkpoint", 0.005)
+            # Up to a few checkpoint intervals more; short enough that ten moments stay well
+            # within the 120 steps on a fast machine (the run must not finish before a kill).
+            time.sleep(rng.uniform(0.0, 1.0))
         if process.poll() is not None:
             _, err = process.communicate()
             pytest.fail(f"moment {moment}: the run ended before the kill ({err[-2000:]})")
-        writing = _writing(run_dir)
+        writing = _writing(run_dir, process.pid)
         process.send_signal(signal.SIGKILL)
         process.communicate()
         assert process.returncode == -signal.SIGKILL
-        mid_write_kills += (
-            writing
-            and (run_dir / "checkpoints").exists()
-            and any(p.name.startswith(".tmp-") for p in (run_dir / "checkpoints").iterdir())
-        )
+        # Still there after the kill: the write was cut short, not finished just before it.
+        mid_write_kills += writing and _writing(run_dir, process.pid)
         latest = find_latest(run_dir / "checkpoints")  # never raises; damaged ones skipped
+        if moment != 0 and moment % 3 != 2:
+            assert latest is not None, f"moment {moment}: the checkpoint it saved is not found"
         if latest is not None:
             read_checkpoint(latest)  # what resume=auto picks is complete and loadable
     assert mid_write_kills >= 1  # at least one kill left a half-written checkpoint behind
 
+    latest = find_latest(run_dir / "checkpoints")
+    assert latest is not None
     done = finish(run_dir)
     assert done.returncode == 0, done.stderr
-    assert "resuming from" in done.stderr
+    assert f"resuming from {latest}" in done.stderr
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]
     assert_same(final_weights(run_dir), reference)
 

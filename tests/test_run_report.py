@@ -163,8 +163,9 @@ def test_end_of_run_table_shows_the_best_evaluation(dense_run):
     best_loss = min(evals, key=lambda r: (r["eval/loss"], r["step"]))
     best_acc = max(evals, key=lambda r: (r["eval/accuracy"], -r["step"]))
     rows = {line.split()[0]: line.split() for line in out.splitlines()}
-    assert rows["loss"][2:] == [format_value(best_loss["eval/loss"]), str(best_loss["step"])]
-    assert rows["accuracy"][2:] == [format_value(best_acc["eval/accuracy"]), str(best_acc["step"])]
+    loss, accuracy = best_loss["eval/loss"], best_acc["eval/accuracy"]
+    assert rows["loss"][2:] == [format_value(loss), "(min)", str(best_loss["step"])]
+    assert rows["accuracy"][2:] == [format_value(accuracy), "(max)", str(best_acc["step"])]
 
 
 def test_table_for_a_token_run_stopped_early_without_eval(dense_run):
@@ -202,3 +203,38 @@ def test_best_ignores_nan_and_knows_which_way_is_better():
         "accuracy": (0.7, 2),  # the first step to reach it
         "perplexity": (7.0, 2),
     }
+
+
+def test_language_model_table_shows_each_best_with_its_step_and_direction():
+    """An LM run's metrics (loss, perplexity, accuracy, BERT's masked accuracy): each row's best
+    is the minimum of a cost and the maximum otherwise, with the step it was first reached."""
+    logged = [
+        {"step": 200, "eval/loss": 5.9, "eval/perplexity": 365.0, "eval/accuracy": 0.08},
+        {"step": 400, "eval/loss": 5.2, "eval/perplexity": 181.3, "eval/accuracy": 0.11},
+        {"step": 600, "eval/loss": 5.3, "eval/perplexity": 200.3, "eval/accuracy": 0.10},
+        {"step": 600, "eval/masked_accuracy": 0.2, "eval/bits_per_byte": 1.4},
+    ]
+    summary = {
+        "recipe": "stdlib-gpt",
+        "seed": 17,
+        "steps": 600,
+        "metrics": {"loss": 5.3, "perplexity": 200.3, "accuracy": 0.10, "masked_accuracy": 0.2},
+    }
+    rows = {
+        line.split()[0]: line.split()[1:]
+        for line in format_run_summary(summary, logged).splitlines()
+    }
+    assert rows["loss"] == [format_value(5.3), format_value(5.2), "(min)", "400"]
+    assert rows["perplexity"] == [format_value(200.3), format_value(181.3), "(min)", "400"]
+    assert rows["accuracy"] == [format_value(0.10), format_value(0.11), "(max)", "400"]
+    assert rows["masked_accuracy"] == [format_value(0.2), format_value(0.2), "(max)", "600"]
+    assert rows["bits_per_byte"] == ["-", format_value(1.4), "(min)", "600"]
+
+
+def test_which_way_is_better_is_read_from_whole_words():
+    from speedup.run_report import lower_is_better
+
+    costs = ["loss", "eval_loss", "top1_error", "perplexity", "cross_entropy", "bits_per_byte"]
+    assert all(lower_is_better(m) for m in costs)
+    gains = ["accuracy", "masked_accuracy", "answer_accuracy", "f1", "lossless_acc", "power"]
+    assert not any(lower_is_better(m) for m in gains)  # no "wer" in answer, no "loss" in lossless

@@ -1,11 +1,10 @@
 """Shapes-2D: deterministic, cached, balanced, correctly transformed, and not trivial."""
 
-import math
-import time
-
 import pytest
 import torch
-import torch.nn.functional as F
+
+# The training whose wall-clock benchmarks/shapes2d_cnn.py measures; tests check its outcome.
+from speedup.benchmarks.shapes2d_cnn import train_and_test
 from torch.utils.data import DataLoader
 
 from speedup.data import DATASETS
@@ -145,36 +144,6 @@ def _collate(transform):
     return lambda samples: transform(default_collate(samples))
 
 
-def _train(net, splits, epochs, lr, batch_size=128):
-    """AdamW, 5% linear warmup then cosine, flip augmentation; returns test accuracy."""
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=5e-4)
-    n = len(splits.train["targets"])
-    steps = epochs * (n // batch_size)
-
-    def factor(i):
-        return (
-            min(1.0, (i + 1) / (0.05 * steps)) * 0.5 * (1 + math.cos(math.pi * min(i / steps, 1)))
-        )
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    for _ in range(epochs):
-        net.train()
-        order = torch.randperm(n)
-        for i in range(n // batch_size):
-            idx = order[i * batch_size : (i + 1) * batch_size]
-            batch = splits.train_transform({k: v[idx] for k, v in splits.train.items()})
-            loss = F.cross_entropy(net(batch["inputs"]), batch["targets"])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    net.eval()
-    test = splits.eval_transform(splits.eval)
-    with torch.no_grad():
-        predictions = torch.cat([net(x).argmax(1) for x in test["inputs"].split(500)])
-    return (predictions == test["targets"]).float().mean().item()
-
-
 def _splits(tmp_path, monkeypatch, num_train, num_test):
     monkeypatch.setenv("SPEEDUP_CACHE", str(tmp_path))
     return shapes2d(num_train=num_train, num_test=num_test)
@@ -186,22 +155,19 @@ def test_pixels_alone_do_not_solve_it_but_a_small_cnn_learns(tmp_path, monkeypat
     not in colour statistics."""
     splits = _splits(tmp_path, monkeypatch, num_train=4000, num_test=500)
     torch.manual_seed(0)
-    linear = _train(MLP(3 * 32 * 32, 10, ()), splits, epochs=4, lr=3e-3, batch_size=64)
+    linear = train_and_test(MLP(3 * 32 * 32, 10, ()), splits, epochs=4, lr=3e-3, batch_size=64)
     torch.manual_seed(0)
-    cnn = _train(SmallCNN2d(3, 10, channels=8), splits, epochs=10, lr=6e-3, batch_size=64)
+    cnn = train_and_test(SmallCNN2d(3, 10, channels=8), splits, epochs=10, lr=6e-3, batch_size=64)
     assert linear < 0.2, f"logistic regression on pixels: {linear:.3f} (chance 0.1)"
     assert cnn > max(0.3, linear + 0.2), f"small CNN {cnn:.3f} vs logistic {linear:.3f}"
 
 
 @pytest.mark.slow
-def test_small_cnn_reaches_measured_accuracy_in_bounded_time(tmp_path, monkeypatch):
+def test_small_cnn_reaches_measured_accuracy(tmp_path, monkeypatch):
     """SmallCNN (16 channels), 15 epochs of the default 10k images: measured 83.2% test
-    accuracy in 37 s of training on 2 CPU cores (torch 2.15, 2 threads); assert 78% within
-    6 minutes, and that the task is not saturated."""
+    accuracy; assert 78%, and that the task is not saturated. How long it takes (37 s of
+    training on 2 CPU cores, bound 6 minutes) is measured by benchmarks/shapes2d_cnn.py."""
     splits = _splits(tmp_path, monkeypatch, num_train=10000, num_test=2000)
     torch.manual_seed(0)
-    start = time.perf_counter()
-    accuracy = _train(SmallCNN2d(3, 10, channels=16), splits, epochs=15, lr=3e-3)
-    seconds = time.perf_counter() - start
-    assert seconds < 360, f"training took {seconds:.0f} s"
+    accuracy = train_and_test(SmallCNN2d(3, 10, channels=16), splits, epochs=15, lr=3e-3)
     assert 0.78 <= accuracy < 0.99, f"accuracy {accuracy:.3f}"

@@ -13,6 +13,7 @@ import pytest
 
 from speedup.config import recipe_names, resolve_recipe
 from speedup.data import DATASETS
+from speedup.listing import summary
 from speedup.models import MODELS
 from speedup.optim import SCHEDULES, optimizer_names
 from speedup.registry import Registry
@@ -60,8 +61,8 @@ def parse_listing(text: str) -> dict[str, list[tuple[str, str]]]:
 
 
 def first_line(obj: object) -> str:
-    doc = (getattr(obj, "__doc__", None) or "").strip()
-    return doc.splitlines()[0] if doc else ""
+    """What the listing shows for an imported object: its docstring's first sentence."""
+    return summary(getattr(obj, "__doc__", None))
 
 
 def imported(registry: Registry) -> list[tuple[str, str]]:

@@ -1,7 +1,5 @@
 """The training loop's behaviour: accumulation, seeding, schedules, precision, clocks."""
 
-import time
-
 import pytest
 import torch
 from conftest import loaders, make_blobs, tiny_model
@@ -172,36 +170,67 @@ def test_fp16_on_cpu_is_refused():
         Trainer(tiny_model(), train, "1ba", precision="fp16", device="cpu")
 
 
-def test_eval_time_is_excluded_from_training_time():
-    class SlowEval(Callback):
+class FakeClock:
+    """The trainer's clock, moved only by the test: time accounting checked exactly, whatever
+    the machine's load. Steps are powers of two, exact in binary floating point."""
+
+    def __init__(self):
+        self.now = 1024.0
+
+    def perf_counter(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    import speedup.trainer
+
+    fake = FakeClock()
+    monkeypatch.setattr(speedup.trainer, "time", fake)
+    return fake
+
+
+def test_eval_time_is_excluded_from_training_time(clock):
+    class Timed(Callback):
+        evaluations = 0
+
+        def after_train_batch(self, state, logger):
+            clock.advance(0.0625)  # a training step
+
         def eval_start(self, state, logger):
-            time.sleep(0.3)
+            self.evaluations += 1
+            clock.advance(0.25)  # a slow evaluation
 
     train, evaluation = loaders(make_blobs(n=32), batch_size=16)
+    timed = Timed()
     trainer = Trainer(
         tiny_model(),
         train,
         "4ba",
         eval_dataloader=evaluation,
         eval_interval="1ba",
-        callbacks=[SlowEval()],
+        callbacks=[timed],
     )
     trainer.fit()
     ts = trainer.state.timestamp
-    assert ts.eval_time_s >= 4 * 0.3
-    assert ts.train_time_s < 0.3  # four tiny steps; the sleeping evals are not in here
+    assert timed.evaluations == 4
+    assert ts.eval_time_s == 4 * 0.25
+    assert ts.train_time_s == 4 * 0.0625  # the evaluations are not in here
 
 
-def test_wall_clock_duration_stops_training():
+def test_wall_clock_duration_stops_training(clock):
     class Slow(Callback):
-        def batch_end(self, state, logger):
-            time.sleep(0.05)
+        def after_train_batch(self, state, logger):
+            clock.advance(0.03125)
 
     train, _ = loaders(make_blobs(n=64), batch_size=16)
-    trainer = Trainer(tiny_model(), train, "0.3sec", callbacks=[Slow()])
+    trainer = Trainer(tiny_model(), train, "0.25sec", callbacks=[Slow()])
     trainer.fit()
-    assert trainer.state.timestamp.train_time_s >= 0.3
-    assert 3 <= trainer.state.timestamp.batch <= 12
+    assert trainer.state.timestamp.train_time_s == 0.25
+    assert trainer.state.timestamp.batch == 8  # 0.25 s of 1/32 s steps, across two epochs
 
 
 @pytest.mark.slow

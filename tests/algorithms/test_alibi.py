@@ -1,7 +1,11 @@
+import inspect
 import math
+import sys
+import weakref
 
 import pytest
 import torch
+import transformers
 from speedup.algorithms.alibi import (
     Alibi,
     NoPositionEmbedding,
@@ -15,7 +19,7 @@ from speedup.callback import Callback
 from speedup.data import DataInfo, TensorBatchLoader
 from speedup.engine import PlanError
 from speedup.event import Event
-from speedup.models.language import bert, gpt2
+from speedup.models.language import BERT_SIZES, bert, gpt2
 from speedup.trainer import Trainer
 
 SEQ, VOCAB = 32, 64
@@ -25,9 +29,31 @@ INFO = DataInfo(kind="text", input_shape=(SEQ,), num_classes=VOCAB, tokens_per_s
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def build(family, seed=0, **kwargs):
+def build(family, seed=0, attention=None, **kwargs):
+    """A tiny model; ``attention`` builds it with that implementation, as transformers
+    before 4.48 (GPT-2) and 5.0 (BERT) fix the attention class when the model is built."""
     torch.manual_seed(seed)
-    return {"gpt2": gpt2, "bert": bert}[family](INFO, size="tiny", **kwargs)
+    model = {"gpt2": gpt2, "bert": bert}[family](INFO, size="tiny", **kwargs)
+    if attention is not None and model.net.config._attn_implementation != attention:
+        if attention == "sdpa" and not type(model.net)._supports_sdpa:
+            pytest.skip(f"transformers {transformers.__version__} has no SDPA {family}")
+        config = model.net.config
+        config._attn_implementation = attention
+        torch.manual_seed(seed)  # the same weights as the default build
+        model.net = type(model.net)(config)
+    return model
+
+
+def pretend_flash(model):
+    """Make the model use flash attention, as transformers would have built it, without the
+    flash-attn package: the config names it and, where a class per implementation exists,
+    each attention module becomes that class (its forward is never reached)."""
+    model.net.config._attn_implementation = "flash_attention_2"
+    for module in model.modules():
+        names = vars(sys.modules[type(module).__module__])
+        table = names.get("GPT2_ATTENTION_CLASSES") or names.get("BERT_SELF_ATTENTION_CLASSES")
+        if table and type(module) in table.values() and "flash_attention_2" in table:
+            module.__class__ = table["flash_attention_2"]
 
 
 def attention_modules(model):
@@ -80,14 +106,14 @@ def test_bias_is_minus_slope_times_distance():
 
 
 def attentions(model, input_ids, **kwargs):
-    model.net.config._attn_implementation = "eager"  # eager returns the probabilities
+    assert model.net.config._attn_implementation == "eager"  # eager returns the probabilities
     with torch.no_grad():
         return model.net(input_ids=input_ids, output_attentions=True, **kwargs).attentions
 
 
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
 def test_with_vanishing_scores_attention_is_the_softmax_of_the_bias(family):
-    model = build(family)
+    model = build(family, attention="eager")
     apply_alibi(model)
     with torch.no_grad():  # query weights 0: every raw score is 0, only the bias remains
         for module in attention_modules(model):
@@ -113,7 +139,7 @@ def test_with_vanishing_scores_attention_is_the_softmax_of_the_bias(family):
 
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
 def test_attention_scores_equal_a_reference_computed_from_the_projections(family):
-    model = build(family)
+    model = build(family, attention="eager")
     apply_alibi(model)
     module = attention_modules(model)[0]
     seen = {}
@@ -146,14 +172,13 @@ def test_attention_scores_equal_a_reference_computed_from_the_projections(family
 
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
 def test_sdpa_and_eager_agree_with_and_without_padding(family):
-    model = build(family)
-    apply_alibi(model)
     input_ids = ids(rows=3, length=16)
     mask = torch.ones_like(input_ids)
     mask[0, 10:] = 0
     outputs = {}
     for implementation in ("sdpa", "eager"):
-        model.net.config._attn_implementation = implementation
+        model = build(family, attention=implementation)
+        apply_alibi(model)
         with torch.no_grad():
             for name, batch_mask in (("plain", None), ("padded", mask)):
                 batch = {"input_ids": input_ids, "attention_mask": batch_mask}
@@ -207,8 +232,10 @@ def test_position_tables_leave_the_model_and_the_optimizer(family, table):
     assert Alibi().declare().events[Event.INIT].writes == {"model.modules"}
 
 
-def test_gpt2_evaluates_beyond_its_position_table():
-    model = build("gpt2")
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_gpt2_evaluates_beyond_its_position_table(attention):
+    # eager GPT-2 (4.40 to 5.0 at least) slices its causal mask from an n_positions^2 table
+    model = build("gpt2", attention=attention)
     assert model.net.config.n_positions == SEQ
     long = ids(length=4 * SEQ)
     with pytest.raises(IndexError):
@@ -232,16 +259,85 @@ def test_bert_takes_inputs_up_to_max_sequence_length():
     assert logits.shape == (2, 3 * SEQ, VOCAB) and torch.isfinite(logits).all()
 
 
-def test_cached_decoding_matches_the_full_forward():
-    model = build("gpt2")
+def cache_argument(net):
+    """The name of the cache argument and output: ``past_key_values`` before transformers
+    5.x renamed it ``cache`` (the old name warns there)."""
+    return "cache" if "cache" in inspect.signature(net.forward).parameters else "past_key_values"
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("padded", [False, True], ids=["plain", "left-padded"])
+def test_cached_decoding_matches_the_full_forward(attention, padded):
+    # The new queries sit after the cached keys: their bias is -m (past + i - j). A bias
+    # computed as if they were the first positions differs from the full forward's.
+    model = build("gpt2", attention=attention)
     apply_alibi(model)
     model.eval()
     input_ids = ids(length=10)
+    mask = torch.ones_like(input_ids)
+    if padded:
+        mask[0, :3] = 0  # left padding: the new tokens of row 0 must not see its pads
+    name = cache_argument(model.net)
     with torch.no_grad():
-        full = model.net(input_ids=input_ids, use_cache=False).logits
-        prefix = model.net(input_ids=input_ids[:, :7], use_cache=True)
-        step = model.net(input_ids=input_ids[:, 7:], past_key_values=prefix.past_key_values)
+        full = model.net(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+        prefix = model.net(input_ids=input_ids[:, :7], attention_mask=mask[:, :7], use_cache=True)
+        past = getattr(prefix, name)
+        assert past is not None
+        step = model.net(input_ids=input_ids[:, 7:], attention_mask=mask, **{name: past})
+        # and token by token, the cache growing one key per step
+        past = getattr(model.net(input_ids=input_ids[:, :7], attention_mask=mask[:, :7]), name)
+        tokens = []
+        for t in range(7, 10):
+            out = model.net(
+                input_ids=input_ids[:, t : t + 1], attention_mask=mask[:, : t + 1], **{name: past}
+            )
+            tokens.append(out.logits)
+            past = getattr(out, name)
     torch.testing.assert_close(step.logits, full[:, 7:], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.cat(tokens, 1), full[:, 7:], rtol=1e-4, atol=1e-5)
+
+
+def test_generate_scores_each_new_token_as_the_full_forward_does():
+    # generate() drives whatever cache the installed transformers uses.
+    model = build("gpt2")
+    apply_alibi(model)
+    model.eval()
+    prompt = ids(length=6)
+    with torch.no_grad():
+        out = model.net.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=4,
+            min_new_tokens=4,
+            do_sample=False,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        full = model.net(input_ids=out.sequences, use_cache=False).logits
+    assert out.sequences.shape == (2, 10)
+    # step t scored the token at 6 + t from position 5 + t
+    torch.testing.assert_close(torch.stack(out.logits, 1), full[:, 5:9], rtol=1e-4, atol=1e-5)
+    assert torch.equal(out.sequences[:, 6:], full[:, 5:9].argmax(-1))
+
+
+def test_bert_cross_attention_gets_no_bias():
+    # queries and keys of cross-attention come from different sequences: no distance between
+    # them (transformers 4 builds it from BertSelfAttention too)
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=VOCAB, is_decoder=True, add_cross_attention=True, **BERT_SIZES["tiny"]
+    )
+    torch.manual_seed(0)
+    net = BertModel(config)
+    assert apply_alibi(net) == 2
+    patched = {id(m) for m in attention_modules(net)}
+    assert patched == {id(layer.attention.self) for layer in net.encoder.layer}
+    encoded = torch.randn(2, 5, config.hidden_size)
+    with torch.no_grad():
+        out = net(input_ids=ids(length=8), encoder_hidden_states=encoded).last_hidden_state
+    assert out.shape == (2, 8, config.hidden_size) and torch.isfinite(out).all()
 
 
 def test_applying_twice_changes_nothing_more_and_a_fresh_model_loads_the_state_dict():
@@ -259,10 +355,15 @@ def test_applying_twice_changes_nothing_more_and_a_fresh_model_loads_the_state_d
 
 
 def test_refuses_flash_attention_and_models_without_hf_attention():
-    model = build("bert")
-    model.net.config._attn_implementation = "flash_attention_2"
+    model = build("gpt2")
+    pretend_flash(model)
     with pytest.raises(ValueError, match="flash_attention_2"):
         apply_alibi(model)
+    model = build("gpt2")  # switched after the surgery: the forward refuses
+    apply_alibi(model)
+    pretend_flash(model)
+    with pytest.raises(RuntimeError, match="'flash_attention_2' cannot add a bias"):
+        model({"input_ids": ids()})
     with pytest.raises(ValueError, match="no Hugging Face BERT or GPT-2"):
         apply_alibi(nn.Sequential(nn.Linear(4, 4)))
 
@@ -365,46 +466,56 @@ def test_not_applicable_to_other_models():
         Trainer(tiny_model(), train, "1ba", algorithms=[Alibi()])
 
 
-def test_layers_of_one_forward_share_one_bias(monkeypatch):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_layers_of_one_forward_share_one_bias_that_nothing_keeps(monkeypatch, family, attention):
     import speedup.algorithms.alibi as module
 
-    built = []
+    built, handed = [], []
 
     def counting(*args, **kwargs):
         built.append(args[1:])
         return alibi_bias(*args, **kwargs)
 
+    original = module._AddAlibiBias.bias
+
+    def watching(self, *args):
+        bias = original(self, *args)
+        handed.append(weakref.ref(bias))
+        return bias
+
     monkeypatch.setattr(module, "alibi_bias", counting)
-    model = build("gpt2")
+    monkeypatch.setattr(module._AddAlibiBias, "bias", watching)
+    model = build(family, attention=attention)
     apply_alibi(model)
-    logits = model({"input_ids": ids()})  # sdpa, no padding: autograd keeps the bias
-    assert len(built) == 1  # two layers, one bias
+    logits = model({"input_ids": ids()})
+    assert len(built) == 1 and len(handed) == 2  # two layers, one bias
     logits.sum().backward()
     del logits
-    model.net.config._attn_implementation = "eager"  # bias added to a mask and dropped per layer
+    assert all(ref() is None for ref in handed)  # gone with the graph: not cached
+    mask = torch.ones(2, SEQ, dtype=torch.long)
+    mask[0, -3:] = 0  # padding: each layer combines the shared bias with its mask
     with torch.no_grad():
-        model({"input_ids": ids(), "attention_mask": torch.ones(2, SEQ, dtype=torch.long)})
-    assert len(built) == 3
+        model({"input_ids": ids(), "attention_mask": mask})
+    assert len(built) == 2 and len(handed) == 4
+    assert all(ref() is None for ref in handed)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
-def test_bf16_models_and_bf16_autocast_run_with_both_attention_implementations(family):
-    model = build(family)
+def test_bf16_models_and_bf16_autocast_run_with_both_attention_implementations(family, attention):
+    model = build(family, attention=attention)
     apply_alibi(model)
     input_ids = ids(rows=3, length=16)
     mask = torch.ones_like(input_ids)
     mask[0, 10:] = 0
     batch = {"input_ids": input_ids, "attention_mask": mask}
-    reference = {}
-    for implementation in ("sdpa", "eager"):
-        model.net.config._attn_implementation = implementation
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            reference[implementation] = model(batch)
-    assert all(out.dtype == torch.bfloat16 for out in reference.values())
-    model.to(torch.bfloat16)  # no autocast: the masks follow the model's dtype
-    for implementation in ("sdpa", "eager"):
-        model.net.config._attn_implementation = implementation
-        with torch.no_grad():
-            out = model(batch)
+    with torch.no_grad():
+        reference = model(batch)  # fp32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = model(batch)
+        model.to(torch.bfloat16)  # no autocast: the masks follow the model's dtype
+        low = model(batch)
+    for out in (autocast, low):
         assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
-        torch.testing.assert_close(out.float(), reference["sdpa"].float(), rtol=0.1, atol=0.1)
+        torch.testing.assert_close(out.float(), reference, rtol=0.1, atol=0.1)

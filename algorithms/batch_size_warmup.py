@@ -45,8 +45,11 @@ process keeps the same fraction of its own batch, and ``samples`` counts all pro
 **When it helps.** Record #46 of the speedrun: 65 fewer steps to the 3.28 validation loss,
 134.04 -> 132.21 s on 8xH100 (n = 8, p = 0.0045); GPT-3 uses the ramp at every model size.
 The saving is compute per early step (a third of the batch costs a third) at little loss of
-progress per step while the gradient noise scale is small. At CPU scale with short runs the
-saving in samples can still cost steps: compare by samples or time, not only steps.
+progress per step while the gradient noise scale is small. At CPU scale it costs steps and
+saves compute, about evenly: alone on benchmarks/suites/stdlib-gpt-speedrun.yaml (2-layer
+GPT-2, 120-step budget, 2 seeds) 79.4 steps to eval loss 6.4 against the baseline's 72.8, at
+0.75x the per-step cost over the run: a calibrated 1.45x whose 95% interval [0.76, 2.56]
+spans no effect. Compare by samples or time, not by steps.
 
 **Composes badly with.** LR schedules and other schedules written in ``sp``/``tok`` units
 assume full batches (the trainer converts them at the loader's batch size); use ``ba`` or

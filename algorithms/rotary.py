@@ -37,7 +37,10 @@ are the position encoding of GPT-NeoX, LLaMA and the modded-nanogpt speedrun's a
 ("ModernArch"); a relative encoding lets a model attend by offset rather than learn every
 absolute position separately. It adds a small per-step cost (a
 rotation of each query and key) and removes the ``max_positions x width`` table from the
-optimizer. At CPU scale with 128-token sequences expect a small effect either way.
+optimizer. Measured here (benchmarks/suites/stdlib-gpt-speedrun.yaml: the 2-layer GPT-2 on the
+stdlib corpus, 64-token blocks, 120 steps, 2 seeds), alone: 22.7 steps to eval loss 6.4
+against the baseline's 72.8, at a per-step cost of 1.14x on the CPU, 2.83x [1.61, 4.42] in
+calibrated time; a short run gains much from not having to learn a position table.
 
 **Composes badly with.** ALiBi: another relative position scheme (an additive bias), declared
 incompatible. Fine-tuning a checkpoint trained with absolute positions (its position table is

@@ -13,10 +13,11 @@ every saved ``model.pt``, and the exported model, is ``x``, as the package's REA
 and at FIT_END; ``y`` again before the next batch is drawn. Checkpoints are written at ``x``
 with the optimizer in eval mode; the ``y`` weights are kept exactly (a copy taken at the
 switch, in this algorithm's state), so a run that saves checkpoints, evaluates or resumes
-trains bit for bit like one that does not. Defaults are the package's: AdamW lr 0.0025, beta
-(beta1) 0.9, beta2 0.999, r 0, weight_lr_power 2, no weight decay (taken at ``y``); SGD lr 1.0
-momentum 0.9. ``lr=None`` keeps the run's optimizer's lr per param group, and ``weight_decay
-=None`` its weight decay. Warmup is the package's linear ``warmup_steps``, given here as a Time.
+trains bit for bit like one that does not. The other defaults are the package's: beta
+(AdamW's beta1, SGD's momentum) 0.9, beta2 0.999, r 0, weight_lr_power 2, weight decay taken at
+``y``. The lr and weight decay default to the run's optimizer's, per param group (``lr=None``,
+``weight_decay=None``; the functional twin defaults to the package's lr, 0.0025 for AdamW and
+1.0 for SGD). Warmup is the package's linear ``warmup_steps``, given here as a Time.
 
 BatchNorm statistics are those accumulated at ``y``; the README suggests recomputing them at
 ``x`` before evaluating (about 50 training batches under ``no_grad``, model in train mode,

@@ -126,12 +126,20 @@ def test_valid_optimizer_and_scheduler_values_still_load():
     assert load_config("quickstart", ["threads=1", "data.num_workers=0"]).threads == 1
 
 
-@MODELS.register("test_sized_model", kind="mlp")
 def sized_model(info, depth: int = 2, widths: tuple[int, ...] = (4,), offset: int = 0):
     """Test model: ``depth`` and ``widths`` are sizes; ``offset`` (default 0) is not."""
     return Classifier(torch.nn.Linear(1, 2), 2, kind="mlp")
 
 
+@pytest.fixture
+def sized_model_registered():
+    """Registered for one test only: other tests compare the registry with the listing."""
+    MODELS.register("test_sized_model", kind="mlp")(sized_model)
+    yield
+    MODELS._items.pop("test_sized_model", None)
+
+
+@pytest.mark.usefixtures("sized_model_registered")
 @pytest.mark.parametrize(
     "override, refused",
     [

@@ -100,9 +100,9 @@ def test_the_whole_catalogue_plans_with_only_declared_incompatibilities() -> Non
 def test_plan_rejects_a_planted_conflicting_pair(capsys) -> None:
     assert main(["plan", "shapes2d-medium"]) == 0
     capsys.readouterr()
-    assert main(["plan", "shapes2d-medium", "algorithms.cutmix.alpha=1.0"]) == 1
-    out = capsys.readouterr().out
-    assert "mixup and cutmix are declared incompatible" in out
+    assert main(["plan", "shapes2d-medium", "algorithms.cutmix.alpha=1.0"]) == 2  # as `run`
+    captured = capsys.readouterr()
+    assert "mixup and cutmix are declared incompatible" in captured.out + captured.err
     assert main(["run", "shapes2d-medium", "--smoke", "algorithms.cutmix={}"]) == 2
     assert "declared incompatible" in capsys.readouterr().err
 

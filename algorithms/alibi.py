@@ -393,6 +393,9 @@ class Alibi(Algorithm):
 
     name = "alibi"
 
+    #: Offered to the tuner on/off with its defaults.
+    SEARCH_SPACE = {}
+
     def __init__(
         self, max_sequence_length: int = 8192, train_sequence_length_scaling: float = 0.25
     ) -> None:

@@ -105,6 +105,9 @@ class AlternatingFlip(Algorithm):
 
     name = "alternating_flip"
 
+    #: Offered to the tuner on/off (it has no argument worth searching).
+    SEARCH_SPACE = {}
+
     def __init__(self, seed: int | None = None) -> None:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"alternating_flip.seed must be an integer or null, got {seed!r}")

@@ -148,6 +148,13 @@ class BatchSizeWarmup(Algorithm):
 
     name = "batch_size_warmup"
 
+    #: Tuner ranges around modded-nanogpt record #46's schedule (a third of the batch, two
+    #: thirds of the run).
+    SEARCH_SPACE = {
+        "start_fraction": {"type": "float", "low": 0.25, "high": 0.75},
+        "duration": {"type": "float", "low": 0.3, "high": 0.8, "unit": "dur"},
+    }
+
     def __init__(
         self,
         duration: str = "0.67dur",

@@ -182,6 +182,9 @@ class GatedLinearUnits(Algorithm):
 
     name = "gated_linear_units"
 
+    #: Offered to the tuner on/off with its defaults (Shazeer 2020's 2/3 width).
+    SEARCH_SPACE = {}
+
     def __init__(
         self,
         act_fn: str | None = None,

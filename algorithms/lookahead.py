@@ -130,6 +130,13 @@ class Lookahead(Algorithm):
 
     name = "lookahead"
 
+    #: Tuner ranges: Zhang et al. 2019 (arXiv 1907.08610) report k in {5, 10} and alpha in
+    #: {0.5, 0.8} all working.
+    SEARCH_SPACE = {
+        "k": {"type": "int", "low": 4, "high": 10},
+        "alpha": {"type": "float", "low": 0.5, "high": 0.8},
+    }
+
     def __init__(
         self,
         k: int = 5,

@@ -551,6 +551,13 @@ class Muon(Algorithm):
 
     name = "muon"
 
+    #: Tuner ranges: Muon's own LR for the hidden matrices around the speedruns' 0.02-0.05
+    #: (Jordan et al. 2024, modded-nanogpt and airbench94_muon), momentum around their 0.95.
+    SEARCH_SPACE = {
+        "lr": {"type": "float", "low": 0.005, "high": 0.08, "log": True},
+        "momentum": {"type": "float", "low": 0.85, "high": 0.98},
+    }
+
     def __init__(
         self,
         lr: float = 0.02,

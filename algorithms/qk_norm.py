@@ -292,6 +292,9 @@ class QKNorm(Algorithm):
 
     name = "qk_norm"
 
+    #: Offered to the tuner on/off with its defaults (the speedrun's parameter-free RMS norm).
+    SEARCH_SPACE = {}
+
     def __init__(self, norm: str = "rms", scale: float | None = None, eps: float = 1e-6) -> None:
         _check(norm, scale, eps, prefix="qk_norm.")
         self.norm = norm

@@ -99,6 +99,9 @@ class ReLUSquared(Algorithm):
 
     name = "relu_squared"
 
+    #: Offered to the tuner on/off (it has no arguments).
+    SEARCH_SPACE = {}
+
     def __init__(self) -> None:
         #: Feed-forward blocks changed at INIT.
         self.replaced = 0

@@ -239,6 +239,9 @@ class Rotary(Algorithm):
 
     name = "rotary"
 
+    #: Tuner choice: the rotated fraction of each head (1.0: RoFormer; 0.5: partial rotary).
+    SEARCH_SPACE = {"fraction": {"type": "categorical", "choices": [0.5, 1.0]}}
+
     def __init__(
         self, base: float = 10000.0, fraction: float = 1.0, pairing: str = "interleaved"
     ) -> None:

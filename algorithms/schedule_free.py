@@ -107,6 +107,13 @@ class ScheduleFree(Algorithm):
 
     name = "schedule_free"
 
+    #: Tuner ranges: Defazio et al. 2024 (arXiv 2405.15682) use beta 0.9 and a short warmup;
+    #: both are searched around those values.
+    SEARCH_SPACE = {
+        "beta": {"type": "float", "low": 0.8, "high": 0.95},
+        "warmup": {"type": "float", "low": 0.01, "high": 0.1, "unit": "dur"},
+    }
+
     def __init__(
         self,
         optimizer: str = "adamw",

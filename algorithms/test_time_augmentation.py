@@ -151,6 +151,9 @@ class TestTimeAugmentation(Algorithm):
     __test__ = False  # the name starts with "Test": keep pytest from collecting it
     name = "test_time_augmentation"
 
+    #: Tuner choices: airbench's two view sets (level 1: flip; level 2: flip and translate).
+    SEARCH_SPACE = {"level": {"type": "categorical", "choices": [1, 2]}}
+
     def __init__(self, level: int = 2, uncertain_fraction: float | None = None) -> None:
         _check_level(level, "test_time_augmentation.level")
         if uncertain_fraction is not None and (

@@ -191,6 +191,9 @@ class WhiteningInit(Algorithm):
 
     name = "whitening_init"
 
+    #: Tuner range: the eigenvalue floor around airbench's 5e-4 (Jordan 2024, arXiv 2404.00498).
+    SEARCH_SPACE = {"eps": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
+
     def __init__(
         self,
         num_images: int = 5000,

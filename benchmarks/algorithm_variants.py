@@ -38,7 +38,7 @@ import statistics
 from pathlib import Path
 
 from speedup.benchmarks.analysis import time_to_target
-from speedup.benchmarks.harness import _curve
+from speedup.benchmarks.harness import metric_curve
 
 from speedup.config import config_hash, load_config
 from speedup.run import run_config
@@ -118,7 +118,7 @@ def measure(
                 summary = json.loads(summary_path.read_text())
             else:
                 summary = run_config(cfg)
-            curve = _curve(Path(cfg.run_dir), "accuracy")
+            curve = metric_curve(Path(cfg.run_dir), "accuracy")
             steps.append(time_to_target(curve, target, x="step"))
             finals.append(float(summary["metrics"]["accuracy"]))
         rows[name] = {"steps_to_target": steps, "final_accuracy": finals}

@@ -33,6 +33,7 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -349,18 +350,25 @@ def window_period(suite: Suite, algorithms: list[str]) -> int:
     """Steps per period of the recurring work of ``algorithms``: the least common multiple of
     ``timing.period`` (default 1) and each periodic algorithm's interval
     (:data:`PERIODIC_ARGUMENTS`), so a window of whole periods counts each one's extra step."""
-    period = int(suite.timing.get("period", 1))
-    for name in algorithms:
+    chosen = {name: suite.algorithms.get(name, {}) for name in algorithms}
+    return algorithms_period(chosen, int(suite.timing.get("period", 1)))
+
+
+def algorithms_period(algorithms: Mapping[str, Mapping[str, Any]], base: int = 1) -> int:
+    """Steps per period of the recurring work of ``algorithms`` (name -> its arguments): the
+    least common multiple of ``base`` and each periodic algorithm's interval."""
+    period = base
+    for name, args in algorithms.items():
         if name not in PERIODIC_ARGUMENTS:
             continue
         argument, default = PERIODIC_ARGUMENTS[name]
-        steps = _period_steps(suite.algorithms.get(name, {}).get(argument, default))
+        steps = _period_steps((args or {}).get(argument, default))
         if steps and steps > 1:
             period = math.lcm(period, steps)
     return period
 
 
-def _time_window_detail(
+def time_window_detail(
     cfg: DictConfig, position: float, steps: int, period: int = 1
 ) -> tuple[float, float, int]:
     """Seconds per step over ``steps`` steps (data loading included) starting at ``position``
@@ -395,9 +403,9 @@ def _time_window_detail(
     return cost, min(max(middle, 0.0), 1.0), total
 
 
-def _time_window(cfg: DictConfig, position: float, steps: int, period: int = 1) -> float:
-    """Seconds per step of a timing window: see :func:`_time_window_detail`."""
-    return _time_window_detail(cfg, position, steps, period)[0]
+def time_window(cfg: DictConfig, position: float, steps: int, period: int = 1) -> float:
+    """Seconds per step of a timing window: see :func:`time_window_detail`."""
+    return time_window_detail(cfg, position, steps, period)[0]
 
 
 def measure_step_profiles(suite: Suite, configs: list[list[str]], out: Path) -> dict[str, Any]:
@@ -421,9 +429,9 @@ def measure_step_profiles(suite: Suite, configs: list[list[str]], out: Path) -> 
     base_cfg = _config(suite, [], seed, out)
     others = [a for a in configs if a]
     # Warm-up pair, discarded.
-    _time_window(base_cfg, positions[0], steps)
+    time_window(base_cfg, positions[0], steps)
     if others:
-        _time_window(_config(suite, others[0], seed, out), positions[0], steps)
+        time_window(_config(suite, others[0], seed, out), positions[0], steps)
     base_times: list[float] = []
     costs: dict[str, float] = {BASELINE: 1.0}
     profiles: dict[str, dict[str, Any]] = {}
@@ -440,7 +448,7 @@ def measure_step_profiles(suite: Suite, configs: list[list[str]], out: Path) -> 
                 timed = {}
                 for arm in order:
                     arm_cfg = base_cfg if arm == "base" else cfg
-                    timed[arm] = _time_window_detail(arm_cfg, position, steps, period)
+                    timed[arm] = time_window_detail(arm_cfg, position, steps, period)
                 b, c = timed["base"][0], timed["config"][0]
                 base_times.append(b)
                 ratios.append(c / b)
@@ -452,7 +460,7 @@ def measure_step_profiles(suite: Suite, configs: list[list[str]], out: Path) -> 
         profiles[name] = {"total_steps": total, "points": points, "samples": samples}
         costs[name] = integrated_cost(points, total, total) / total if total else points[0][1]
     if not base_times:
-        base_times = [_time_window(base_cfg, p, steps) for p in positions]
+        base_times = [time_window(base_cfg, p, steps) for p in positions]
     return {
         "baseline_step_time_s": statistics.median(base_times),
         "step_cost": costs,
@@ -506,7 +514,11 @@ def load_or_measure_timing(
     return timing
 
 
-def _curve(run_dir: Path, metric: str) -> list[dict[str, Any]]:
+def metric_curve(run_dir: Path, metric: str) -> list[dict[str, Any]]:
+    """The evaluations of ``eval/<metric>`` in a run's ``metrics.jsonl``, in step order: each a
+    dict of ``step``, ``epoch``, ``sample``, ``token``, ``train_time_s``, ``value`` and, when
+    a :class:`FlopsMeter` counted them, ``flops`` (the input of
+    :func:`~speedup.benchmarks.analysis.time_to_target`)."""
     points: dict[int, dict[str, Any]] = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
@@ -568,6 +580,7 @@ def _run_suite(
             "higher_is_better": suite.higher_is_better,
         },
         "seeds": suite.seeds,
+        "algorithms": suite.algorithms,  # each algorithm's arguments (tune --seed-from)
         "environment": environment(),
         "conflicts": {},
         "runs": [],
@@ -613,7 +626,7 @@ def _run_suite(
             f"{'cached' if cached else 'ran   '} {name} seed {seed}: "
             f"{suite.metric}={summary['metrics'].get(suite.metric, float('nan')):.4f}"
         )
-        curve = _curve(run_dir, suite.metric)
+        curve = metric_curve(run_dir, suite.metric)
         better = suite.higher_is_better
         results["runs"].append(
             {

@@ -187,6 +187,12 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument(
         "--min-budget", type=float, default=0.25, help="shortest budget, a fraction of the recipe's"
     )
+    tune.add_argument(
+        "--seed-from",
+        metavar="BENCH_DIR",
+        help="start the methods search from the best configurations a `speedup bench` sweep "
+        "measured (its output directory)",
+    )
     tune.add_argument("--out", help="output directory (default runs/tune-<recipe>)")
     report = sub.add_parser(
         "report",
@@ -710,6 +716,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         storage=args.storage,
         budget_low=args.min_budget,
         algorithms=args.algorithms,
+        seed_from=args.seed_from,
     )
     if args.smoke:  # tiny, but every phase runs
         from speedup.tuning.tune import SMOKE_TIMING

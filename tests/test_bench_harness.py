@@ -183,7 +183,7 @@ def test_timing_windows_alternate_abba_after_a_discarded_warmup_pair(tmp_path, m
         cost = 2.0 if arm == "B" else planted[position]
         return cost, position, 100
 
-    monkeypatch.setattr(harness, "_time_window_detail", fake_window)
+    monkeypatch.setattr(harness, "time_window_detail", fake_window)
     timing = harness.measure_step_profiles(suite, [[], ["label_smoothing"], ["sam"]], tmp_path)
     arms = "".join(arm for arm, _, _ in calls)
     # Warm-up pair, then per configuration ABBA over positions x repeats.

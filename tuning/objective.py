@@ -18,13 +18,12 @@ schedule, never a short-budget trial's end against a long one's middle.
 
 from __future__ import annotations
 
-import bisect
 import math
 import statistics
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from speedup.callback import Callback
 from speedup.config import config_hash, with_changes
@@ -51,34 +50,14 @@ def pruner_step(fraction: float) -> int:
 def integrate_step_cost(
     profile: list[tuple[float, float]], total_steps: float, steps: float | None
 ) -> float:
-    """Seconds to train ``steps`` of a ``total_steps`` run whose cost per step is ``profile``.
+    """Seconds to train ``steps`` of a ``total_steps`` run whose cost per step is ``profile``
+    ((fraction of the run, seconds per step) points): the harness's
+    :func:`~speedup.benchmarks.analysis.integrated_cost` (piecewise linear between the
+    points, held flat beyond them), the same clock ``speedup bench`` uses. None or inf (the
+    target was missed) gives inf."""
+    from speedup.benchmarks.analysis import integrated_cost
 
-    ``profile`` holds (fraction of the run, seconds per step) measured at a few points; each
-    point's cost holds from the midpoint with its left neighbour to the midpoint with its right
-    one (the first from 0, the last to the end of the run). None (target missed) -> inf."""
-    if steps is None or math.isinf(steps):
-        return math.inf
-    if not profile:
-        raise ValueError("integrate_step_cost: empty step-cost profile")
-    points = sorted(profile)
-    fractions = [f for f, _ in points]
-    edges = [0.0] + [(a + b) / 2 for a, b in zip(fractions, fractions[1:])] + [math.inf]
-    done = steps / total_steps if total_steps else 0.0
-    seconds = 0.0
-    for (_, cost), start, end in zip(points, edges, edges[1:]):
-        if done <= start:
-            break
-        seconds += (min(done, end) - start) * total_steps * cost
-    return seconds
-
-
-def cost_at(profile: list[tuple[float, float]], fraction: float) -> float:
-    """The profile's cost per step at ``fraction`` (the nearest measured point)."""
-    points = sorted(profile)
-    fractions = [f for f, _ in points]
-    i = bisect.bisect_left(fractions, fraction)
-    candidates = [j for j in (i - 1, i) if 0 <= j < len(points)]
-    return points[min(candidates, key=lambda j: abs(fractions[j] - fraction))][1]
+    return integrated_cost(profile, total_steps, steps)
 
 
 def cost_key(cfg: DictConfig) -> str:
@@ -92,20 +71,37 @@ def measure_profile(
     cfg: DictConfig, baseline_cfg: DictConfig, timing: dict[str, Any]
 ) -> tuple[list[tuple[float, float]], list[float]]:
     """Seconds per step at each of ``timing['positions']``: the configuration's median ratio to
-    the baseline (windows alternating, ``timing['repeats']`` pairs of ``timing['steps']``
-    steps), and the baseline window times measured on the way (for its median)."""
-    from speedup.benchmarks.harness import _time_window
+    the baseline over ``timing['repeats']`` pairs of windows of ``timing['steps']`` steps, and
+    the baseline window times measured on the way (for its median).
+
+    The harness's timing method (:func:`speedup.benchmarks.harness.measure_step_profiles`):
+    one discarded warm-up pair; pairs in ABBA order (even pairs run the baseline first, odd
+    pairs the configuration first), so neither arm always gets the warmer cache; windows of
+    whole periods of the configuration's recurring work (SAM, Lookahead, EMA intervals)."""
+    from speedup.benchmarks.harness import algorithms_period, time_window
 
     steps, repeats = int(timing["steps"]), int(timing["repeats"])
+    same = cost_key(cfg) == cost_key(baseline_cfg)
+    period = algorithms_period(OmegaConf.to_container(cfg.algorithms, resolve=True))
+    positions = [float(p) for p in timing["positions"]]
+    time_window(baseline_cfg, positions[0], steps, period)  # warm-up pair, discarded
+    if not same:
+        time_window(cfg, positions[0], steps, period)
     ratios, base_times = [], []
-    for position in timing["positions"]:
+    for position in positions:
         pairs = []
-        for _ in range(repeats):
-            b = _time_window(baseline_cfg, position, steps)
-            c = b if cost_key(cfg) == cost_key(baseline_cfg) else _time_window(cfg, position, steps)
+        for i in range(repeats):
+            if same:
+                b = c = time_window(baseline_cfg, position, steps, period)
+            elif i % 2 == 0:
+                b = time_window(baseline_cfg, position, steps, period)
+                c = time_window(cfg, position, steps, period)
+            else:
+                c = time_window(cfg, position, steps, period)
+                b = time_window(baseline_cfg, position, steps, period)
             base_times.append(b)
             pairs.append(c / b)
-        ratios.append((float(position), statistics.median(pairs)))
+        ratios.append((position, statistics.median(pairs)))
     return ratios, base_times
 
 
@@ -145,9 +141,9 @@ def outcome_of_run(
 ) -> Outcome:
     """Time-to-target and final quality of a finished run, from its ``metrics.jsonl``."""
     from speedup.benchmarks.analysis import time_to_target
-    from speedup.benchmarks.harness import _curve
+    from speedup.benchmarks.harness import metric_curve
 
-    curve = _curve(Path(run_dir), metric)
+    curve = metric_curve(Path(run_dir), metric)
     final = summary["metrics"].get(metric, math.nan)
     out = Outcome(final=float(final), steps=summary["steps"], run_dir=str(run_dir), curve=curve)
     if target is None:

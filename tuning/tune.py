@@ -29,6 +29,7 @@ from speedup.tuning.baseline import pre_register_target, registered_target, targ
 from speedup.tuning.objective import (
     BudgetFractionReporter,
     cost_key,
+    integrate_step_cost,
     measure_profile,
     outcome_of_run,
     train_trial,
@@ -82,6 +83,9 @@ class TuneSettings:
     )
     sampler_seed: int = 0
     progress: bool = True
+    #: A finished ``speedup bench`` output directory whose best configurations are the
+    #: methods study's first trials (:mod:`speedup.tuning.seeding`).
+    seed_from: str | None = None
 
     @property
     def higher_is_better(self) -> bool:
@@ -244,6 +248,8 @@ def _run_seeds(
         _check_metric(summary, s.metric)
         outcome = outcome_of_run(run_dir, summary, s.metric, target, s.higher_is_better, profile)
         outcome.pop("curve")
+        if profile is not None:  # the whole run's calibrated time (a miss is censored there)
+            outcome["run_time_s"] = integrate_step_cost(profile, outcome["steps"], outcome["steps"])
         outcomes.append({"seed": seed, **outcome})
     return outcomes
 
@@ -286,6 +292,21 @@ def calibrate(s: TuneSettings, cfg: DictConfig, full_steps: int) -> None:
         study.set_user_attr("miss_penalty_s", 2.0 * full_steps * step_s)
 
 
+def seed_methods(s: TuneSettings, cfg: DictConfig) -> int:
+    """Enqueue the best configurations of the bench sweep in ``s.seed_from`` as the methods
+    study's first trials (once: a study that has trials is left as it is); how many."""
+    from speedup.tuning.seeding import bench_seeds
+
+    methods = _study(s, "methods")
+    if methods.get_trials(deepcopy=False):
+        return 0
+    seeds = bench_seeds(s.seed_from, _space(s, cfg, "methods"), float(cfg.optimizer.lr))
+    for params in seeds:
+        methods.enqueue_trial(params, user_attrs={"seeded_from": str(s.seed_from)})
+    print(f"methods: {len(seeds)} trials seeded from {s.seed_from}", file=sys.stderr)
+    return len(seeds)
+
+
 def tune(s: TuneSettings) -> dict[str, Any]:
     """Run (or resume) the whole protocol into ``s.out``; return results.json's content."""
     from speedup.tuning.report import write_outputs
@@ -295,7 +316,11 @@ def tune(s: TuneSettings) -> dict[str, Any]:
 
     check_settings(s)
     cfg = s.workload()
-    Space.for_workload(cfg, s.algorithms)  # bad algorithm names or declarations: exit 2 now
+    space = Space.for_workload(cfg, s.algorithms)  # bad names or declarations: exit 2 now
+    if s.seed_from:  # an unreadable sweep fails now, not after the baseline phases
+        from speedup.tuning.seeding import bench_seeds
+
+        bench_seeds(s.seed_from, space, float(cfg.optimizer.lr))
     out = Path(s.out)
     with RunLock(out):
         target = set_target(s, cfg)
@@ -303,6 +328,8 @@ def tune(s: TuneSettings) -> dict[str, Any]:
         full_steps = max(int(o["steps"]) for o in target["tuned_baseline"]["finals"])
         calibrate(s, cfg, full_steps)
         speed = _run_phase_parallel(s, "baseline-speed")
+        if s.seed_from:
+            seed_methods(s, cfg)
         methods = _run_phase_parallel(s, "methods")
         parity = (len(counted_trials(speed)), len(counted_trials(methods)))
         print(f"trials: baseline {parity[0]}, methods {parity[1]}", file=sys.stderr)
@@ -320,13 +347,15 @@ def tune(s: TuneSettings) -> dict[str, Any]:
             s, cfg, base_changes, s.validate_seeds, "validate-baseline", base_profile
         )
         base_times = [r["time_to_target_s"] for r in base_runs]
+        base_run_times = [r["run_time_s"] for r in base_runs]
         validated = []
         for t in finalists:
             changes = t.user_attrs["changes"]
             profile = _profile(methods, with_changes(cfg, **changes), cfg, s)
             runs = _run_seeds(s, cfg, changes, s.validate_seeds, f"validate-{t.number}", profile)
             times = [r["time_to_target_s"] for r in runs]
-            row = judge(base_times, times, [r["final"] for r in runs])
+            finals = [r["final"] for r in runs]
+            row = judge(base_times, times, finals, baseline_run_times=base_run_times)
             validated.append({"trial": t.number, "changes": changes, "runs": runs, **row})
         results = {
             "recipe": s.recipe,

@@ -17,7 +17,7 @@ from typing import Any
 
 from speedup.config import ConfigError
 
-__all__ = ["MIN_VALIDATION_SEEDS", "check_fresh_seeds", "judge"]
+__all__ = ["MIN_VALIDATION_SEEDS", "censor_baseline", "check_fresh_seeds", "judge"]
 
 #: The issue asks for at least 5 fresh seeds (smoke runs may use fewer).
 MIN_VALIDATION_SEEDS = 5
@@ -39,6 +39,19 @@ def check_fresh_seeds(search: Sequence[int], fresh: Sequence[int], smoke: bool =
         )
 
 
+def censor_baseline(times: Sequence[float], run_times: Sequence[float]) -> list[float]:
+    """The baseline's times with each miss replaced by the calibrated time of its whole run.
+
+    The target is the median final quality of the tuned full-budget baseline, so the fastest
+    baseline misses it on some fresh seeds by construction. Counting such a miss as an
+    infinite time would make every configuration infinitely faster on that seed; counting it
+    as the time the run took without reaching the target is a lower bound on the baseline's
+    time-to-target (right-censored), so the speedup computed from it can only understate."""
+    if len(times) != len(run_times):
+        raise ValueError("censor_baseline: one run time per baseline time")
+    return [r if math.isinf(t) else t for t, r in zip(times, run_times)]
+
+
 def judge(
     baseline_times: Sequence[float],
     config_times: Sequence[float],
@@ -46,18 +59,28 @@ def judge(
     confidence: float = 0.95,
     n_resamples: int = 2000,
     seed: int = 0,
+    baseline_run_times: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """The validated row of one configuration: speedup with its CI, misses, final quality,
-    and ``is_speedup`` (CI lower bound > 1)."""
+    and ``is_speedup`` (CI lower bound > 1).
+
+    ``baseline_run_times`` (the calibrated time of each baseline run to its end): baseline
+    misses are censored there (:func:`censor_baseline`) instead of counting as infinite; a
+    configuration's miss stays infinite (its mean, and so its speedup, becomes 0)."""
     from speedup.benchmarks.analysis import speedup
 
-    estimate = speedup(baseline_times, config_times, n_resamples, confidence, seed)
+    base = list(baseline_times)
+    if baseline_run_times is not None:
+        base = censor_baseline(base, baseline_run_times)
+    estimate = speedup(base, config_times, n_resamples, confidence, seed)
     finite_finals = [f for f in config_finals if not math.isnan(f)]
     return {
         "speedup": estimate.as_dict(),
         "is_speedup": bool(estimate.low > 1.0),
         "misses": sum(math.isinf(t) for t in config_times),
         "baseline_misses": sum(math.isinf(t) for t in baseline_times),
+        "baseline_censored": baseline_run_times is not None
+        and any(math.isinf(t) for t in baseline_times),
         "seeds": len(config_times),
         "final_mean": (sum(finite_finals) / len(finite_finals)) if finite_finals else math.nan,
     }

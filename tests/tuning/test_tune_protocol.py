@@ -30,19 +30,23 @@ from speedup.config import ConfigError
 # -- calibrated cost ------------------------------------------------------------------------
 
 
-def _per_step_reference(profile: list[tuple[float, float]], total: int, steps: float) -> float:
-    """Sum the cost of each step by the nearest measured point of the run (steps counted as
-    unit intervals; the last one partially)."""
+def _fine_sum_reference(profile: list[tuple[float, float]], total: int, steps: float) -> float:
+    """A midpoint Riemann sum in 1/1000-step slices of the cost joined linearly between the
+    measured points and held flat beyond them (written independently of the harness)."""
     points = sorted(profile)
-    seconds, whole = 0.0, int(steps)
-    for k in range(whole + 1):
-        width = 1.0 if k < whole else steps - whole
-        if width <= 0:
-            break
-        mid = (k + width / 2) / total  # the fraction at the middle of this (part of a) step
-        nearest = min(points, key=lambda p: (abs(p[0] - mid), p[0]))
-        seconds += width * nearest[1]
-    return seconds
+
+    def cost(step: float) -> float:
+        x = step / total
+        if x <= points[0][0]:
+            return points[0][1]
+        for (x0, c0), (x1, c1) in zip(points, points[1:]):
+            if x <= x1:
+                return c0 + (c1 - c0) * (x - x0) / (x1 - x0)
+        return points[-1][1]
+
+    n = int(round(steps * 1000))
+    width = steps / n if n else 0.0
+    return sum(cost((k + 0.5) * width) * width for k in range(n))
 
 
 @pytest.mark.parametrize("steps", [0, 37, 50, 80.5, 100])
@@ -51,12 +55,12 @@ def test_cost_integration_on_a_planted_schedule(steps: float) -> None:
     profile = [(0.9, 4.0), (0.1, 1.0), (0.5, 2.0)]
     total = 100
     got = integrate_step_cost(profile, total, steps)
-    assert got == pytest.approx(_per_step_reference(profile, total, steps))
+    assert got == pytest.approx(_fine_sum_reference(profile, total, steps), rel=1e-6)
 
 
 def test_cost_integration_closed_form_and_miss() -> None:
-    profile = [(0.25, 1.0), (0.75, 3.0)]  # 1 s/step for the first half, 3 s after
-    assert integrate_step_cost(profile, 200, 160) == pytest.approx(100 * 1.0 + 60 * 3.0)
+    profile = [(0.25, 1.0), (0.75, 3.0)]  # 1 s/step to step 50, 1 -> 3 to step 150, then 3
+    assert integrate_step_cost(profile, 200, 160) == pytest.approx(50 * 1.0 + 100 * 2.0 + 10 * 3.0)
     assert integrate_step_cost(profile, 200, None) == math.inf
     with pytest.raises(ValueError, match="empty"):
         integrate_step_cost([], 10, 5)

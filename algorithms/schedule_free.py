@@ -113,6 +113,8 @@ class ScheduleFree(Algorithm):
         "beta": {"type": "float", "low": 0.8, "high": 0.95},
         "warmup": {"type": "float", "low": 0.01, "high": 0.1, "unit": "dur"},
     }
+    #: It replaces the LR schedule, so the recipe's must be constant without warmup.
+    REQUIRES_CONFIG = {"scheduler": {"name": "constant"}}
 
     def __init__(
         self,

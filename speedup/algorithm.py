@@ -206,6 +206,11 @@ class Algorithm:
     #: :meth:`search_space`). None: not offered to the tuner; ``{}``: offered with its
     #: defaults only (an on/off choice).
     SEARCH_SPACE: ClassVar[Mapping[str, Mapping[str, Any]] | None] = None
+    #: Recipe sections this algorithm needs set to a value (top-level key -> the section's
+    #: whole new value), e.g. ``{"scheduler": {"name": "constant"}}`` for an algorithm that
+    #: replaces the LR schedule. The tuner applies them when it switches the algorithm on;
+    #: a plain run still refuses a recipe that breaks them, with the algorithm's own message.
+    REQUIRES_CONFIG: ClassVar[Mapping[str, Any]] = {}
 
     @classmethod
     def search_space(cls) -> dict[str, dict] | None:

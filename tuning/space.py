@@ -115,6 +115,17 @@ def _suggest_arg(trial: Any, key: str, spec: dict) -> Any:
     return value
 
 
+def _require(changes: dict[str, Any], name: str) -> None:
+    """Apply the recipe sections algorithm ``name`` needs (its ``REQUIRES_CONFIG``); two
+    algorithms that need one section set differently cannot be trained together."""
+    from speedup.algorithm import ALGORITHMS
+
+    for key, value in ALGORITHMS.get(name).REQUIRES_CONFIG.items():
+        if key in changes and changes[key] != value:
+            raise Infeasible(f"{name} needs {key}={value}, another algorithm {changes[key]}")
+        changes[key] = value
+
+
 def suggest(trial: Any, space: Space, cfg: DictConfig) -> dict[str, Any]:
     """Sample one configuration from ``space`` as ``with_changes`` keys for ``cfg``.
 
@@ -139,6 +150,7 @@ def suggest(trial: Any, space: Space, cfg: DictConfig) -> dict[str, Any]:
     for name, args in space.algorithms.items():
         if trial.suggest_categorical(f"use.{name}", [False, True]):
             algorithms[name] = {a: _suggest_arg(trial, f"{name}.{a}", s) for a, s in args.items()}
+            _require(changes, name)
     changes["algorithms"] = algorithms
     if algorithms:
         try:

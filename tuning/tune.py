@@ -171,7 +171,11 @@ def make_objective(s: TuneSettings, phase: str, study: optuna.Study):  # noqa: A
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("changes", json.loads(json.dumps(changes, default=str)))
         reporter = BudgetFractionReporter(trial, s.metric, sign)
-        summary = train_trial(tcfg, run_dir, reporter)
+        try:
+            summary = train_trial(tcfg, run_dir, reporter)
+        except ConfigError as err:  # refused before training (checked at AFTER_LOAD)
+            trial.set_user_attr("infeasible", str(err)[:500])
+            raise optuna.TrialPruned(f"infeasible: {err}") from None
         _check_metric(summary, s.metric)
         profile = None if quality else _profile(study, tcfg, cfg, s)
         value = None if target is None else target["value"]

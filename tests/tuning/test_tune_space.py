@@ -127,3 +127,17 @@ def test_conflicting_compositions_are_never_run() -> None:
     )
     with pytest.raises(Infeasible, match="mixup|cutmix"):
         suggest(trial, space, cfg)
+
+
+def test_an_algorithm_that_replaces_the_schedule_gets_a_constant_one() -> None:
+    """schedule_free refuses any LR schedule; switched on by the tuner, the trial's recipe
+    gets the section it declares (REQUIRES_CONFIG) instead of a run that fails at load."""
+    cfg = load_config("stdlib-gpt", ["scheduler.name=cosine", "scheduler.warmup=0.1dur"])
+    space = Space.for_workload(cfg, ["schedule_free", "rotary"])
+    params = {"lr": 0.01, "budget": 1.0, "use.rotary": True, "rotary.fraction": 1.0}
+    off = suggest(optuna.trial.FixedTrial({**params, "use.schedule_free": False}), space, cfg)
+    assert "scheduler" not in off
+    on = {"use.schedule_free": True, "schedule_free.beta": 0.9, "schedule_free.warmup": 0.05}
+    changes = suggest(optuna.trial.FixedTrial({**params, **on}), space, cfg)
+    assert changes["scheduler"] == {"name": "constant"}
+    assert changes["algorithms"]["schedule_free"]["warmup"] == "0.05dur"

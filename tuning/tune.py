@@ -251,7 +251,9 @@ def _run_seeds(
         summary = train_trial(tcfg, run_dir)
         _check_metric(summary, s.metric)
         outcome = outcome_of_run(run_dir, summary, s.metric, target, s.higher_is_better, profile)
-        outcome.pop("curve")
+        curve = outcome.pop("curve")
+        if curve and "flops" in curve[-1]:  # the whole run's FLOPs (a miss is censored there)
+            outcome["run_flops"] = float(curve[-1]["flops"])
         if profile is not None:  # the whole run's calibrated time (a miss is censored there)
             outcome["run_time_s"] = integrate_step_cost(profile, outcome["steps"], outcome["steps"])
         outcomes.append({"seed": seed, **outcome})
@@ -314,7 +316,7 @@ def seed_methods(s: TuneSettings, cfg: DictConfig) -> int:
 def tune(s: TuneSettings) -> dict[str, Any]:
     """Run (or resume) the whole protocol into ``s.out``; return results.json's content."""
     from speedup.tuning.report import write_outputs
-    from speedup.tuning.validate import judge
+    from speedup.tuning.validate import flops_speedup, judge
 
     from speedup.lock import RunLock
 
@@ -360,6 +362,11 @@ def tune(s: TuneSettings) -> dict[str, Any]:
             times = [r["time_to_target_s"] for r in runs]
             finals = [r["final"] for r in runs]
             row = judge(base_times, times, finals, baseline_run_times=base_run_times)
+            row["flops_speedup"] = flops_speedup(
+                [r.get("flops_to_target") for r in base_runs],
+                [r.get("run_flops") for r in base_runs],
+                [r.get("flops_to_target") for r in runs],
+            )
             validated.append({"trial": t.number, "changes": changes, "runs": runs, **row})
         results = {
             "recipe": s.recipe,

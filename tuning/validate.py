@@ -17,7 +17,13 @@ from typing import Any
 
 from speedup.config import ConfigError
 
-__all__ = ["MIN_VALIDATION_SEEDS", "censor_baseline", "check_fresh_seeds", "judge"]
+__all__ = [
+    "MIN_VALIDATION_SEEDS",
+    "censor_baseline",
+    "check_fresh_seeds",
+    "flops_speedup",
+    "judge",
+]
 
 #: The issue asks for at least 5 fresh seeds (smoke runs may use fewer).
 MIN_VALIDATION_SEEDS = 5
@@ -84,3 +90,22 @@ def judge(
         "seeds": len(config_times),
         "final_mean": (sum(finite_finals) / len(finite_finals)) if finite_finals else math.nan,
     }
+
+
+def flops_speedup(
+    baseline_flops: Sequence[float | None],
+    baseline_run_flops: Sequence[float | None],
+    config_flops: Sequence[float | None],
+    confidence: float = 0.95,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any] | None:
+    """The speedup in estimated training FLOPs to the target, with its bootstrap CI, judged
+    like the time (baseline misses censored at the run's total FLOPs); None when a run
+    counted no FLOPs."""
+    from speedup.benchmarks.analysis import speedup
+
+    if any(v is None for v in (*baseline_flops, *baseline_run_flops, *config_flops)):
+        return None
+    base = censor_baseline(baseline_flops, baseline_run_flops)
+    return speedup(base, list(config_flops), n_resamples, confidence, seed).as_dict()

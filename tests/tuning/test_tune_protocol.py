@@ -271,3 +271,39 @@ def test_validation_seeds_must_be_fresh_and_enough() -> None:
     with pytest.raises(ConfigError, match="at least 5"):
         check_fresh_seeds([0], [10, 11])
     check_fresh_seeds([0], [10, 11], smoke=True)
+
+
+def test_flops_speedup_censors_baseline_misses_and_needs_every_count() -> None:
+    from speedup.tuning.validate import flops_speedup
+
+    base, totals = [4e9, math.inf, 5e9, 4.5e9, 4e9], [6e9, 6e9, 6e9, 6e9, 6e9]
+    config = [2e9, 2.2e9, 1.9e9, 2.1e9, 2e9]
+    row = flops_speedup(base, totals, config, n_resamples=500, seed=1)
+    censored = [4e9, 6e9, 5e9, 4.5e9, 4e9]  # the miss counts as its whole run
+    point, low, high = _reference_ratio_ci(censored, config, 500, 1)
+    assert row["point"] == pytest.approx(point) == pytest.approx(sum(censored) / sum(config))
+    assert (row["low"], row["high"]) == (pytest.approx(low), pytest.approx(high))
+    assert flops_speedup(base, totals, [*config[:4], None]) is None
+
+
+def test_algorithm_effects_split_completed_methods_trials() -> None:
+    from speedup.tuning.report import algorithm_effects
+
+    def row(study: str, state: str, time: float, **use: bool) -> dict:
+        params = {f"use.{k}": v for k, v in use.items()}
+        return {"study": study, "state": state, "time_to_target_s": time, "params": params}
+
+    rows = [
+        row("methods", "COMPLETE", 10.0, ema=True, rotary=False),
+        row("methods", "COMPLETE", 20.0, ema=True, rotary=True),
+        row("methods", "COMPLETE", math.inf, ema=False, rotary=True),
+        row("methods", "COMPLETE", 40.0, ema=False, rotary=False),
+        row("methods", "PRUNED", 1.0, ema=True, rotary=True),  # not counted
+        row("baseline-speed", "COMPLETE", 1.0),  # another study
+    ]
+    effects = algorithm_effects(rows)
+    assert set(effects) == {"ema", "rotary"}
+    assert effects["ema"]["on"] == {"trials": 2, "reached": 2, "median_time_s": 15.0}
+    assert effects["ema"]["off"]["reached"] == 1 and effects["ema"]["off"]["trials"] == 2
+    assert effects["ema"]["off"]["median_time_s"] == math.inf
+    assert effects["rotary"]["off"]["median_time_s"] == 25.0

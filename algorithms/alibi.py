@@ -63,13 +63,19 @@ import inspect
 import math
 import sys
 import weakref
+from typing import TYPE_CHECKING
 
 import torch
+from speedup.algorithms.qk_norm import self_attention_modules
 from speedup.algorithms.seq_length_warmup import set_batch_sequence_length
 from torch import nn
 
 from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.event import Event
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = ["Alibi", "NoPositionEmbedding", "alibi_bias", "alibi_slopes", "apply_alibi"]
 
@@ -320,23 +326,16 @@ def apply_alibi(model: nn.Module, max_sequence_length: int | None = None) -> int
     from transformers.models.bert.modeling_bert import (
         BertEmbeddings,
         BertModel,
-        BertSelfAttention,
     )
-    from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, GPT2Model
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Model
 
     if max_sequence_length is not None and max_sequence_length < 1:
         raise ValueError(f"max_sequence_length must be >= 1, got {max_sequence_length}")
     hook = _AddAlibiBias()
     attention = 0
     modules = list(model.modules())
-    # Before transformers 5 BERT's cross-attention is a BertSelfAttention too (under
-    # BertLayer.crossattention.self); queries and keys come from different sequences there.
-    cross = {
-        id(layer.crossattention.self)
-        for layer in modules
-        if isinstance(getattr(layer, "crossattention", None), nn.Module)
-        and isinstance(getattr(layer.crossattention, "self", None), nn.Module)
-    }
+    # Cross-attention is left alone: queries and keys come from different sequences there.
+    self_attention = {id(m) for m in self_attention_modules(model)}
     for module in modules:
         if isinstance(module, BertEmbeddings):
             if not isinstance(module.position_embeddings, NoPositionEmbedding):
@@ -352,10 +351,7 @@ def apply_alibi(model: nn.Module, max_sequence_length: int | None = None) -> int
             module.alibi_scope = hook
             module.register_forward_pre_hook(hook.enter)
             module.register_forward_hook(hook.leave, always_call=True)
-        is_self_attention = (isinstance(module, BertSelfAttention) and id(module) not in cross) or (
-            isinstance(module, GPT2Attention) and not module.is_cross_attention
-        )
-        if not is_self_attention:
+        if id(module) not in self_attention:
             continue
         attention += 1
         implementation = _implementation(module)
@@ -431,7 +427,7 @@ class Alibi(Algorithm):
             data_kinds={"text"},
         )
 
-    def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
             self.patched = apply_alibi(state.model, self.max_sequence_length)
             logger.log_metrics({"alibi/attention_modules": float(self.patched)})

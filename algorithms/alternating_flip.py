@@ -43,13 +43,17 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from speedup.algorithm import Access, Algorithm, Declaration
-from speedup.config import ConfigError
+from speedup.errors import ConfigError
 from speedup.event import Event
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = ["AlternatingFlip", "alternating_flip", "epoch_zero_flips", "flips_at_epoch"]
 
@@ -125,7 +129,7 @@ class AlternatingFlip(Algorithm):
             data_kinds={"image"},
         )
 
-    def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
         loader = state.train_dataloader
         if event == Event.FIT_START:
             self._take_over(loader, state.seed)

@@ -37,6 +37,7 @@ Functional twin: :func:`augmix_batch`.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from speedup.algorithms.mixup import image_augmentation, sample_beta, sample_dirichlet
@@ -50,6 +51,10 @@ from speedup.algorithms.randaugment import (
 
 from speedup.algorithm import Algorithm, Declaration
 from speedup.event import Event
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = ["AugMix", "augmix_batch", "augmix_weights"]
 
@@ -156,7 +161,7 @@ class AugMix(Algorithm):
     def declare(self) -> Declaration:
         return image_augmentation(self.name)
 
-    def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
         batch = state.batch
         batch["inputs"] = augmix_batch(
             batch["inputs"],

@@ -65,14 +65,19 @@ Functional twins: :func:`warmup_batch_size`, :func:`lr_multiplier`, :func:`first
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from speedup import distributed
 from speedup.algorithm import Access, Algorithm, Declaration
-from speedup.config import ConfigError
+from speedup.errors import ConfigError
 from speedup.event import Event
 from speedup.time import Time, TimeUnit, schedule_time
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = ["BatchSizeWarmup", "first_rows", "lr_multiplier", "warmup_batch_size"]
 
@@ -211,7 +216,7 @@ class BatchSizeWarmup(Algorithm):
 
     # -- schedule ---------------------------------------------------------------------------
 
-    def _resolve(self, state) -> Time:  # noqa: ANN001
+    def _resolve(self, state: State) -> Time:
         duration = self.duration
         if duration.unit == TimeUnit.EPOCH:  # epochs of drawn batches: a fixed step count
             try:
@@ -225,7 +230,7 @@ class BatchSizeWarmup(Algorithm):
             )
         return duration
 
-    def progress(self, state) -> float:  # noqa: ANN001
+    def progress(self, state: State) -> float:
         """How far through ``duration`` training is (1 and more: done), in its unit."""
         span = self._span if self._span is not None else self._resolve(state)
         if span.value <= 0:
@@ -239,7 +244,7 @@ class BatchSizeWarmup(Algorithm):
         }[span.unit]
         return done / span.value
 
-    def rows(self, state, full: int) -> int:  # noqa: ANN001
+    def rows(self, state: State, full: int) -> int:
         """Rows of a loaded batch of ``full`` to train at the current point of the run."""
         return warmup_batch_size(
             self.progress(state), full, self.start_fraction, self.stages, self.multiple_of
@@ -247,14 +252,14 @@ class BatchSizeWarmup(Algorithm):
 
     # -- events -----------------------------------------------------------------------------
 
-    def match(self, event: Event, state) -> bool:  # noqa: ANN001
+    def match(self, event: Event, state: State) -> bool:
         if event == Event.AFTER_TRAIN_BATCH:
             return self._multiplier != 1.0
         if event == Event.BATCH_END:
             return self._scheduled is not None
         return True
 
-    def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.FIT_START:
             self._span = self._resolve(state)
         elif event == Event.AFTER_DATALOADER:
@@ -275,7 +280,7 @@ class BatchSizeWarmup(Algorithm):
                     group["lr"] = lr
             self._scheduled = None
 
-    def _after_dataloader(self, state, logger) -> None:  # noqa: ANN001
+    def _after_dataloader(self, state: State, logger: Logger) -> None:
         full = state.batch_size()
         rows = self.rows(state, full)
         if rows < full:

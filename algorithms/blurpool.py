@@ -25,7 +25,7 @@ ResNet-18/34/50 and DenseNet-121 the Tri-3 top-1 gain is +0.35 to +1.95 points. 
 method card (composer/algorithms/blurpool/README.md) reports a Pareto improvement on
 ResNet-50/ImageNet with ``blur_first=True``, about +0.1 point more and ~10% slower with
 ``blur_first=False``; every one of its ResNet-50 recipes uses it. CIFAR
-ResNets with option-A shortcuts downsample inside ``_BasicBlock.shortcut`` by slicing, which
+ResNets with option-A shortcuts downsample inside ``BasicBlock.shortcut`` by slicing, which
 is not a module and is not blurred; their strided 3x3 convolutions are.
 
 **Composes badly with.** Nothing known (Composer's card: "not aware of an example of its
@@ -40,6 +40,7 @@ Functional twin: :func:`apply_blurpool` (with :func:`blur_2d` and :func:`blur_fi
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,10 @@ from torch import nn
 from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.event import Event
 from speedup.surgery import replace_modules
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = [
     "BlurConv2d",
@@ -275,7 +280,7 @@ class BlurPool(Algorithm):
             data_kinds={"image"},
         )
 
-    def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
         self.replaced = apply_blurpool(
             state.model,
             replace_convs=self.replace_convs,

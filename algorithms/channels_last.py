@@ -28,11 +28,17 @@ Functional twin: :func:`apply_channels_last` (and :func:`to_channels_last` for a
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.event import Event
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = ["ChannelsLast", "apply_channels_last", "to_channels_last"]
 
@@ -88,7 +94,7 @@ class ChannelsLast(Algorithm):
             data_kinds={"image"},
         )
 
-    def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
             apply_channels_last(state.model)
         else:

@@ -27,12 +27,17 @@ Functional twin: :func:`colout_batch`.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from speedup.algorithms.mixup import ordering
 
 from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.event import Event
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = ["ColOut", "colout_batch", "colout_indices", "drop_rows_and_columns"]
 
@@ -116,7 +121,7 @@ class ColOut(Algorithm):
             data_kinds={"image"},
         )
 
-    def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
         batch = state.batch
         inputs = batch["inputs"]
         height, width = inputs.shape[-2:]

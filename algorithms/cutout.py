@@ -27,12 +27,17 @@ Functional twin: :func:`cutout_batch`.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from speedup.algorithms.mixup import image_augmentation
 
 from speedup.algorithm import Algorithm, Declaration
 from speedup.event import Event
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = ["CutOut", "cutout_batch", "hole_side"]
 
@@ -104,6 +109,6 @@ class CutOut(Algorithm):
     def declare(self) -> Declaration:
         return image_augmentation(self.name)
 
-    def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
         batch = state.batch
         batch["inputs"] = cutout_batch(batch["inputs"], self.num_holes, self.length, self.fill)

@@ -50,14 +50,19 @@ Functional twin: :func:`compute_ema`.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from speedup.algorithm import Access, Algorithm, Declaration
-from speedup.config import ConfigError
+from speedup.errors import ConfigError
 from speedup.event import Event
 from speedup.time import Time, schedule_time
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = ["EMA", "compute_ema", "smoothing_from_half_life"]
 
@@ -207,14 +212,14 @@ class EMA(Algorithm):
 
     # -- events -------------------------------------------------------------------------------
 
-    def match(self, event: Event, state) -> bool:  # noqa: ANN001
+    def match(self, event: Event, state: State) -> bool:
         if event == Event.EVAL_END:
             return self._eval_swapped
         if event in (Event.EVAL_START, Event.FIT_END):  # bound: started in this fit
             return bool(self._held) and not self.model_holds_ema
         return True
 
-    def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.FIT_START:
             self._fit_start(state, logger)
         elif event == Event.BATCH_END:
@@ -229,7 +234,7 @@ class EMA(Algorithm):
             _exchange(self._live, self._held)
             self.model_holds_ema = True
 
-    def _fit_start(self, state, logger) -> None:  # noqa: ANN001
+    def _fit_start(self, state: State, logger: Logger) -> None:
         times = {}
         for key in ("half_life", "update_interval", "ema_start"):
             time = getattr(self, key)
@@ -261,7 +266,7 @@ class EMA(Algorithm):
             self._restart(state)
 
     @torch.no_grad()
-    def _batch_end(self, state) -> None:  # noqa: ANN001
+    def _batch_end(self, state: State) -> None:
         batch = state.timestamp.batch
         if self.ema is None:
             if batch >= self._start_batch:
@@ -281,7 +286,7 @@ class EMA(Algorithm):
     # -- the copy -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _restart(self, state) -> None:  # noqa: ANN001
+    def _restart(self, state: State) -> None:
         """(Re)start the average as a copy of the current weights."""
         self.ema = {n: t.detach().clone() for n, t in _named_tensors(state.model).items()}
         if self.anchor is None:
@@ -315,7 +320,7 @@ class EMA(Algorithm):
         self._mask_source = None
 
     @torch.no_grad()
-    def _mask(self, state) -> None:  # noqa: ANN001
+    def _mask(self, state: State) -> None:
         """Zero the average where the pruning masks are False."""
         masks = state.masks
         if not masks:

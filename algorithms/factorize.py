@@ -48,12 +48,17 @@ pairs back into single layers of the original types, e.g. before exporting).
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.event import Event
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = [
     "Factorize",
@@ -425,7 +430,7 @@ class Factorize(Algorithm):
             },
         )
 
-    def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
         self.replaced = apply_factorization(
             state.model,
             factorize_convs=self.factorize_convs,

@@ -48,6 +48,7 @@ Functional twin: :func:`apply_ghost_batchnorm` (and :func:`ghost_batch_norm` on 
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,10 @@ from torch import nn
 from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.event import Event
 from speedup.surgery import replace_modules
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = [
     "GhostBatchNorm",
@@ -264,7 +269,7 @@ class GhostBatchNorm(Algorithm):
             data_kinds={"image", "signal"},  # BatchNorm1d in 1-D conv nets too
         )
 
-    def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
         self.replaced = apply_ghost_batchnorm(state.model, self.ghost_batch_size)
         if not self.replaced:
             warnings.warn(

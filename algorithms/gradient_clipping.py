@@ -39,12 +39,17 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.event import Event
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = [
     "CLIPPING_TYPES",
@@ -173,6 +178,6 @@ class GradientClipping(Algorithm):
             ]
         return self._params
 
-    def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
         params = self._parameters(state.model)
         apply_gradient_clipping(params, self.clipping_type, self.clipping_threshold)

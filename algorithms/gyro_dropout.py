@@ -41,14 +41,19 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from speedup.algorithm import Access, Algorithm, Declaration
-from speedup.config import ConfigError
+from speedup.errors import ConfigError
 from speedup.event import Event
 from speedup.time import Time, TimeUnit
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = [
     "GyroDropout",
@@ -228,7 +233,7 @@ class GyroDropout(Algorithm):
             runs_before={"channels_last", "no_op_model"},
         )
 
-    def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
             self.layers = apply_gyro_dropout(state.model, self.p, self.sigma, self.tau)
             if not self.layers:
@@ -242,7 +247,7 @@ class GyroDropout(Algorithm):
         elif self.layers:
             self._schedule(state.timestamp.batch)
 
-    def _resolve_period(self, state) -> None:  # noqa: ANN001
+    def _resolve_period(self, state: State) -> None:
         conv, groups = state.converter, self.sigma // self.tau
         try:
             if self.period is not None:

@@ -25,11 +25,17 @@ Functional twin: :func:`smooth_labels`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.event import Event
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = ["LabelSmoothing", "smooth_labels"]
 
@@ -102,7 +108,7 @@ class LabelSmoothing(Algorithm):
             data_kinds={"image", "signal"},
         )
 
-    def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
         batch = state.batch
         if event == Event.BEFORE_LOSS:
             self._original = batch["targets"]

@@ -50,13 +50,18 @@ Functional twins: :func:`freeze_layers`, :func:`freeze_fraction`, :func:`freezab
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from speedup.algorithm import Access, Algorithm, Declaration
-from speedup.config import ConfigError
+from speedup.errors import ConfigError
 from speedup.event import Event
 from speedup.time import TimeUnit, schedule_time
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = ["LayerFreezing", "freezable_layers", "freeze_fraction", "freeze_layers", "frozen_count"]
 
@@ -145,7 +150,7 @@ class LayerFreezing(Algorithm):
             unused_parameters=True,  # frozen layers get no gradient: DDP must expect that
         )
 
-    def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
         layers = freezable_layers(state.model)
         if event == Event.FIT_START:
             try:

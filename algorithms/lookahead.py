@@ -46,14 +46,19 @@ Functional twin: :func:`lookahead_sync` (and :func:`ema_lookahead_decay` for the
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from speedup.algorithm import Access, Algorithm, Declaration
-from speedup.config import ConfigError
+from speedup.errors import ConfigError
 from speedup.event import Event
 from speedup.time import Time, TimeUnit
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = ["Lookahead", "ema_lookahead_decay", "lookahead_sync"]
 
@@ -197,14 +202,14 @@ class Lookahead(Algorithm):
 
     # -- events -------------------------------------------------------------------------------
 
-    def match(self, event: Event, state) -> bool:  # noqa: ANN001
+    def match(self, event: Event, state: State) -> bool:
         if event == Event.EVAL_START:
             return bool(self._held) and state.timestamp.batch != self.synced_at
         if event == Event.EVAL_END:
             return self._swapped
         return True
 
-    def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.FIT_START:
             self._fit_start(state)
         elif event == Event.BATCH_END:
@@ -213,7 +218,7 @@ class Lookahead(Algorithm):
             _exchange(self._live, self._held)
             self._swapped = event == Event.EVAL_START
 
-    def _fit_start(self, state) -> None:  # noqa: ANN001
+    def _fit_start(self, state: State) -> None:
         end = state.max_duration
         if end.unit == TimeUnit.SECOND:
             if self.variant == "ema":
@@ -234,7 +239,7 @@ class Lookahead(Algorithm):
             self._bind(state.model)
 
     @torch.no_grad()
-    def _batch_end(self, state) -> None:  # noqa: ANN001
+    def _batch_end(self, state: State) -> None:
         t = state.timestamp.batch
         if self._restart_on_rewind and state.masks_updated_at == t:
             self._restart(state)  # averaging across the rewind would mix two trainings
@@ -257,7 +262,7 @@ class Lookahead(Algorithm):
     # -- the slow copy ------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _restart(self, state) -> None:  # noqa: ANN001
+    def _restart(self, state: State) -> None:
         live = _named(state.model, self.variant == "ema")
         self.slow = {n: t.detach().clone() for n, t in live.items()}
         self.anchor = self.synced_at = state.timestamp.batch
@@ -280,7 +285,7 @@ class Lookahead(Algorithm):
         self._live = [live[n] for n in self._names]
         self._held = [self.slow[n] for n in self._names]
 
-    def _mask(self, state) -> None:  # noqa: ANN001
+    def _mask(self, state: State) -> None:
         """Keep pruned entries of the slow weights at exactly zero."""
         if not state.masks:
             return

@@ -28,6 +28,7 @@ Functional twin: :func:`apply_low_precision_groupnorm` (and :func:`low_precision
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,10 @@ from torch import nn
 from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.event import Event
 from speedup.surgery import replace_modules
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = [
     "LPGroupNorm",
@@ -118,7 +123,7 @@ class LowPrecisionGroupNorm(Algorithm):
             data_kinds={"image"},
         )
 
-    def match(self, event: Event, state) -> bool:  # noqa: ANN001
+    def match(self, event: Event, state: State) -> bool:
         if state.precision in _LOW_PRECISIONS:
             return True
         warnings.warn(
@@ -128,7 +133,7 @@ class LowPrecisionGroupNorm(Algorithm):
         )
         return False
 
-    def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
         self.replaced = apply_low_precision_groupnorm(state.model)
         if not self.replaced:
             warnings.warn(

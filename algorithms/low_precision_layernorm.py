@@ -30,6 +30,7 @@ Functional twin: :func:`apply_low_precision_layernorm`.
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,10 @@ from torch import nn
 from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.event import Event
 from speedup.surgery import replace_modules
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = ["LPLayerNorm", "LowPrecisionLayerNorm", "apply_low_precision_layernorm"]
 
@@ -107,7 +112,7 @@ class LowPrecisionLayerNorm(Algorithm):
             },
         )
 
-    def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
         self.replaced = apply_low_precision_layernorm(state.model)
         if self.replaced == 0 and not any(
             isinstance(m, LPLayerNorm) for m in state.model.modules()

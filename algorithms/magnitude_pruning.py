@@ -30,14 +30,21 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from speedup.algorithm import Access, Algorithm, Declaration
-from speedup.config import ConfigError
+from speedup.errors import ConfigError
 from speedup.event import Event
 from speedup.time import Time
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = [
     "MagnitudePruning",
@@ -273,7 +280,7 @@ class MagnitudePruning(Algorithm):
 
     # -- events ---------------------------------------------------------------------------
 
-    def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.FIT_START:
             self._start(state, logger)
             return
@@ -283,7 +290,7 @@ class MagnitudePruning(Algorithm):
         if self._params:
             apply_masks(self._params, self._float_masks)
 
-    def _start(self, state, logger) -> None:  # noqa: ANN001
+    def _start(self, state: State, logger: Logger) -> None:
         conv = state.converter
         self._times = {
             key: conv.to_batches(getattr(self, key)) for key in ("at", "start", "end", "every")
@@ -313,7 +320,7 @@ class MagnitudePruning(Algorithm):
             self._prune(state, logger, self.target_sparsity(state.timestamp.batch))
             apply_masks(self._params, self._float_masks)
 
-    def _prune(self, state, logger, sparsity: float) -> None:  # noqa: ANN001
+    def _prune(self, state: State, logger: Logger, sparsity: float) -> None:
         masks = magnitude_masks(self._named, sparsity, self.scope, self.structure, self.masks)
         self._install(state, masks)
         state.masks_updated_at = state.timestamp.batch
@@ -323,7 +330,7 @@ class MagnitudePruning(Algorithm):
             {"sparsity/target": sparsity, **{f"sparsity/{k}": v for k, v in measured.items()}}
         )
 
-    def _install(self, state, masks: dict[str, torch.Tensor]) -> None:  # noqa: ANN001
+    def _install(self, state: State, masks: dict[str, torch.Tensor]) -> None:
         self.masks = masks
         state.masks = dict(masks)
         self._params = [self._named[n] for n in masks]
@@ -335,7 +342,7 @@ class MagnitudePruning(Algorithm):
     def load_state_dict(self, state: dict) -> None:
         self.masks = {n: m.bool() for n, m in state.get("masks", {}).items()}
 
-    def check_composition(self, algorithms) -> list[str]:  # noqa: ANN001
+    def check_composition(self, algorithms: Mapping[str, Algorithm]) -> list[str]:
         problems = []
         if self.schedule == "gradual":
             start, end = self.start, self.end

@@ -37,13 +37,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.event import Event
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = [
     "Mixed",
@@ -292,14 +296,14 @@ class MixingAlgorithm(Algorithm):
             data_kinds={"image"},
         )
 
-    def match(self, event: Event, state) -> bool:  # noqa: ANN001
+    def match(self, event: Event, state: State) -> bool:
         if event == Event.BEFORE_LOSS:
             return self._partners is not None
         if event == Event.BEFORE_BACKWARD:
             return self._original is not None
         return True
 
-    def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
         batch = state.batch
         if event == Event.AFTER_DATALOADER:
             targets = batch["targets"]

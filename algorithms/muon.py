@@ -53,15 +53,19 @@ import fnmatch
 import functools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from speedup.algorithm import Access, Algorithm, Declaration
-from speedup.config import ConfigError
+from speedup.errors import ConfigError
 from speedup.event import Event
 from speedup.optim import build_optimizer
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = [
     "LR_SCALINGS",
@@ -604,7 +608,7 @@ class Muon(Algorithm):
             incompatible_with={"schedule_free"},
         )
 
-    def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
         base = state.optimizer
         if isinstance(base, MuonOptimizer):  # already installed (a second Trainer on it)
             return
@@ -644,7 +648,9 @@ class Muon(Algorithm):
             }
         )
 
-    def _move_schedulers(self, state, base, hybrid: MuonOptimizer) -> None:  # noqa: ANN001
+    def _move_schedulers(
+        self, state: State, base: torch.optim.Optimizer, hybrid: MuonOptimizer
+    ) -> None:
         """Schedulers built on the run's optimizer now drive every group, Muon's included, with
         the same multiplier (a resumed run's schedulers were restored before this)."""
         group = hybrid.muon_group

@@ -33,14 +33,18 @@ Functional twin: :func:`to_no_op_model`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.event import Event
-from speedup.models.base import Model
+from speedup.model import Model
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = ["NoOpModel", "OneParameterModel", "output_shape_fn", "to_no_op_model"]
 
@@ -153,7 +157,7 @@ class NoOpModel(Algorithm):
             incompatible_with={"magnitude_pruning"},
         )
 
-    def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
         self.original = state.model
         state.model = to_no_op_model(state.model)
         logger.log_metrics({"no_op_model/parameters": 1})

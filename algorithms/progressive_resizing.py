@@ -47,14 +47,19 @@ Functional twin: :func:`resize_batch` (with :func:`resizing_scale` and :func:`ro
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from speedup.algorithm import Access, Algorithm, Declaration
-from speedup.config import ConfigError
+from speedup.errors import ConfigError
 from speedup.event import Event
 from speedup.time import Time, TimeUnit, schedule_time
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = ["ProgressiveResizing", "resize_batch", "resizing_scale", "rounded_size"]
 
@@ -194,24 +199,24 @@ class ProgressiveResizing(Algorithm):
             data_kinds={"image"},
         )
 
-    def _fraction(self, time: Time, state) -> float:  # noqa: ANN001
+    def _fraction(self, time: Time, state: State) -> float:
         if time.unit == TimeUnit.DURATION:
             return float(time.value)
         return float(state.converter.convert(time, TimeUnit.DURATION).value)
 
-    def fractions(self, state) -> tuple[float, float]:  # noqa: ANN001
+    def fractions(self, state: State) -> tuple[float, float]:
         """``delay`` and ``finetune`` as fractions of this run."""
         try:
             return self._fraction(self.delay, state), self._fraction(self.finetune, state)
         except ValueError as err:
             raise ConfigError(f"algorithms.progressive_resizing: {err}") from None
 
-    def scale(self, state) -> float:  # noqa: ANN001
+    def scale(self, state: State) -> float:
         """The scale for the current batch of training."""
         delay, finetune = self._fractions or self.fractions(state)
         return resizing_scale(state.elapsed_fraction, self.initial_scale, delay, finetune)
 
-    def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.FIT_START:
             delay, finetune = self.fractions(state)
             try:

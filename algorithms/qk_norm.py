@@ -52,12 +52,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+from speedup.algorithms._init_order import init_neighbours
 from torch import nn
 
 from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.event import Event
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = [
     "NORMS",
@@ -306,31 +312,12 @@ class QKNorm(Algorithm):
     def declare(self) -> Declaration:
         return Declaration(
             events={Event.INIT: Access(writes={"model.modules"})},
-            # One total order of INIT surgery (see relu_squared): after anything that replaces
-            # the projections this hooks (factorize), before the layer swaps.
-            runs_after={
-                "alibi",
-                "relu_squared",
-                "gated_linear_units",
-                "factorize",
-                "stochastic_depth",
-                "blurpool",
-            },
-            runs_before={
-                "rotary",
-                "low_precision_layernorm",
-                "gyro_dropout",
-                "channels_last",
-                "no_op_model",
-                "squeeze_excite",
-                "weight_standardization",
-                "ghost_batchnorm",
-                "low_precision_groupnorm",
-            },
+            # Its place in the one total order of INIT surgery (_init_order).
+            **init_neighbours("qk_norm"),
             model_kinds={"gpt2", "bert"},
         )
 
-    def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
         self.patched = apply_qk_norm(state.model, self.norm, self.scale, self.eps)
         if self.patched == 0 and not _normalized(state.model):
             raise ValueError(

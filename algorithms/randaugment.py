@@ -47,7 +47,7 @@ Functional twin: :func:`randaugment_batch`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,10 @@ from speedup.algorithms.mixup import image_augmentation
 
 from speedup.algorithm import Algorithm, Declaration
 from speedup.event import Event
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = [
     "AUGMENTATION_SETS",
@@ -436,7 +440,7 @@ class RandAugment(Algorithm):
     def declare(self) -> Declaration:
         return image_augmentation(self.name)
 
-    def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
         batch = state.batch
         batch["inputs"] = randaugment_batch(
             batch["inputs"], self.depth, self.severity, self.augmentation_set

@@ -36,12 +36,19 @@ Functional twins: :func:`relu_squared`, :func:`apply_relu_squared`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+from speedup.algorithms._init_order import init_neighbours
 from torch import nn
 
 from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.event import Event
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = ["ReLUSquared", "ReLUSquaredActivation", "apply_relu_squared", "relu_squared"]
 
@@ -109,31 +116,12 @@ class ReLUSquared(Algorithm):
     def declare(self) -> Declaration:
         return Declaration(
             events={Event.INIT: Access(writes={"model.modules"})},
-            # One total order of INIT surgery keeps plans free of write-write conflicts: ALiBi
-            # first (as it declares), then this activation swap, so that a GLU built after it
-            # inherits the model's activation; the attention surgery and layer swaps follow.
-            runs_after={"alibi"},
-            runs_before={
-                "gated_linear_units",
-                "qk_norm",
-                "rotary",
-                "factorize",
-                "low_precision_layernorm",
-                "gyro_dropout",
-                "channels_last",
-                "no_op_model",
-                # vision surgery never meets a transformer; listed for a total order
-                "stochastic_depth",
-                "blurpool",
-                "squeeze_excite",
-                "weight_standardization",
-                "ghost_batchnorm",
-                "low_precision_groupnorm",
-            },
+            # Its place in the one total order of INIT surgery (_init_order).
+            **init_neighbours("relu_squared"),
             model_kinds={"gpt2", "bert"},
         )
 
-    def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
         self.replaced = apply_relu_squared(state.model)
         if self.replaced == 0 and not _has_relu_squared(state.model):
             raise ValueError(

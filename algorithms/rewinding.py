@@ -54,13 +54,20 @@ Functional twins: :func:`rewind_weights`, :func:`replayed_step`.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from speedup.algorithm import Access, Algorithm, Declaration
-from speedup.config import ConfigError
+from speedup.errors import ConfigError
 from speedup.event import Event
 from speedup.time import Time, TimeUnit
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = ["Rewinding", "replayed_step", "rewind_weights"]
 
@@ -145,7 +152,7 @@ class Rewinding(Algorithm):
             runs_after={"magnitude_pruning"},
         )
 
-    def check_composition(self, algorithms) -> list[str]:  # noqa: ANN001
+    def check_composition(self, algorithms: Mapping[str, Algorithm]) -> list[str]:
         pruners = [
             a
             for a in algorithms.values()
@@ -163,7 +170,7 @@ class Rewinding(Algorithm):
                 )
         return problems
 
-    def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
         batch = state.timestamp.batch
         if event == Event.FIT_START:
             self._start(state)
@@ -190,7 +197,7 @@ class Rewinding(Algorithm):
         factor = self._schedule.factor_at(position)
         return [base * factor for base in self._base_lrs]
 
-    def _start(self, state) -> None:  # noqa: ANN001
+    def _start(self, state: State) -> None:
         batch = state.timestamp.batch
         self._to_batch = round(state.converter.to_batches(self.to))
         self._base_lrs = (
@@ -238,10 +245,10 @@ class Rewinding(Algorithm):
                 )
             self._take_snapshot(state)
 
-    def _take_snapshot(self, state) -> None:  # noqa: ANN001
+    def _take_snapshot(self, state: State) -> None:
         self.snapshot = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
 
-    def _rewind(self, state, logger) -> None:  # noqa: ANN001
+    def _rewind(self, state: State, logger: Logger) -> None:
         batch = state.timestamp.batch
         if self.mode == "weights":
             if self.snapshot is None:

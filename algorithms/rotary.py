@@ -54,12 +54,19 @@ Functional twins: :func:`rotary_frequencies`, :func:`rotate`, :func:`apply_rotar
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+from speedup.algorithms._init_order import init_neighbours
 from speedup.algorithms.qk_norm import add_qk_transform, self_attention_modules
 from torch import nn
 
 from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.event import Event
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = [
     "PAIRINGS",
@@ -255,33 +262,14 @@ class Rotary(Algorithm):
     def declare(self) -> Declaration:
         return Declaration(
             events={Event.INIT: Access(writes={"model.modules"})},
-            # One total order of INIT surgery (see relu_squared); after qk_norm so the plan
-            # matches the order the two transforms run in.
-            runs_after={
-                "relu_squared",
-                "qk_norm",
-                "gated_linear_units",
-                "factorize",
-                "stochastic_depth",
-                "blurpool",
-                "alibi",  # incompatible, but ordered so the only conflict is that one
-            },
-            runs_before={
-                "low_precision_layernorm",
-                "gyro_dropout",
-                "channels_last",
-                "no_op_model",
-                "squeeze_excite",
-                "weight_standardization",
-                "ghost_batchnorm",
-                "low_precision_groupnorm",
-            },
-            incompatible_with={"alibi"},
+            # Its place in the one total order of INIT surgery (_init_order).
+            **init_neighbours("rotary"),
+            incompatible_with={"alibi"},  # ordered anyway, so that is the only conflict
             model_kinds={"gpt2", "bert"},
             data_kinds={"text"},
         )
 
-    def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
         self.patched = apply_rotary(state.model, self.base, self.fraction, self.pairing)
         if self.patched == 0 and not _rotary(state.model):
             raise ValueError(

@@ -46,15 +46,19 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from speedup import distributed
 from speedup.algorithm import Access, Algorithm, Declaration
-from speedup.config import ConfigError
+from speedup.errors import ConfigError
 from speedup.event import Event
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = ["SAM", "bn_stats_frozen", "sam_gradient", "sam_perturbation"]
 
@@ -159,7 +163,7 @@ def bn_stats_frozen(model: nn.Module) -> Iterator[None]:
                 m.num_batches_tracked.copy_(count)
 
 
-def _autocast(state) -> contextlib.AbstractContextManager:  # noqa: ANN001
+def _autocast(state: State) -> contextlib.AbstractContextManager:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(state.precision)
     if dtype is None:
         return contextlib.nullcontext()
@@ -214,17 +218,17 @@ class SAM(Algorithm):
             runs_before={"gradient_clipping"},
         )
 
-    def _due(self, state) -> bool:  # noqa: ANN001
+    def _due(self, state: State) -> bool:
         return state.timestamp.batch % self.interval == 0
 
-    def match(self, event: Event, state) -> bool:  # noqa: ANN001
+    def match(self, event: Event, state: State) -> bool:
         if event == Event.FIT_START:
             return True
         if event == Event.AFTER_TRAIN_BATCH:
             return bool(self._microbatches)
         return self._due(state)
 
-    def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.FIT_START:
             self._microbatches = []
             if state.scaler is not None:
@@ -238,7 +242,7 @@ class SAM(Algorithm):
             microbatches, self._microbatches = self._microbatches, []
             self._second_pass(state, microbatches)
 
-    def _second_pass(self, state, microbatches: list[dict[str, torch.Tensor]]) -> None:  # noqa: ANN001
+    def _second_pass(self, state: State, microbatches: list[dict[str, torch.Tensor]]) -> None:
         model = state.model
         total = sum(model.loss_weight(mb) for mb in microbatches) if len(microbatches) > 1 else None
 

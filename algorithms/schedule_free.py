@@ -46,15 +46,19 @@ saving).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.checkpoint import CheckpointSaver
-from speedup.config import ConfigError
+from speedup.errors import ConfigError
 from speedup.event import Event
 from speedup.time import schedule_time
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = ["KINDS", "ScheduleFree", "schedule_free_optimizer"]
 
@@ -190,7 +194,7 @@ class ScheduleFree(Algorithm):
         """Whether the model holds the averaged weights ``x`` (the optimizer in eval mode)."""
         return self.sf is not None and not self.sf.param_groups[0]["train_mode"]
 
-    def match(self, event: Event, state) -> bool:  # noqa: ANN001
+    def match(self, event: Event, state: State) -> bool:
         if event == Event.AFTER_LOAD:
             return True
         if event == Event.BEFORE_DATALOADER:
@@ -199,7 +203,7 @@ class ScheduleFree(Algorithm):
             return self._checkpointing and not self.at_x  # only a saver writes the weights
         return not self.at_x
 
-    def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.AFTER_LOAD:
             self._install(state)
         elif event == Event.BEFORE_DATALOADER:
@@ -207,7 +211,7 @@ class ScheduleFree(Algorithm):
         else:
             self._to_x()
 
-    def _install(self, state) -> None:  # noqa: ANN001
+    def _install(self, state: State) -> None:
         if state.schedulers:
             raise ConfigError(
                 "algorithms.schedule_free: it replaces the LR schedule, so scheduler.name must "

@@ -86,6 +86,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -93,10 +94,14 @@ from speedup.algorithms.sam import bn_stats_frozen
 
 from speedup import distributed
 from speedup.algorithm import Access, Algorithm, Declaration
-from speedup.config import ConfigError
+from speedup.errors import ConfigError
 from speedup.event import Event
-from speedup.models.base import Model
+from speedup.model import Model
 from speedup.time import schedule_time
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = [
     "SELECTIONS",
@@ -342,16 +347,16 @@ class SelectiveBackprop(Algorithm):
             runs_after={"seq_length_warmup", "alibi"},
         )
 
-    def active(self, state) -> bool:  # noqa: ANN001
+    def active(self, state: State) -> bool:
         """Whether the batch about to be trained is selected from."""
         batch = state.timestamp.batch
         begin, finish = self._window
         return begin <= batch < finish and batch % self.interval == 0
 
-    def match(self, event: Event, state) -> bool:  # noqa: ANN001
+    def match(self, event: Event, state: State) -> bool:
         return event == Event.FIT_START or self.active(state)
 
-    def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.FIT_START:
             self._fit_start(state)
             return
@@ -372,7 +377,7 @@ class SelectiveBackprop(Algorithm):
         self.history = updated_history(self.history, cpu_losses, self.history_size)
         return sampled_loss_indices(losses, self.history, self.beta, self.generator)
 
-    def _fit_start(self, state) -> None:  # noqa: ANN001
+    def _fit_start(self, state: State) -> None:
         if type(state.model).per_sample_loss is Model.per_sample_loss:
             raise ConfigError(
                 f"algorithms.selective_backprop: {type(state.model).__name__} does not define "
@@ -405,7 +410,7 @@ class SelectiveBackprop(Algorithm):
             self.generator.set_state(state["generator"])
 
 
-def _autocast(state) -> contextlib.AbstractContextManager:  # noqa: ANN001
+def _autocast(state: State) -> contextlib.AbstractContextManager:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(state.precision)
     if dtype is None:
         return contextlib.nullcontext()

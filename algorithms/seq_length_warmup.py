@@ -41,13 +41,18 @@ Functional twins: :func:`set_batch_sequence_length`, :func:`warmup_sequence_leng
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from speedup.algorithm import Access, Algorithm, Declaration
-from speedup.config import ConfigError
+from speedup.errors import ConfigError
 from speedup.event import Event
 from speedup.time import Time, schedule_time
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = ["SeqLengthWarmup", "set_batch_sequence_length", "warmup_sequence_length"]
 
@@ -165,7 +170,7 @@ class SeqLengthWarmup(Algorithm):
             batch, self.warmup_batches, full_length, self.min_seq_length, self.step_size
         )
 
-    def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.FIT_START:
             try:
                 self.warmup_batches = state.converter.to_batches(self.duration)

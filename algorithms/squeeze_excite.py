@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,10 @@ from torch import nn
 from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.event import Event
 from speedup.surgery import replace_modules
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = [
     "SqueezeExcite",
@@ -152,7 +157,7 @@ class SqueezeExcite(Algorithm):
             data_kinds={"image"},
         )
 
-    def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
         self.added = apply_squeeze_excite(state.model, self.latent_channels, self.min_channels)
         if not self.added:
             warnings.warn(

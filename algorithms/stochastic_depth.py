@@ -21,9 +21,10 @@ the plain network with no drop and no rescaling (Huang et al. instead multiply b
 test time; the two are the same in expectation). ``drop_warmup`` ramps every rate linearly
 from 0 to its target over that Time, set before each batch.
 
-Surgery replaces torchvision ``BasicBlock``/``Bottleneck`` and the CIFAR ResNets'
-``_BasicBlock`` (``speedup.models.vision``) by :class:`StochasticBlock`, which adopts the
-block's submodules under the same names: parameters and state-dict keys are unchanged.
+Surgery replaces torchvision ``BasicBlock``/``Bottleneck`` and any core
+:class:`~speedup.model.ResidualBlock` (the CIFAR ResNets' blocks) by :class:`StochasticBlock`,
+which adopts the block's submodules under the same names: parameters and state-dict keys are
+unchanged.
 
 **When it helps.** Deep ResNets trained long enough to overfit. Huang et al. (Table 1):
 110-layer ResNet, CIFAR-10 test error 6.41% -> 5.25% (with gains on CIFAR-100 and SVHN too),
@@ -46,6 +47,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -53,9 +55,13 @@ from torch import nn
 
 from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.event import Event
-from speedup.models.vision import _BasicBlock
+from speedup.model import ResidualBlock
 from speedup.surgery import replace_modules
 from speedup.time import Time, schedule_time
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -103,8 +109,8 @@ def _layout(block: nn.Module) -> str | None:
     """Which residual block this is, or None when it is not one we can make stochastic."""
     if isinstance(block, StochasticBlock):
         return None
-    if isinstance(block, _BasicBlock):
-        return "cifar_basic"
+    if isinstance(block, ResidualBlock):
+        return "residual"
     resnet = sys.modules.get("torchvision.models.resnet")  # only if torchvision is in use
     if resnet is not None:
         if isinstance(block, resnet.Bottleneck):
@@ -140,11 +146,11 @@ class StochasticBlock(nn.Module):
         self.layout = layout
         for name, child in block.named_children():
             self.add_module(name, child)
-        if layout == "cifar_basic":  # the parameter-free shortcut needs these
-            self.stride = block.stride
-            self.pad = block.pad
-            if block.projection is None:
-                self.projection = None
+        if layout == "residual":  # its class's branch/shortcut, run on the adopted parts
+            self._residual = type(block)
+            for name, value in vars(block).items():  # plain attributes: stride, pad, None paths
+                if not name.startswith("_") and name != "training":
+                    setattr(self, name, value)
         elif block.downsample is None:  # torchvision: identity shortcut
             self.downsample = None
         self.method = method
@@ -154,6 +160,8 @@ class StochasticBlock(nn.Module):
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         """The residual function ``f(x)`` (up to, not including, the addition)."""
+        if self.layout == "residual":
+            return self._residual.branch(self, x)
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         if self.layout == "bottleneck":
@@ -161,8 +169,8 @@ class StochasticBlock(nn.Module):
         return out
 
     def shortcut(self, x: torch.Tensor) -> torch.Tensor:
-        if self.layout == "cifar_basic":
-            return _BasicBlock.shortcut(self, x)  # same attributes: projection, stride, pad
+        if self.layout == "residual":
+            return self._residual.shortcut(self, x)
         return x if self.downsample is None else self.downsample(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -265,14 +273,14 @@ class StochasticDepth(Algorithm):
             unused_parameters=self.method == "block",
         )
 
-    def warmup_factor(self, state) -> float:  # noqa: ANN001
+    def warmup_factor(self, state: State) -> float:
         """How far the rates are through their warmup, in [0, 1]."""
         if not self.warms_up:
             return 1.0
         warmup = state.converter.to_batches(self.drop_warmup)
         return min(1.0, state.timestamp.batch / warmup) if warmup > 0 else 1.0
 
-    def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
             self.blocks = apply_stochastic_depth(
                 state.model, self.drop_rate, self.drop_distribution, self.method

@@ -44,16 +44,20 @@ import contextlib
 import math
 import random
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from speedup import distributed
 from speedup.algorithm import Access, Algorithm, Declaration
-from speedup.config import ConfigError
+from speedup.errors import ConfigError
 from speedup.event import Event
 from speedup.time import Time, TimeUnit, schedule_time
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = ["ANNEAL_STRATEGIES", "SWA", "average_weights", "swa_lr_factor", "update_bn"]
 
@@ -255,14 +259,14 @@ class SWA(Algorithm):
 
     # -- events -------------------------------------------------------------------------------
 
-    def match(self, event: Event, state) -> bool:  # noqa: ANN001
+    def match(self, event: Event, state: State) -> bool:
         if event == Event.BEFORE_TRAIN_BATCH:
             return not self.finished and state.timestamp.batch >= self._start
         if event == Event.BATCH_END:
             return not self.finished
         return True
 
-    def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.FIT_START:
             self._fit_start(state)
         elif event == Event.BEFORE_TRAIN_BATCH:
@@ -278,7 +282,7 @@ class SWA(Algorithm):
             if self._at_end(state):
                 self._finish(state, logger)
 
-    def _at_end(self, state) -> bool:  # noqa: ANN001
+    def _at_end(self, state: State) -> bool:
         """Whether this BATCH_END is the run's last (the trainer's own test; the epoch counter
         only advances after the last BATCH_END of an epoch, so epochs are counted in batches)."""
         ts, end = state.timestamp, state.max_duration
@@ -286,7 +290,7 @@ class SWA(Algorithm):
             return ts.batch >= end.value * state.converter.batches_per_epoch
         return ts.get(end.unit) >= end.value
 
-    def _fit_start(self, state) -> None:  # noqa: ANN001
+    def _fit_start(self, state: State) -> None:
         conv = state.converter
         try:
             start = conv.to_batches(self.swa_start)
@@ -312,7 +316,7 @@ class SWA(Algorithm):
         elif self._due(state.timestamp.batch) and state.timestamp.batch == 0:
             self._update(state)  # swa_start 0: the initial weights are the first sample
 
-    def _update(self, state) -> None:  # noqa: ANN001
+    def _update(self, state: State) -> None:
         if self.average is None:
             self.average = {}
         self.num_averaged = average_weights(self.average, state.model, self.num_averaged)
@@ -322,7 +326,7 @@ class SWA(Algorithm):
                     if name in self.average:
                         self.average[name].mul_(mask.to(self.average[name].dtype))
 
-    def _finish(self, state, logger) -> None:  # noqa: ANN001
+    def _finish(self, state: State, logger: Logger) -> None:
         self.finished = True
         logger.log_metrics({"swa/num_averaged": self.num_averaged})
         if self.average is None:

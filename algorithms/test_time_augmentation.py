@@ -44,14 +44,19 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from speedup import distributed
 from speedup.algorithm import Access, Algorithm, Declaration
-from speedup.config import ConfigError
+from speedup.errors import ConfigError
 from speedup.event import Event
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = [
     "AIRBENCH_WEIGHTS",
@@ -186,7 +191,7 @@ class TestTimeAugmentation(Algorithm):
             data_kinds={"image"},
         )
 
-    def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.EVAL_START:
             self._plain, self._seconds, self._images = {}, 0.0, 0
         elif event == Event.EVAL_AFTER_FORWARD:
@@ -194,7 +199,7 @@ class TestTimeAugmentation(Algorithm):
         else:
             self._report(state, logger)
 
-    def _augment(self, state) -> None:  # noqa: ANN001
+    def _augment(self, state: State) -> None:
         logits, batch = state.outputs, state.batch
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
@@ -231,7 +236,7 @@ class TestTimeAugmentation(Algorithm):
         self._seconds += time.perf_counter() - started
         self._images += int(self.last_selected.numel())
 
-    def _report(self, state, logger) -> None:  # noqa: ANN001
+    def _report(self, state: State, logger: Logger) -> None:
         totals = self._plain
         if distributed.world_size() > 1:  # every process evaluated its share: add them up
             names = list(totals)

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -50,6 +51,10 @@ from torch.nn.utils import parametrize
 
 from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.event import Event
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = [
     "WeightStandardization",
@@ -179,7 +184,7 @@ class WeightStandardization(Algorithm):
             data_kinds={"image", "signal"},  # Conv1d nets on signals (MNIST-1D) too
         )
 
-    def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
         self.standardized = apply_weight_standardization(
             state.model, self.n_last_layers_ignore, self.eps
         )

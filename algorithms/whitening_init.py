@@ -48,7 +48,7 @@ Functional twin: :func:`whitening_filters` (with :func:`patch_covariance` and
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -56,16 +56,20 @@ from torch import nn
 
 from speedup import distributed
 from speedup.algorithm import Access, Algorithm, Declaration
-from speedup.config import ConfigError
+from speedup.errors import ConfigError
 from speedup.event import Event
 from speedup.time import Time, schedule_time
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = ["WhiteningInit", "init_whitening", "patch_covariance", "whitening_filters"]
 
 _CHUNK = 256  # images per unfold: bounds the memory of the patch matrix
 
 
-def _patches(images: torch.Tensor, kernel_size: tuple[int, int], dilation: Any = 1):
+def _patches(images: torch.Tensor, kernel_size: tuple[int, int], dilation: Any = 1) -> torch.Tensor:
     """Every stride-1 patch of ``[N, C, H, W]`` images as rows ``[N * L, C * kh * kw]``,
     flattened in the order of a conv weight ``[C, kh, kw]``."""
     columns = F.unfold(images.float(), kernel_size, dilation=dilation)  # [N, C*kh*kw, L]
@@ -251,7 +255,7 @@ class WhiteningInit(Algorithm):
     def time_constants(self) -> dict[str, Time]:
         return {} if self.bias_phase is None else {"bias_phase": self.bias_phase}
 
-    def match(self, event: Event, state) -> bool:  # noqa: ANN001
+    def match(self, event: Event, state: State) -> bool:
         if event == Event.BATCH_END:
             return (
                 self._bias_end is not None
@@ -260,7 +264,7 @@ class WhiteningInit(Algorithm):
             )
         return True
 
-    def apply(self, event: Event, state, logger) -> None:  # noqa: ANN001
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
             _, self._conv = _first_conv(state.model, self.layer)
             self._conv.weight.requires_grad_(False)
@@ -277,7 +281,7 @@ class WhiteningInit(Algorithm):
             self._freeze_bias()
             logger.log_metrics({"whitening_init/bias_frozen_at": state.timestamp.batch})
 
-    def _initialise(self, state, logger) -> None:  # noqa: ANN001
+    def _initialise(self, state: State, logger: Logger) -> None:
         assert self._conv is not None
         started = time.perf_counter()
         images, shared = _training_images(state.train_dataloader, self.num_images)
@@ -308,7 +312,7 @@ class WhiteningInit(Algorithm):
             }
         )
 
-    def _resolve_bias_phase(self, state) -> None:  # noqa: ANN001
+    def _resolve_bias_phase(self, state: State) -> None:
         assert self._conv is not None
         if self.bias_phase is None or self._conv.bias is None:
             self._bias_end = None

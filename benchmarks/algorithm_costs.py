@@ -35,7 +35,7 @@ def _step_time(
     train,
     model_name: str,
     algorithms: Callable[[], list[Algorithm]],
-    steps: int,  # noqa: ANN001
+    steps: int,
 ) -> float:
     torch.manual_seed(0)
     trainer = Trainer(
@@ -60,7 +60,7 @@ def interleaved(
     a: Callable,
     b: Callable,
     steps: int,
-    repeats: int,  # noqa: ANN001
+    repeats: int,
 ) -> tuple[float, float]:
     times_a, times_b = [], []
     for repeat in range(repeats + 1):

@@ -25,7 +25,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader, default_collate
@@ -33,6 +33,10 @@ from torch.utils.data import DataLoader, default_collate
 from speedup.callback import CALLBACKS, Callback
 from speedup.data import TensorBatchLoader
 from speedup.data.shapes2d import Shapes2DDataset, shapes2d
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = ["DataWaitTimer", "loader_throughput", "data_wait", "main"]
 
@@ -86,13 +90,13 @@ class DataWaitTimer(Callback):
         self._wait = 0.0
         self._seen = 0
 
-    def before_dataloader(self, state: Any, logger: Any) -> None:
+    def before_dataloader(self, state: State, logger: Logger) -> None:
         self._drawn_at = time.perf_counter()
 
-    def after_dataloader(self, state: Any, logger: Any) -> None:
+    def after_dataloader(self, state: State, logger: Logger) -> None:
         self._wait = time.perf_counter() - self._drawn_at
 
-    def batch_start(self, state: Any, logger: Any) -> None:
+    def batch_start(self, state: State, logger: Logger) -> None:
         now = time.perf_counter()
         if self._last_start is not None and self._seen > self.skip:
             self.waits.append(self._wait)

@@ -56,7 +56,7 @@ def seconds_to_error(call: Callable[[], object], expected: type[BaseException]) 
 def _cases(folder: Path) -> dict[str, Callable[[], float]]:
     import speedup.data.text as text
     import speedup.data.vision as vision
-    from speedup.data import DataPathError
+    from speedup.errors import DataPathError
 
     corpus = folder / "a.txt"
     corpus.write_text("hello world\n")

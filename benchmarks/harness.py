@@ -37,16 +37,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
 from omegaconf import DictConfig
 
 from speedup.callback import Callback
-from speedup.config import ConfigError, config_hash, load_config, resolve_recipe
+from speedup.config import config_hash, load_config, resolve_recipe
+from speedup.errors import ConfigError
 from speedup.registry import suggest
 from speedup.run import build_trainer, environment, plan_config, run_config
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = [
     "Suite",
@@ -71,7 +76,6 @@ METRICS_BY_KIND = {
     "gpt2": {"loss", "perplexity", "accuracy"},
     "bert": {"loss", "perplexity", "masked_accuracy", "accuracy"},
 }
-LOWER_IS_BETTER = {"loss", "perplexity"}
 _TIMING_KEYS = {"steps", "repeats", "positions", "period"}
 #: Algorithms whose work recurs every k-th step: (argument, default). A timing window spans a
 #: whole number of these periods (see :func:`window_period`).
@@ -114,7 +118,9 @@ class Suite:
 
     @property
     def higher_is_better(self) -> bool:
-        return self.metric not in LOWER_IS_BETTER
+        from speedup.callbacks import lower_is_better
+
+        return not lower_is_better(self.metric)
 
 
 def _suite_dir() -> Path:
@@ -304,7 +310,7 @@ class FlopsMeter(Callback):
         self.per_sample: dict[tuple, float] = {}
         self.total = 0.0
 
-    def before_forward(self, state, logger) -> None:  # noqa: ANN001
+    def before_forward(self, state: State, logger: Logger) -> None:
         inputs = next(iter(state.batch.values()))
         shape = tuple(inputs.shape[1:])
         if shape not in self.per_sample:
@@ -316,7 +322,7 @@ class FlopsMeter(Callback):
             self.per_sample[shape] = counter.get_total_flops() / max(1, inputs.shape[0])
         self.total += 3 * self.per_sample[shape] * inputs.shape[0]
 
-    def eval_end(self, state, logger) -> None:  # noqa: ANN001
+    def eval_end(self, state: State, logger: Logger) -> None:
         logger.log_metrics({"flops": self.total})
 
     def state_dict(self) -> dict:
@@ -327,7 +333,7 @@ class _StopAfter(Callback):
     def __init__(self, steps: int) -> None:
         self.steps, self.done = steps, 0
 
-    def batch_end(self, state, logger) -> None:  # noqa: ANN001
+    def batch_end(self, state: State, logger: Logger) -> None:
         self.done += 1
         if self.done >= self.steps:
             state.stop_training("timing window done")
@@ -383,10 +389,10 @@ def time_window_detail(
     durations: list[float] = []
 
     class StepClock(Callback):
-        def before_dataloader(self, state, logger) -> None:  # noqa: ANN001
+        def before_dataloader(self, state: State, logger: Logger) -> None:
             self.started = time.perf_counter()
 
-        def batch_end(self, state, logger) -> None:  # noqa: ANN001
+        def batch_end(self, state: State, logger: Logger) -> None:
             durations.append(time.perf_counter() - self.started)
 
     trainer = build_trainer(cfg, extra_callbacks=[StepClock(), _StopAfter(steps + 1)])

@@ -26,6 +26,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,10 @@ from speedup.models import Classifier
 from speedup.models.nets import MLP, SmallCNN2d
 from speedup.trainer import Trainer
 
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
+
 
 class NoOp(Algorithm):
     """Declares every event and does nothing: the engine's dispatch cost, isolated."""
@@ -49,7 +54,7 @@ class NoOp(Algorithm):
     def declare(self) -> Declaration:
         return Declaration({event: Access() for event in Event})
 
-    def apply(self, event: Event, state: object, logger: object) -> None:
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
         return None
 
 

@@ -24,8 +24,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from speedup.callback import Callback
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 #: ResNet-20 on Shapes-2D with EMA, pruning (masks), weight rewinding (a snapshot) and
 #: progressive resizing: a checkpoint with every kind of state in it.
@@ -48,7 +53,7 @@ CHECKPOINT_AT = 120  # 78 batches per epoch: batch 42 of epoch 1
 class FirstStep(Callback):
     """Prints the wall-clock time of the first training step's end, then ends the process."""
 
-    def batch_end(self, state, logger) -> None:  # noqa: ANN001
+    def batch_end(self, state: State, logger: Logger) -> None:
         print(json.dumps({"first_step_at": time.time(), "step": state.timestamp.batch}))
         sys.stdout.flush()
         os._exit(0)
@@ -58,7 +63,7 @@ class CrashAfter(Callback):
     def __init__(self, batch: int) -> None:
         self.batch = batch
 
-    def batch_end(self, state, logger) -> None:  # noqa: ANN001
+    def batch_end(self, state: State, logger: Logger) -> None:
         if state.timestamp.batch > self.batch:
             raise SystemExit(0)
 

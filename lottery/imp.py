@@ -61,6 +61,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from omegaconf import DictConfig
@@ -75,8 +76,12 @@ from speedup.lottery.runs import (
     train_run,
 )
 
-from speedup.config import ConfigError, with_changes
+from speedup.config import with_changes
+from speedup.errors import ConfigError
 from speedup.run import build_trainer
+
+if TYPE_CHECKING:
+    from speedup.trainer import Trainer
 
 __all__ = ["CONTROLS", "MODES", "IMPSettings", "layer_fractions", "prune_surviving", "run_imp"]
 
@@ -223,7 +228,7 @@ def _shuffled_reprune(
     return out
 
 
-def _finetune_config(cfg: DictConfig, probe, settings: IMPSettings) -> DictConfig:  # noqa: ANN001
+def _finetune_config(cfg: DictConfig, probe: Trainer, settings: IMPSettings) -> DictConfig:
     """``cfg`` with a constant LR: ``finetune_lr``, else the schedule's value at its end."""
     lr = settings.finetune_lr
     if lr is None:
@@ -313,7 +318,14 @@ def run_imp(cfg: DictConfig, out_dir: str | Path, settings: IMPSettings) -> list
     return rows
 
 
-def _controls(cfg, level_dir, settings, ticket, rewind_step, level) -> dict:  # noqa: ANN001
+def _controls(
+    cfg: DictConfig,
+    level_dir: Path,
+    settings: IMPSettings,
+    ticket: dict[str, dict[str, torch.Tensor]],
+    rewind_step: int,
+    level: int,
+) -> dict:
     """The level's controls, matched to its ticket (module doc): ``ticket`` holds its masks,
     the previous level's masks and its start weights."""
     generator = torch.Generator().manual_seed(settings.control_seed + level)

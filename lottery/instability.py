@@ -40,7 +40,8 @@ import torch
 from omegaconf import DictConfig
 from speedup.lottery.runs import train_run
 
-from speedup.config import ConfigError, with_changes
+from speedup.config import with_changes
+from speedup.errors import ConfigError
 from speedup.time import Time
 
 __all__ = [

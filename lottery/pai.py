@@ -51,7 +51,8 @@ from speedup.lottery.runs import (
 )
 from torch import nn
 
-from speedup.config import ConfigError, with_changes
+from speedup.config import with_changes
+from speedup.errors import ConfigError
 
 __all__ = [
     "CHECKS",

@@ -18,17 +18,22 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from speedup.callback import Callback
 from speedup.checkpoint import CheckpointSaver, load_checkpoint, verified_latest
-from speedup.config import ConfigError, config_hash, with_changes
+from speedup.config import NOT_TRAINING_KEYS, config_hash, with_changes
 from speedup.data.cache import atomic_save
+from speedup.errors import ConfigError
 from speedup.loggers import JSONLLogger
 from speedup.run import build_trainer, truncate_metrics
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = [
     "RunResult",
@@ -46,17 +51,6 @@ __all__ = [
 SUMMARY = "summary.json"
 FINAL = "final.pt"
 INPUTS = "inputs.json"
-#: Config keys that cannot change what a run trains (the keys config_hash leaves out too).
-_NOT_INPUTS = (
-    "run_dir",
-    "progress_bar",
-    "trace",
-    "threads",
-    "smoke",
-    "checkpoint",
-    "resume",
-    "loggers",
-)
 
 
 class RunResult(dict):
@@ -92,7 +86,7 @@ def config_items(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config as dotted keys (``model.widths``), without the keys that cannot
     change what is trained: what identifies a run or an experiment."""
     data = OmegaConf.to_container(cfg, resolve=True)
-    for key in _NOT_INPUTS:
+    for key in NOT_TRAINING_KEYS:
         data.pop(key, None)
     return _flatten(data)
 
@@ -279,7 +273,7 @@ class StopAt(Callback):
     def __init__(self, batch: int) -> None:
         self.batch = batch
 
-    def batch_end(self, state, logger) -> None:  # noqa: ANN001
+    def batch_end(self, state: State, logger: Logger) -> None:
         if state.timestamp.batch >= self.batch:
             state.stop_training(f"reached step {self.batch}")
 
@@ -287,9 +281,9 @@ class StopAt(Callback):
 def _mask_holder(masks: dict[str, torch.Tensor] | None) -> list:
     if masks is None:
         return []
-    from speedup.algorithm import ALGORITHMS
+    from speedup.algorithm import build_algorithms
 
-    holder = ALGORITHMS.get("magnitude_pruning")(schedule="fixed")
+    (holder,) = build_algorithms({"magnitude_pruning": {"schedule": "fixed"}})
     holder.load_state_dict({"masks": masks})
     return [holder]
 

@@ -64,7 +64,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from speedup.config import ConfigError, with_changes
+from speedup.config import with_changes
+from speedup.errors import ConfigError
 
 __all__ = [
     "fit",

@@ -1,7 +1,7 @@
 """What users already have, turned into what the Trainer drives.
 
 :class:`~speedup.trainer.Trainer` accepts a plain ``nn.Module`` (with an optional
-``loss_fn``), a Hugging Face model, or a speedup :class:`~speedup.models.base.Model`;
+``loss_fn``), a Hugging Face model, or a speedup :class:`~speedup.model.Model`;
 dataloaders that yield ``(inputs, targets)`` tuples or dicts; algorithms as instances, names
 or ``{name: kwargs}``; and ``metrics`` as torchmetrics metrics. :func:`adapt_inputs` turns
 them into a ``Model``, dict-yielding loaders and ``Algorithm`` instances, and says exactly
@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from speedup.algorithm import Algorithm
-from speedup.models.base import Model, infer_kind, soft_cross_entropy
-from speedup.models.language import HFModel
+from speedup.errors import ConfigError, UnknownNameError
+from speedup.model import HFModel, Model, infer_kind, soft_cross_entropy
 
 __all__ = [
     "AdaptedInputs",
@@ -51,8 +51,6 @@ TUPLE_KEYS = ("inputs", "targets")
 
 def _error(message: str) -> Exception:
     """The project's error for bad user input (the CLI turns it into exit code 2)."""
-    from speedup.config import ConfigError  # lazily: config pulls in omegaconf and yaml
-
     return ConfigError(message)
 
 
@@ -209,7 +207,7 @@ class ModuleModel(Model):
     ``forward`` calls the module on ``batch["inputs"]``; the loss is
     ``loss_fn(outputs, batch["targets"])``, cross-entropy when ``loss_fn`` is None (class
     indices or class probabilities, so label smoothing and mixing work). ``kind`` (for which
-    algorithms apply) is inferred like :class:`~speedup.models.base.Classifier`'s: ``cnn``
+    algorithms apply) is inferred like :class:`~speedup.model.Classifier`'s: ``cnn``
     with a convolution, ``mlp`` with only linear layers, else ``generic``. Evaluation reports
     the loss and ``metrics`` (:class:`EvalMetrics`: accuracy for classification by default).
     """
@@ -316,7 +314,7 @@ def hf_task(net: nn.Module) -> str | None:
 
 class HFTaskModel(HFModel):
     """A Hugging Face model of a known task (:func:`hf_task`) through the recipes' own
-    :class:`~speedup.models.language.HFModel`, which also feeds ``metrics`` with the logits
+    :class:`~speedup.model.HFModel`, which also feeds ``metrics`` with the logits
     and labels its loss scores (for language models: the positions that carry a loss)."""
 
     tuple_keys = ("input_ids", "labels")
@@ -548,8 +546,7 @@ def as_loader(
 
 def _build_algorithm(name: Any, args: Any, where: str) -> Algorithm:
     from speedup.algorithm import ALGORITHMS
-    from speedup.config import check_arguments
-    from speedup.registry import UnknownNameError
+    from speedup.arguments import check_arguments
 
     if not isinstance(name, str):
         raise _error(f"{where}: an algorithm name must be a string, got {_type_name(name)}")

@@ -13,7 +13,7 @@ An algorithm subclasses :class:`Algorithm`, sets ``name`` (its registry name) an
                 data_kinds={"image", "sequence"},
             )
 
-        def apply(self, event, state, logger):
+        def apply(self, event: Event, state: State, logger: Logger) -> None:
             state.batch["targets"] = smooth_labels(state.batch["targets"], ...)
 
 The engine uses declarations to order algorithms at each event, to find conflicts before
@@ -30,12 +30,13 @@ import inspect
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeGuard
 
 from speedup.event import Event
 
 if TYPE_CHECKING:
-    from speedup.loggers import Logger
+    from speedup.logger import Logger
+    from speedup.registry import Registry
     from speedup.state import State
     from speedup.time import Time
 
@@ -44,6 +45,7 @@ __all__ = [
     "Algorithm",
     "Declaration",
     "SEARCH_TYPES",
+    "build_algorithms",
     "STATE_FIELDS",
     "check_field",
     "check_search_space",
@@ -143,7 +145,7 @@ _SEARCH_KEYS = {"type", "low", "high", "log", "choices", "unit"}
 _TIME_UNITS = ("ep", "ba", "sp", "tok", "dur")
 
 
-def _number(value: Any) -> bool:
+def _number(value: Any) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -155,7 +157,9 @@ def check_search_space(cls: type, space: Mapping[str, Mapping[str, Any]]) -> dic
     ``unit`` (a Time unit such as ``dur``) turns a sampled number into a Time string, for
     schedule arguments (``delay: {type: float, low: 0.2, high: 0.7, unit: dur}`` -> "0.45dur")."""
     who = getattr(cls, "name", "") or cls.__name__
-    params = inspect.signature(cls.__init__).parameters
+    # mypy calls ``__init__`` on a bare ``type`` unsound (a subclass may change it): reading
+    # the subclass's own constructor is the point here, as config validation does.
+    params = inspect.signature(cls.__init__).parameters  # type: ignore[misc]
     accepted = [n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL,)]
     out: dict[str, dict] = {}
     for arg, spec in dict(space).items():
@@ -171,8 +175,8 @@ def check_search_space(cls: type, space: Mapping[str, Mapping[str, Any]]) -> dic
             raise ValueError(f"{where}: unknown key {unknown[0]!r}; allowed: {allowed}")
         kind = spec.get("type")
         if kind not in SEARCH_TYPES:
-            allowed = ", ".join(SEARCH_TYPES)
-            raise ValueError(f"{where}: type must be one of {allowed}, got {kind!r}")
+            kinds = ", ".join(SEARCH_TYPES)
+            raise ValueError(f"{where}: type must be one of {kinds}, got {kind!r}")
         if kind == "categorical":
             choices = spec.get("choices")
             if not isinstance(choices, (list, tuple)) or not choices:
@@ -256,7 +260,7 @@ class Algorithm:
         return f"{type(self).__name__}({self.name!r})"
 
 
-def _algorithm_registry():  # built lazily so importing the core stays cheap
+def _algorithm_registry() -> Registry[type[Algorithm]]:  # lazily: the core stays cheap to import
     from speedup.registry import Registry
 
     return Registry("algorithm", group="speedup.algorithms")
@@ -266,3 +270,10 @@ def _algorithm_registry():  # built lazily so importing the core stays cheap
 #: ``speedup.algorithms`` (see pyproject.toml); tests and notebooks may also call
 #: ``ALGORITHMS.register(name)(cls)``.
 ALGORITHMS = _algorithm_registry()
+
+
+def build_algorithms(spec: Mapping[str, Mapping[str, Any] | None]) -> list[Algorithm]:
+    """The algorithms of a recipe's ``algorithms`` section (name -> arguments, ``None`` or
+    ``{}`` for the defaults), built from the registry in their order: the one place a
+    recipe's algorithms are made. Callers that plan and then train pass the same objects on."""
+    return [ALGORITHMS.get(name)(**dict(args or {})) for name, args in spec.items()]

@@ -46,19 +46,19 @@ import time
 import uuid
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 
 from speedup import distributed
 from speedup.callback import Callback
+from speedup.errors import CheckpointError, CheckpointWriteError
 from speedup.guard import refuse_nonfinite
 
 if TYPE_CHECKING:
     from speedup.loggers import Logger
     from speedup.state import State
-    from speedup.trainer import Trainer
 
 __all__ = [
     "FORMAT_VERSION",
@@ -92,17 +92,6 @@ _HIDDEN = (".tmp-", ".old-", ".latest-")
 _NAME = re.compile(r"ep[0-9]+-ba[0-9]+")  # what checkpoint_name makes
 _LEFTOVER = re.compile(r"\.(?:tmp|old)-ep[0-9]+-ba[0-9]+-[0-9]+")
 _LATEST_TMP = re.compile(r"\.latest-[0-9]+")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, damaged, unsafe to load, or does not fit this run; or a
-    checkpoint folder that cannot be written or holds files speedup would have to overwrite."""
-
-
-class CheckpointWriteError(RuntimeError):
-    """Writing a checkpoint failed (disk full, permissions changed, an I/O error). What the
-    write had made is removed and earlier checkpoints are intact; the CLI reports it in one
-    line with exit code 1 (the run failed; the input was fine)."""
 
 
 # -- plain data ------------------------------------------------------------------------------
@@ -186,11 +175,18 @@ def _keyed(objects: list[Any], name_of: Any) -> list[str]:
     return keys
 
 
-def _state(holder: Trainer | State) -> State:
+class StateHolder(Protocol):
+    """What holds a :class:`~speedup.state.State` (a Trainer): checkpoints are taken of
+    ``holder.state``, so this module needs nothing else of the trainer."""
+
+    state: State
+
+
+def _state(holder: StateHolder | State) -> State:
     return getattr(holder, "state", holder)  # a Trainer, or its State
 
 
-def capture(holder: Trainer | State) -> dict[str, Any]:
+def capture(holder: StateHolder | State) -> dict[str, Any]:
     """Everything an exact resume needs, by checkpoint part."""
     s = _state(holder)
     ts, conv = s.timestamp, s.converter
@@ -281,7 +277,7 @@ def _load_model_and_optimizer(s: State, parts: dict[str, Any], where: str) -> No
             raise CheckpointError(f"{where}: optimizer.pt does not fit: {err}") from None
 
 
-def restore(holder: Trainer | State, parts: dict[str, Any], where: str) -> None:
+def restore(holder: StateHolder | State, parts: dict[str, Any], where: str) -> None:
     """Put ``parts`` (from :func:`read_checkpoint`) into a freshly built trainer."""
     s = _state(holder)
     t = parts["trainer"]
@@ -565,7 +561,7 @@ def _own_checkpoints(folder: Path, run_id: str | None) -> list[Path]:
 
 
 def save_checkpoint(
-    trainer: Trainer | State,
+    trainer: StateHolder | State,
     folder: str | Path,
     *,
     config: dict[str, Any] | None = None,
@@ -978,7 +974,7 @@ def read_checkpoint(
 
 
 def load_checkpoint(
-    trainer: Trainer | State, path: str | Path, meta: dict[str, Any] | None = None
+    trainer: StateHolder | State, path: str | Path, meta: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Restore ``trainer`` (freshly built from the same config) from ``path``; returns meta.
     ``meta`` from :func:`verified_latest` (``path`` is then that checkpoint) skips re-hashing."""
@@ -1126,7 +1122,7 @@ class CheckpointSaver(Callback):
     # -- events -------------------------------------------------------------------------------
 
     def fit_start(self, state: State, logger: Logger) -> None:
-        from speedup.trainer import Interval
+        from speedup.time import Interval
 
         self._interval = Interval(self.interval_spec, state.converter)
         self._interval.start(state.timestamp)

@@ -14,6 +14,18 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from speedup.errors import (
+    CheckpointError,
+    CheckpointWriteError,
+    ConfigError,
+    DataPathError,
+    NonFiniteLossError,
+    PlanError,
+    PluginLoadError,
+    RunLockedError,
+    UnknownNameError,
+)
+
 __all__ = ["main"]
 
 #: Output-directory locks (speedup.lock.RunLock) a command takes, released when it returns.
@@ -235,7 +247,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     kinds = list(args.what) or list(LISTABLE)
     unknown = [k for k in kinds if k not in LISTABLE]
     if unknown:
-        from speedup.registry import UnknownNameError, suggest
+        from speedup.registry import suggest
 
         raise UnknownNameError(
             f"cannot list {unknown[0]!r}{suggest(unknown[0], list(LISTABLE))}; "
@@ -293,7 +305,6 @@ def cmd_describe(args: argparse.Namespace) -> int:
     import inspect
 
     from speedup.listing import plain_text
-    from speedup.registry import UnknownNameError
 
     for kind in ("algorithms", "callbacks", "models", "datasets"):
         registry = _registry(kind)
@@ -373,8 +384,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"plan for {cfg.recipe} (model {cfg.model.name}, data {cfg.data.name})")
     print(plan.format(declarations))
     if plan.conflicts:  # the error `speedup run` stops on, with its exit code (2: bad input)
-        from speedup.engine import PlanError
-
         error = PlanError(plan.conflicts)
         count = len(plan.conflicts)
         error.args = (  # one line: the conflicts are in the plan just printed
@@ -386,22 +395,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from omegaconf import OmegaConf
+
     from speedup import distributed
+    from speedup.algorithm import build_algorithms
     from speedup.config import load_config
-    from speedup.engine import PlanError
     from speedup.run import plan_config, run_config
 
     if args.nproc < 1:
-        from speedup.config import ConfigError
-
         raise ConfigError(f"--nproc: must be >= 1 (processes on this machine), got {args.nproc}")
     cfg = load_config(args.recipe, args.overrides, smoke=args.smoke)
-    plan, _ = plan_config(cfg)
+    algorithms = build_algorithms(OmegaConf.to_container(cfg.algorithms))  # planned, then run
+    plan, _ = plan_config(cfg, algorithms)
     if plan.conflicts:  # before any data is loaded
         raise PlanError(plan.conflicts)
     if args.nproc > 1 and not distributed.launched_by_torchrun():
         return _launch_torchrun(args, cfg)
-    summary = run_config(cfg)
+    summary = run_config(cfg, algorithms=algorithms)
     if not distributed.is_main():
         return 0
     if "preempted" in summary:
@@ -457,7 +467,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _lottery_settings_errors(args: argparse.Namespace) -> None:
     """Flags that the chosen experiment would ignore are errors, not silent no-ops."""
-    from speedup.config import ConfigError
 
     flags = {"--pai": args.pai, "--instability": args.instability, "--scaling": args.scaling}
     chosen = [flag for flag, on in flags.items() if on]
@@ -473,8 +482,6 @@ def _lottery_settings_errors(args: argparse.Namespace) -> None:
 
 def _read_masks(path: str) -> dict:
     import torch
-
-    from speedup.config import ConfigError
 
     if not Path(path).is_file():
         raise ConfigError(f"speedup lottery: --masks {path}: no such file")
@@ -617,8 +624,6 @@ def cmd_lottery(args: argparse.Namespace) -> int:
                 finetune_lr=args.finetune_lr,
             )
         except ValueError as err:
-            from speedup.config import ConfigError
-
             raise ConfigError(f"speedup lottery: {err}") from None
         if args.seeds:  # one experiment per seed, then the mean and spread per level
             from speedup.lottery.report import average_rows, write_reports
@@ -647,8 +652,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     suite.overrides = [*suite.overrides, *args.overrides]
     out = args.out or f"runs/bench-{suite.name}{'-smoke' if args.smoke else ''}"
     if args.parallel < 1 or args.nproc < 1:
-        from speedup.config import ConfigError
-
         raise ConfigError("--parallel and --nproc must be >= 1")
     run_suite(suite, out, force=args.force, parallel=args.parallel, nproc=args.nproc)
     print((Path(out) / "report.md").read_text().split("\n## ")[0])
@@ -657,7 +660,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from speedup.config import ConfigError
 
     directory = Path(args.dir)
     if not directory.is_dir():
@@ -696,7 +698,6 @@ def _format_summary(summary: dict) -> str:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from speedup.config import ConfigError
     from speedup.tuning import TuneSettings, tune
 
     metric, _, value = args.target.partition("=")
@@ -753,24 +754,16 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean bad input: reported in one line with exit code 2."""
-    from speedup.checkpoint import CheckpointError
-    from speedup.config import ConfigError
-    from speedup.data import DataPathError
-    from speedup.engine import PlanError
-    from speedup.lock import RunLockedError
-    from speedup.registry import PluginLoadError, UnknownNameError
-
-    return (
-        PluginLoadError,
-        ConfigError,
-        DataPathError,
-        PlanError,
-        UnknownNameError,
-        CheckpointError,
-        RunLockedError,
-    )
+#: Errors that mean bad input: reported in one line with exit code 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    PluginLoadError,
+    ConfigError,
+    DataPathError,
+    PlanError,
+    UnknownNameError,
+    CheckpointError,
+    RunLockedError,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -795,14 +788,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except Exception as err:
-        from speedup.checkpoint import CheckpointWriteError
-        from speedup.guard import NonFiniteLossError
-
         # Training failed (the input was fine); the message says where and what is intact.
         if isinstance(err, (NonFiniteLossError, CheckpointWriteError)):
             print(f"error: {err}", file=sys.stderr)
             return 1
-        if isinstance(err, _user_errors()):
+        if isinstance(err, USER_ERRORS):
             if args.debug:
                 traceback.print_exc()
             print(f"error: {err}", file=sys.stderr)

@@ -25,10 +25,13 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from speedup.registry import UnknownNameError, suggest
+from speedup.arguments import check_arguments
+from speedup.errors import ConfigError, UnknownNameError
+from speedup.registry import suggest
 from speedup.time import Time, TimeUnit, schedule_time
 
 __all__ = [
+    "NOT_TRAINING_KEYS",
     "ConfigError",
     "RunConfig",
     "DATA_LOADER_KEYS",
@@ -44,168 +47,174 @@ __all__ = [
 COMMAND_LINE = "the command line"
 
 
-class ConfigError(ValueError):
-    """Bad input in a recipe or override; the message names the key and its source."""
+def _key(
+    kind: str,
+    help: str,
+    default: Any = MISSING,
+    *,
+    factory: collections.abc.Callable[[], Any] | None = None,
+    required: bool = False,
+) -> Any:
+    """A :class:`RunConfig` field with its documentation beside it, as field metadata:
+    ``kind`` (the type as the reference shows it) and ``help`` (what the key does), the way
+    OpenLTH keeps each hyperparameter's help beside it. ``required``: the schema's default is
+    an empty section the recipe must fill (a model or dataset ``name``), so the reference
+    shows no default. :data:`REFERENCE` and the keys table of docs/recipes.md are generated
+    from these."""
+    metadata = {"kind": kind, "help": help, "required": required}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _default_optimizer() -> dict[str, Any]:
+    from speedup.optim import DEFAULT_OPTIMIZER  # optim imports torch; config stays light
+
+    return dict(DEFAULT_OPTIMIZER)
+
+
+def _default_scheduler() -> dict[str, Any]:
+    from speedup.optim import DEFAULT_SCHEDULER
+
+    return dict(DEFAULT_SCHEDULER)
 
 
 @dataclass
 class RunConfig:
     """The schema of a recipe. Component sections (model, data, optimizer, scheduler,
     algorithms, callbacks) hold ``name`` plus that component's own arguments, which are
-    checked against its signature."""
+    checked against its signature. Each field's ``metadata`` holds its ``kind`` and ``help``:
+    the one description of the key (see :func:`reference_table`)."""
 
-    description: str = ""
-    model: dict[str, Any] = field(default_factory=dict)
-    data: dict[str, Any] = field(default_factory=dict)
-    optimizer: dict[str, Any] = field(default_factory=lambda: {"name": "sgd", "lr": 0.1})
-    scheduler: dict[str, Any] = field(default_factory=lambda: {"name": "constant"})
-    algorithms: dict[str, Any] = field(default_factory=dict)
-    callbacks: dict[str, Any] = field(default_factory=dict)
-    #: Metric destinations besides the always-on ``metrics.jsonl``: ``name -> arguments``
-    #: (``csv``, ``tensorboard``, ``mlflow``; see docs/logging.md).
-    loggers: dict[str, Any] = field(default_factory=dict)
-    max_duration: str = "1ep"
-    eval_interval: str = "1ep"
-    log_interval: str = "10ba"
-    seed: int = 17
-    data_seed: int | None = None
-    microbatch_size: int | None = None
-    precision: str = "fp32"
-    device: str = "auto"
-    deterministic: bool = False
-    compile: bool = False
-    scale_schedule_ratio: float = 1.0
-    run_dir: str | None = None
-    #: Periodic checkpoints into ``<run_dir>/checkpoints``: ``interval`` (a Time; 0 disables
-    #: periodic saves), ``keep_last`` (0 keeps all), ``save_final``, ``folder``.
-    checkpoint: dict[str, Any] = field(
-        default_factory=lambda: {"interval": "1ep", "keep_last": 2, "save_final": True}
+    description: str = _key("str", "free text", "")
+    model: dict[str, Any] = _key(
+        "mapping",
+        "`name` (see `speedup list models`) plus that model's arguments",
+        factory=dict,
+        required=True,
     )
-    #: ``auto``: continue from the run directory's newest complete checkpoint, if any;
-    #: ``never``: start from scratch; or the path of a checkpoint (or of a run directory).
-    resume: str = "auto"
-    #: What a NaN/Inf training loss does: ``stop`` the run, or ``skip`` the batch.
-    nonfinite: str = "stop"
-    #: Under torchrun: ``strategy`` ``ddp`` (replicas, averaged gradients) or ``fsdp`` (FSDP2
-    #: ``fully_shard`` of each block), and FSDP's compute ``param_dtype`` (bf16, fp16, fp32).
-    distributed: dict[str, Any] = field(
-        default_factory=lambda: {"strategy": "ddp", "param_dtype": None}
+    data: dict[str, Any] = _key(
+        "mapping",
+        "`name` (see `speedup list datasets`), loader keys `batch_size` (required), "
+        "`eval_batch_size`, `num_workers`, `train_samples`, `eval_samples` (take the first "
+        "N), plus the dataset's arguments",
+        factory=dict,
+        required=True,
     )
-    threads: int | None = None
-    progress_bar: bool = True
-    trace: bool = False
-    smoke: dict[str, Any] = field(default_factory=dict)
-
-
-#: The recipes reference: key -> (type, meaning). The keys table of docs/recipes.md is
-#: generated from it and from the schema defaults (``python -m speedup.config``); a test
-#: keeps the two equal.
-REFERENCE: dict[str, tuple[str, str]] = {
-    "extends": ("str", "a recipe name or path (relative to this file) to start from"),
-    "description": ("str", "free text"),
-    "model": ("mapping", "`name` (see `speedup list models`) plus that model's arguments"),
-    "data": (
+    optimizer: dict[str, Any] = _key(
         "mapping",
-        (
-            "`name` (see `speedup list datasets`), loader keys `batch_size` (required), "
-            "`eval_batch_size`, `num_workers`, `train_samples`, `eval_samples` (take the first "
-            "N), plus the dataset's arguments"
-        ),
-    ),
-    "optimizer": (
+        "`name` from torch.optim or torch-optimizer (case-insensitive) plus its constructor "
+        "arguments",
+        factory=_default_optimizer,
+    )
+    scheduler: dict[str, Any] = _key(
         "mapping",
-        (
-            "`name` from torch.optim or torch-optimizer (case-insensitive) plus its constructor "
-            "arguments"
-        ),
-    ),
-    "scheduler": (
+        "`name`: constant, linear (`start_factor`, `end_factor`), cosine (`alpha_f`), step "
+        "(`step_size`, `gamma`), multistep (`milestones`, `gamma`), wsd (`decay`, `shape`: "
+        "linear or sqrt, `final_factor`; warmup-stable-decay, Hägele et al. 2024); `warmup` "
+        "(a Time) and `scale_warmup` for all",
+        factory=_default_scheduler,
+    )
+    algorithms: dict[str, Any] = _key(
+        "mapping", "algorithm name -> its arguments (`{}` for defaults)", factory=dict
+    )
+    callbacks: dict[str, Any] = _key("mapping", "callback name -> its arguments", factory=dict)
+    loggers: dict[str, Any] = _key(
         "mapping",
-        (
-            "`name`: constant, linear (`start_factor`, `end_factor`), cosine (`alpha_f`), step "
-            "(`step_size`, `gamma`), multistep (`milestones`, `gamma`), wsd (`decay`, `shape`: "
-            "linear or sqrt, `final_factor`; warmup-stable-decay, Hägele et al. 2024); `warmup` "
-            "(a Time) and `scale_warmup` for all"
-        ),
-    ),
-    "algorithms": ("mapping", "algorithm name -> its arguments (`{}` for defaults)"),
-    "callbacks": ("mapping", "callback name -> its arguments"),
-    "max_duration": ("Time", "run length in `ep`, `ba`, `sp`, `tok` or `sec` (not `dur`)"),
-    "eval_interval": (
+        "extra metric destinations besides `metrics.jsonl`: `csv`, `tensorboard`, `mlflow`, "
+        "each with its arguments (`{}` for defaults); see [logging.md](logging.md)",
+        factory=dict,
+    )
+    max_duration: str = _key(
+        "Time", "run length in `ep`, `ba`, `sp`, `tok` or `sec` (not `dur`)", "1ep"
+    )
+    eval_interval: str = _key(
         "Time",
         "evaluate every ...; `0ba` evaluates only at the end (the end is always evaluated)",
-    ),
-    "log_interval": ("Time", "log training loss, LR and throughput every ..."),
-    "seed": ("int", "seeds python, numpy, torch and the data order"),
-    "data_seed": (
+        "1ep",
+    )
+    log_interval: str = _key("Time", "log training loss, LR and throughput every ...", "10ba")
+    seed: int = _key("int", "seeds python, numpy, torch and the data order", 17)
+    data_seed: int | None = _key(
         "int or null",
         "seeds the data order alone (default: `seed`); instability analysis varies it",
-    ),
-    "deterministic": ("bool", "`torch.use_deterministic_algorithms(True)`"),
-    "microbatch_size": (
+        None,
+    )
+    microbatch_size: int | None = _key(
         "int or null",
         "split each batch for gradient accumulation (same gradient as the whole batch)",
-    ),
-    "precision": (
+        None,
+    )
+    precision: str = _key(
         "str",
         "`fp32`, `bf16` (autocast, CPU or GPU), `fp16` (autocast with GradScaler, CUDA only)",
-    ),
-    "device": ("str", "`auto` (CUDA, then MPS, then CPU), or any torch device string"),
-    "compile": ("bool", "`torch.compile` the model"),
-    "threads": (
-        "int or null",
-        "`torch.set_num_threads` (1 is often fastest on busy or 2-core machines)",
-    ),
-    "scale_schedule_ratio": (
+        "fp32",
+    )
+    device: str = _key(
+        "str", "`auto` (CUDA, then MPS, then CPU), or any torch device string", "auto"
+    )
+    deterministic: bool = _key("bool", "`torch.use_deterministic_algorithms(True)`", False)
+    compile: bool = _key("bool", "`torch.compile` the model", False)
+    scale_schedule_ratio: float = _key(
         "float",
-        (
-            "stretch the run and every schedule milestone by this factor (warmup only with "
-            "`scale_warmup`)"
-        ),
-    ),
-    "run_dir": (
+        "stretch the run and every schedule milestone by this factor (warmup only with "
+        "`scale_warmup`)",
+        1.0,
+    )
+    run_dir: str | None = _key(
         "str or null",
         "where the run writes; default `runs/<recipe>-<hash of the resolved config>`",
-    ),
-    "checkpoint": (
+        None,
+    )
+    checkpoint: dict[str, Any] = _key(
         "mapping",
-        (
-            "checkpoints into `<run_dir>/checkpoints` (or `folder`): every `interval` (a Time; "
-            "`0ba` only saves at the end), keeping the `keep_last` newest (0 keeps all); see "
-            "[checkpoints.md](checkpoints.md)"
-        ),
-    ),
-    "resume": (
+        "checkpoints into `<run_dir>/checkpoints` (or `folder`): every `interval` (a Time; "
+        "`0ba` only saves at the end), keeping the `keep_last` newest (0 keeps all); see "
+        "[checkpoints.md](checkpoints.md)",
+        factory=lambda: {"interval": "1ep", "keep_last": 2, "save_final": True},
+    )
+    resume: str = _key(
         "str",
-        (
-            "`auto` continues from the run directory's newest complete checkpoint (so the same "
-            "command resumes); `never` starts from scratch; or a checkpoint / run directory path"
-        ),
-    ),
-    "nonfinite": (
+        "`auto` continues from the run directory's newest complete checkpoint (so the same "
+        "command resumes); `never` starts from scratch; or a checkpoint / run directory path",
+        "auto",
+    )
+    nonfinite: str = _key(
         "str",
-        (
-            "a NaN/Inf training loss or gradient `stop`s the run before the optimizer step "
-            "(exit 1, naming the step), or `skip`s that batch"
-        ),
-    ),
-    "loggers": (
+        "a NaN/Inf training loss or gradient `stop`s the run before the optimizer step "
+        "(exit 1, naming the step), or `skip`s that batch",
+        "stop",
+    )
+    distributed: dict[str, Any] = _key(
         "mapping",
-        (
-            "extra metric destinations besides `metrics.jsonl`: `csv`, `tensorboard`, `mlflow`, "
-            "each with its arguments (`{}` for defaults); see [logging.md](logging.md)"
-        ),
-    ),
-    "distributed": (
+        "under torchrun (`--nproc N`): `ddp`, or `fsdp` (FSDP2, with `param_dtype` "
+        "bf16/fp16/fp32); see [distributed.md](distributed.md)",
+        factory=lambda: {"strategy": "ddp", "param_dtype": None},
+    )
+    threads: int | None = _key(
+        "int or null",
+        "`torch.set_num_threads` (1 is often fastest on busy or 2-core machines)",
+        None,
+    )
+    progress_bar: bool = _key("bool", "a tqdm bar for training and evaluation", True)
+    trace: bool = _key(
+        "bool", "write `trace.jsonl`: every (event, algorithm/callback) call in order", False
+    )
+    smoke: dict[str, Any] = _key(
         "mapping",
-        (
-            "under torchrun (`--nproc N`): `ddp`, or `fsdp` (FSDP2, with `param_dtype` "
-            "bf16/fp16/fp32); see [distributed.md](distributed.md)"
-        ),
-    ),
-    "progress_bar": ("bool", "a tqdm bar for training and evaluation"),
-    "trace": ("bool", "write `trace.jsonl`: every (event, algorithm/callback) call in order"),
-    "smoke": ("mapping", "overrides applied under `--smoke` (after the built-in smoke settings)"),
+        "overrides applied under `--smoke` (after the built-in smoke settings)",
+        factory=dict,
+    )
+
+
+#: The recipes reference, key -> (type, meaning), read from :class:`RunConfig`'s field
+#: metadata (the one place each key is described); docs/recipes.md's keys table is generated
+#: from it (``python -m speedup.config``) and a test keeps the two equal. ``extends`` is the
+#: one entry written here: it is not a field, since the loader consumes it while reading each
+#: file (:func:`_recipe_layers`) and no merged config ever holds it.
+REFERENCE: dict[str, tuple[str, str]] = {
+    "extends": ("str", "a recipe name or path (relative to this file) to start from"),
+    **{f.name: (f.metadata["kind"], f.metadata["help"]) for f in fields(RunConfig)},
 }
 
 
@@ -435,96 +444,64 @@ def _short(err: Exception) -> str:
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:
-    """A lenient runtime check for the annotation shapes builders use."""
-    if annotation is inspect.Parameter.empty or annotation is Any:
-        return True
-    origin = typing.get_origin(annotation)
-    if origin is typing.Literal:
-        return value in typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
-    if annotation is type(None):
-        return value is None
-    if origin in (list, tuple, typing.Sequence) or annotation in (list, tuple):
-        return isinstance(value, (list, tuple))
-    if origin is dict or annotation is dict:
-        return isinstance(value, dict)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(annotation, type):
-        return isinstance(value, annotation)
-    return True
+    """A lenient runtime check for the annotation shapes builders use (see
+    :func:`speedup.optim.value_fits`, the one definition)."""
+    from speedup.optim import value_fits  # optim imports torch; config stays light to import
+
+    return value_fits(value, annotation)
 
 
-def check_arguments(
-    fn: Any, args: dict[str, Any], section: str, source: str, skip: tuple[str, ...] = ()
-) -> None:
-    """Check ``args`` against ``fn``'s signature: unknown names and wrong types are errors."""
-    target = fn.__init__ if isinstance(fn, type) else fn
-    signature = inspect.signature(target)
-    try:
-        hints = typing.get_type_hints(target)
-    except Exception:  # unresolvable annotations: check names only
-        hints = {}
-    params = {
-        n: p
-        for n, p in signature.parameters.items()
-        if n not in ("self", *skip) and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-    }
-    takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values())
-    for key, value in args.items():
-        if key not in params:
-            if takes_kwargs:
-                continue
-            allowed = ", ".join(params) or "(no arguments)"
-            raise ConfigError(
-                f"{source}: {section}.{key}: unknown key{suggest(key, list(params))}; "
-                f"allowed: {allowed}"
-            )
-        annotation = hints.get(key, params[key].annotation)
-        if not _type_ok(value, annotation):
-            shown = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
-            hint = ""
-            if annotation is str and isinstance(value, (int, float)):
-                hint = " (quote it: YAML reads 2:4 as the base-60 number 124, 1e3 as a number)"
-            raise ConfigError(
-                f"{source}: {section}.{key}: wrong type: got {value!r}, expected {shown}{hint}"
-            )
-    missing = [
-        n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in args
-    ]
-    if missing:
-        raise ConfigError(f"{source}: {section}: missing required key(s) {', '.join(missing)}")
+#: Where a dotted key came from (a file, the command line, ...): see :func:`_source_finder`.
+_Source = collections.abc.Callable[[str], str]
 
 
-def _check_duration(cfg: DictConfig, key: str, origin: dict[str, str], allow_dur: bool) -> None:
-    # Errors list the units this key accepts: dur (a fraction of max_duration) is not one of
-    # max_duration's.
-    units = [u for u in TimeUnit if allow_dur or u != TimeUnit.DURATION]
-    try:
-        value = Time.parse(str(cfg[key]), units=units)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{origin.get(key, 'recipe')}: {key}: {err}") from None
-    if key == "max_duration" and value.value <= 0:
-        raise ConfigError(f"{origin.get(key, 'recipe')}: {key}: must be > 0, got {value}")
-
-
-def _validate(cfg: DictConfig, origin: dict[str, str]) -> None:
-    from speedup.algorithm import ALGORITHMS
-    from speedup.callback import CALLBACKS
-    from speedup.data import DATASETS
-    from speedup.models import MODELS
+def _source_finder(origin: dict[str, str]) -> _Source:
+    """``src(key)``: the layer that set ``key``, or its nearest dotted parent, or "recipe"."""
 
     def src(key: str) -> str:
         while key and key not in origin:
             key = key.rpartition(".")[0]
         return origin.get(key, "recipe")
 
-    _check_duration(cfg, "max_duration", origin, allow_dur=False)
-    _check_duration(cfg, "eval_interval", origin, allow_dur=True)
-    _check_duration(cfg, "log_interval", origin, allow_dur=True)
+    return src
+
+
+def _validate(cfg: DictConfig, origin: dict[str, str]) -> None:
+    """Every semantic check of a merged config, section by section; the first problem is
+    raised as a ConfigError naming the key and the layer that set it. The order is part of
+    the behaviour: a config with several problems reports the first one checked."""
+    src = _source_finder(origin)
+    _validate_durations(cfg, src)
+    _validate_top_level(cfg, src)
+    _validate_machine(cfg, src)
+    _validate_checkpointing(cfg, src)
+    _validate_distributed(cfg, src)
+    _validate_loggers(cfg, src)
+    _validate_model_and_data(cfg, src)
+    _validate_optimizer(cfg, src)
+    _validate_scheduler(cfg, src)
+    _validate_algorithms_and_callbacks(cfg, src)
+
+
+def _validate_durations(cfg: DictConfig, src: _Source) -> None:
+    """max_duration, eval_interval and log_interval are Times. Errors list the units the key
+    accepts: dur (a fraction of max_duration) is not one of max_duration's."""
+    for key, allow_dur in (
+        ("max_duration", False),
+        ("eval_interval", True),
+        ("log_interval", True),
+    ):
+        units = [u for u in TimeUnit if allow_dur or u != TimeUnit.DURATION]
+        try:
+            value = Time.parse(str(cfg[key]), units=units)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{src(key)}: {key}: {err}") from None
+        if key == "max_duration" and value.value <= 0:
+            raise ConfigError(f"{src(key)}: {key}: must be > 0, got {value}")
+
+
+def _validate_top_level(cfg: DictConfig, src: _Source) -> None:
+    """The scalar keys with a range: precision, scale_schedule_ratio, microbatch_size."""
     if cfg.precision not in _PRECISIONS:
         raise ConfigError(
             f"{src('precision')}: precision: {cfg.precision!r} is not allowed; "
@@ -534,35 +511,48 @@ def _validate(cfg: DictConfig, origin: dict[str, str]) -> None:
         raise ConfigError(f"{src('scale_schedule_ratio')}: scale_schedule_ratio: must be > 0")
     if cfg.microbatch_size is not None and cfg.microbatch_size <= 0:
         raise ConfigError(f"{src('microbatch_size')}: microbatch_size: must be > 0")
-    _validate_machine(cfg, src)
-    _validate_checkpointing(cfg, src)
-    _validate_distributed(cfg, src)
-    _validate_loggers(cfg, src)
 
-    def component(section: str, registry: Any, reserved: dict[str, type] | None = None) -> None:
-        spec = OmegaConf.to_container(cfg[section])
-        if "name" not in spec:
+
+def _validate_component(
+    cfg: DictConfig,
+    src: _Source,
+    section: str,
+    registry: Any,
+    reserved: dict[str, type] | None = None,
+) -> None:
+    """A ``name`` + arguments section: the name is registered, the ``reserved`` keys (the data
+    loader's) have their types, the rest are the builder's arguments; a model's int
+    arguments are sizes (:func:`_check_sizes`)."""
+    spec = OmegaConf.to_container(cfg[section])
+    if "name" not in spec:
+        raise ConfigError(
+            f"{src(section)}: {section}.name: missing; available: {', '.join(registry.names())}"
+        )
+    try:
+        builder = registry.get(spec["name"])
+    except UnknownNameError as err:
+        raise ConfigError(f"{src(section + '.name')}: {section}.name: {err}") from None
+    args = {k: v for k, v in spec.items() if k != "name" and k not in (reserved or {})}
+    for key, kind in (reserved or {}).items():
+        if key in spec and spec[key] is not None and not _type_ok(spec[key], kind):
             raise ConfigError(
-                f"{src(section)}: {section}.name: missing; available: {', '.join(registry.names())}"
+                f"{src(f'{section}.{key}')}: {section}.{key}: wrong type: got "
+                f"{spec[key]!r}, expected {kind.__name__}"
             )
-        try:
-            builder = registry.get(spec["name"])
-        except UnknownNameError as err:
-            raise ConfigError(f"{src(section + '.name')}: {section}.name: {err}") from None
-        args = {k: v for k, v in spec.items() if k != "name" and k not in (reserved or {})}
-        for key, kind in (reserved or {}).items():
-            if key in spec and spec[key] is not None and not _type_ok(spec[key], kind):
-                raise ConfigError(
-                    f"{src(f'{section}.{key}')}: {section}.{key}: wrong type: got "
-                    f"{spec[key]!r}, expected {kind.__name__}"
-                )
-        skip = ("info",) if section == "model" else ()
-        check_arguments(builder, args, section, src(section), skip=skip)
-        if section == "model":
-            _check_sizes(builder, args, section, src)
+    skip = ("info",) if section == "model" else ()
+    check_arguments(builder, args, section, src(section), skip=skip)
+    if section == "model":
+        _check_sizes(builder, args, section, src)
 
-    component("model", MODELS)
-    component("data", DATASETS, DATA_LOADER_KEYS)
+
+def _validate_model_and_data(cfg: DictConfig, src: _Source) -> None:
+    """The model and the dataset are registered and take their arguments; the loader keys
+    have usable values (a batch size, sample counts > 0, workers >= 0)."""
+    from speedup.data import DATASETS
+    from speedup.models import MODELS
+
+    _validate_component(cfg, src, "model", MODELS)
+    _validate_component(cfg, src, "data", DATASETS, DATA_LOADER_KEYS)
     if cfg.data.get("batch_size") is None:
         raise ConfigError(f"{src('data')}: data.batch_size: missing (an int)")
     for key in ("batch_size", "eval_batch_size", "train_samples", "eval_samples"):
@@ -579,8 +569,12 @@ def _validate(cfg: DictConfig, origin: dict[str, str]) -> None:
         check_batch_fits(
             cfg.data.batch_size, cfg.data.train_samples, src("data"), "data.train_samples"
         )
-    _validate_optimizer(cfg, src)
-    _validate_scheduler(cfg, src)
+
+
+def _validate_algorithms_and_callbacks(cfg: DictConfig, src: _Source) -> None:
+    """Each entry is registered, takes its arguments, and its constructor accepts them."""
+    from speedup.algorithm import ALGORITHMS
+    from speedup.callback import CALLBACKS
 
     for section, registry in (("algorithms", ALGORITHMS), ("callbacks", CALLBACKS)):
         for name, args in OmegaConf.to_container(cfg[section]).items():
@@ -600,37 +594,32 @@ def _validate(cfg: DictConfig, origin: dict[str, str]) -> None:
                 raise ConfigError(f"{src(f'{section}.{name}')}: {section}.{name}: {err}") from None
 
 
-def _validate_optimizer(cfg: DictConfig, src: Any) -> None:
-    from speedup.optim import optimizer_arguments, optimizer_class, optimizer_problem
+def _validate_optimizer(cfg: DictConfig, src: _Source) -> None:
+    """The optimizer exists; its arguments' names and types (one check, shared with
+    :func:`speedup.optim.build_optimizer`), then their values, by building it over a dummy
+    parameter."""
+    from speedup.optim import optimizer_argument_problem, optimizer_class, optimizer_problem
 
     optimizer = OmegaConf.to_container(cfg.optimizer)
     try:
         cls = optimizer_class(str(optimizer.get("name", "")))
     except ValueError as err:
         raise ConfigError(f"{src('optimizer.name')}: optimizer.name: {err}") from None
-    allowed = optimizer_arguments(cls)
-    for key in optimizer:
-        if key != "name" and key not in allowed:
-            raise ConfigError(
-                f"{src('optimizer.' + key)}: optimizer.{key}: not an argument of "
-                f"{cls.__name__}{suggest(key, allowed)}; allowed: {', '.join(allowed)}"
-            )
     args = {k: v for k, v in optimizer.items() if k != "name"}
-    check_arguments(cls, args, "optimizer", src("optimizer"), skip=("params",))
-    problem = optimizer_problem(cls, args)
+    problem = optimizer_argument_problem(cls, args)
+    if problem is None:
+        problem = optimizer_problem(cls, args)
+        if problem is not None:  # torch's own message, about the value given
+            key, message = problem
+            given = args if key is None else repr(args[key])
+            problem = key, f"{cls.__name__} refuses {given}: {message}"
     if problem is not None:
         key, message = problem
-        if key is None:
-            raise ConfigError(
-                f"{src('optimizer')}: optimizer: {cls.__name__} refuses {args}: {message}"
-            )
-        raise ConfigError(
-            f"{src('optimizer.' + key)}: optimizer.{key}: {cls.__name__} refuses {args[key]!r}: "
-            f"{message}"
-        )
+        where = "optimizer" if key is None else f"optimizer.{key}"
+        raise ConfigError(f"{src(where)}: {where}: {message}")
 
 
-def _validate_scheduler(cfg: DictConfig, src: Any) -> None:
+def _validate_scheduler(cfg: DictConfig, src: _Source) -> None:
     from speedup.optim import SCHEDULES, schedule_argument_types, schedule_arguments
 
     scheduler = OmegaConf.to_container(cfg.scheduler)
@@ -697,7 +686,7 @@ def check_batch_fits(
         )
 
 
-def _check_sizes(builder: Any, args: dict[str, Any], section: str, src: Any) -> None:
+def _check_sizes(builder: Any, args: dict[str, Any], section: str, src: _Source) -> None:
     """A component's int arguments (``int``, ``int | None``, ``list[int]``) are sizes and
     counts (channels, widths, layers, vocabulary): below 1 the network is empty or cannot be
     built, found only once training starts, or never (a zero-width layer trains to chance).
@@ -793,7 +782,7 @@ def _device_problem(name: str) -> str | None:
     return None
 
 
-def _validate_machine(cfg: DictConfig, src: Any) -> None:
+def _validate_machine(cfg: DictConfig, src: _Source) -> None:
     """What the run asks of this machine: the device, fp16's CUDA, intra-op threads."""
     problem = _device_problem(str(cfg.device))
     if problem is not None:
@@ -812,7 +801,7 @@ def _validate_machine(cfg: DictConfig, src: Any) -> None:
         )
 
 
-def _validate_loggers(cfg: DictConfig, src: Any) -> None:
+def _validate_loggers(cfg: DictConfig, src: _Source) -> None:
     from speedup.loggers import LOGGERS
 
     section = cfg.get("loggers")
@@ -849,7 +838,7 @@ def check_global_batch(batch_size: int, processes: int) -> None:
         )
 
 
-def _validate_distributed(cfg: DictConfig, src: Any) -> None:
+def _validate_distributed(cfg: DictConfig, src: _Source) -> None:
     allowed = {
         "strategy": ("ddp", "fsdp"),
         "param_dtype": (None, "fp32", "bf16", "fp16"),
@@ -867,14 +856,11 @@ def _validate_distributed(cfg: DictConfig, src: Any) -> None:
                 f"allowed: {shown}"
             )
     if cfg.distributed.get("strategy") == "fsdp":
-        from speedup.algorithm import ALGORITHMS
+        from speedup.algorithm import build_algorithms
         from speedup.distributed import fsdp_incompatible
 
-        algorithms = {
-            name: ALGORITHMS.get(name)(**(args or {}))
-            for name, args in OmegaConf.to_container(cfg.algorithms).items()
-        }
-        refused = fsdp_incompatible({n: a.declare() for n, a in algorithms.items()})
+        algorithms = build_algorithms(OmegaConf.to_container(cfg.algorithms))
+        refused = fsdp_incompatible({a.name: a.declare() for a in algorithms})
         if refused:
             raise ConfigError(
                 f"{src('distributed.strategy')}: distributed.strategy: fsdp shards the weights, "
@@ -883,7 +869,7 @@ def _validate_distributed(cfg: DictConfig, src: Any) -> None:
             )
 
 
-def _validate_checkpointing(cfg: DictConfig, src: Any) -> None:
+def _validate_checkpointing(cfg: DictConfig, src: _Source) -> None:
     from speedup.checkpoint import CheckpointSaver
     from speedup.guard import NONFINITE_MODES
 
@@ -1039,13 +1025,26 @@ def with_changes(cfg: DictConfig, **changes: Any) -> DictConfig:
     return cfg
 
 
+#: Keys that cannot change what a run trains: where it is written, how it is shown, how
+#: many threads, checkpointing and resuming, and where metrics go (``loggers``). Left out of
+#: a run's identity (:func:`config_hash`), of the lottery's inputs and of the resume check.
+NOT_TRAINING_KEYS = (
+    "run_dir",
+    "progress_bar",
+    "trace",
+    "threads",
+    "smoke",
+    "checkpoint",
+    "resume",
+    "loggers",
+)
+
+
 def config_hash(cfg: DictConfig) -> str:
     """A short hash of the resolved config, the run's identity: keys that cannot change what
     is trained (where it is written, how it is shown, checkpointing) are left out."""
     data = OmegaConf.to_container(cfg, resolve=True)
-    # ``loggers`` only chooses where metrics go (and keeps older run directories' names).
-    dropped = ("run_dir", "progress_bar", "trace", "threads", "smoke", "checkpoint", "resume")
-    for key in (*dropped, "loggers"):
+    for key in NOT_TRAINING_KEYS:
         data.pop(key, None)
     if data.get("nonfinite") == "stop":  # the default: older run directories keep their names
         data.pop("nonfinite")
@@ -1069,17 +1068,19 @@ def _shown_default(value: Any) -> str:
 
 
 def reference_table() -> str:
-    """The keys table of docs/recipes.md: every schema key with its type, default and meaning."""
-    defaults = {}
+    """The keys table of docs/recipes.md: every schema key with its type, default and meaning,
+    in :data:`REFERENCE`'s order (``extends``, then the schema's fields)."""
+    shown = {"extends": "-"}  # not a field: nothing to default to
     for f in fields(RunConfig):
-        if f.default_factory is not MISSING:  # type: ignore[misc]
-            defaults[f.name] = f.default_factory()  # type: ignore[misc]
+        if f.metadata["required"]:
+            shown[f.name] = "-"
+        elif f.default_factory is not MISSING:
+            shown[f.name] = _shown_default(f.default_factory())
         else:
-            defaults[f.name] = f.default
+            shown[f.name] = _shown_default(f.default)
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for key, (kind, meaning) in REFERENCE.items():
-        shown = "-" if key in ("extends", "model", "data") else _shown_default(defaults[key])
-        rows.append(f"| `{key}` | {kind} | {shown} | {meaning} |")
+        rows.append(f"| `{key}` | {kind} | {shown[key]} | {meaning} |")
     return "\n".join(rows) + "\n"
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,6 +35,8 @@ __all__ = [
     "launched_by_torchrun",
     "average_gradients",
     "average_buffers",
+    "match_collective_calls",
+    "sum_metric_totals",
     "STRATEGIES",
     "shard_fsdp",
     "BLOCK_NAME",
@@ -167,6 +170,31 @@ def average_buffers(buffers: Any) -> None:
         if buffer.is_floating_point():
             dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
             buffer /= world_size()
+
+
+def match_collective_calls(done: int, call: Callable[[], Any]) -> None:
+    """This process has made ``done`` calls of a collective; repeat ``call`` until it has made
+    as many as the process that made the most. For evaluation under FSDP, where each forward
+    is collective (every process gathers the others' shards): a process with a shorter share
+    of the eval set repeats a forward (its result dropped) so that none waits forever.
+    Nothing in a world of one."""
+    if not is_distributed():
+        return
+    for _ in range(max(all_gather_objects(done)) - done):
+        call()
+
+
+def sum_metric_totals(
+    totals: dict[str, list[Any]], device: torch.device | str = "cpu"
+) -> dict[str, list[float]]:
+    """Add up ``{name: [sum, count]}`` metric totals across processes (each evaluated its own
+    share of the eval set), in one collective; ``device`` is where the collective runs (the
+    model's, for NCCL). Every process must pass the same names in the same order. The totals
+    as floats in a world of one."""
+    names = list(totals)
+    packed = torch.tensor([[float(totals[n][0]), float(totals[n][1])] for n in names])
+    packed = all_reduce_sum(packed.double().to(device)).cpu()
+    return {n: [packed[i, 0].item(), packed[i, 1].item()] for i, n in enumerate(names)}
 
 
 def shard_fsdp(model: torch.nn.Module, param_dtype: str | None = None) -> list[str]:

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from speedup.checkpoint import CheckpointError, read_checkpoint, resolve_checkpoint
+from speedup.checkpoint import read_checkpoint, resolve_checkpoint
+from speedup.errors import CheckpointError
 
 __all__ = ["export_model", "network_weights"]
 
@@ -99,16 +100,16 @@ def _plain_network_weights(
 ) -> dict[str, Any]:
     """Let each algorithm of the run turn its reparametrised weights into plain ones
     (``Algorithm.exported_weights``), looked up by name in the registry like any plugin."""
-    from speedup.algorithm import ALGORITHMS
+    from speedup.algorithm import ALGORITHMS, build_algorithms
 
     arguments = (meta.get("config") or {}).get("algorithms") or {}
     for name in meta.get("algorithms", []):
         if name not in ALGORITHMS:
             continue
         try:
-            algorithm = ALGORITHMS.get(name)(**(arguments.get(name) or {}))
+            (algorithm,) = build_algorithms({name: arguments.get(name)})
         except (TypeError, ValueError):  # saved by another version: use the defaults
-            algorithm = ALGORITHMS.get(name)()
+            (algorithm,) = build_algorithms({name: None})
         saved = saved_states.get(f"{name}#0")
         if saved:
             algorithm.load_state_dict(saved)

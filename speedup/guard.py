@@ -38,6 +38,7 @@ import torch
 
 from speedup import distributed
 from speedup.callback import Callback
+from speedup.errors import NonFiniteLossError
 
 if TYPE_CHECKING:
     from speedup.loggers import Logger
@@ -53,15 +54,6 @@ __all__ = [
 ]
 
 NONFINITE_MODES = ("stop", "skip")
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss, gradient or state; the run stopped before
-    updating the weights or writing a checkpoint with it (``step``: the step concerned)."""
-
-    def __init__(self, message: str, step: int) -> None:
-        super().__init__(message)
-        self.step = step
 
 
 def _local_gradients(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from speedup.errors import RunLockedError
+
 __all__ = ["RunLock", "RunLockedError", "LOCK_FILE", "LAUNCHER_ENV", "main_process_lock"]
 
 #: The lock file's name inside the locked directory.
@@ -51,21 +53,6 @@ class _Held:
 
 _HELD: dict[str, _Held] = {}  # by resolved directory
 _HELD_GUARD = threading.Lock()
-
-
-class RunLockedError(RuntimeError):
-    """The directory is locked by another live process (``pid``; None when unreadable)."""
-
-    def __init__(self, directory: Path, pid: int | None) -> None:
-        holder = f"PID {pid}" if pid is not None else "a process whose PID could not be read"
-        stop = f" (kill {pid})" if pid is not None else ""
-        super().__init__(
-            f"{directory} is in use by another speedup process: {holder} holds "
-            f"{directory / LOCK_FILE}; wait for it to finish or stop it{stop}, or choose "
-            "another output directory"
-        )
-        self.directory = directory
-        self.pid = pid
 
 
 def _flock(fd: int) -> bool:
@@ -194,7 +181,7 @@ class RunLock:
                 launcher = _launcher_pid(self._key)
                 if launcher is not None and launcher == pid:
                     return None
-                raise RunLockedError(self.directory, pid)
+                raise RunLockedError(self.directory, pid, self.directory / LOCK_FILE)
             # A holder deletes the file when it lets go; if it did so between our open and our
             # lock, we hold a lock on a file nobody else will open: start again on the new one.
             try:
@@ -273,7 +260,7 @@ def main_process_lock(directory: str | os.PathLike) -> Iterator[None]:
             failure = (str(err.directory), err.pid)
     failure = distributed.broadcast_object(failure)
     if failure is not None:
-        raise RunLockedError(Path(failure[0]), failure[1])
+        raise RunLockedError(Path(failure[0]), failure[1], Path(failure[0]) / LOCK_FILE)
     try:
         yield
     finally:

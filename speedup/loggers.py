@@ -21,9 +21,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from speedup.callback import Callback
+from speedup.errors import MissingPackageError
+from speedup.logger import Logger
 from speedup.registry import Registry
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from speedup.state import State
 
 __all__ = [
@@ -53,23 +57,6 @@ class LoggerDestination(Callback):
     @staticmethod
     def check_installed() -> None:
         """Raise :class:`MissingPackageError` when an optional package it needs is missing."""
-
-
-class Logger:
-    """What algorithms and callbacks call to record a metric."""
-
-    def __init__(self, destinations: list[LoggerDestination] | None = None) -> None:
-        self.destinations = list(destinations or [])
-        self.state: State | None = None
-
-    def log_metrics(self, metrics: dict[str, float]) -> None:
-        assert self.state is not None, "Logger is bound to a State by the Trainer"
-        for destination in self.destinations:
-            destination.log_metrics(metrics, self.state)
-
-    def log_hyperparameters(self, params: dict[str, Any]) -> None:
-        for destination in self.destinations:
-            destination.log_hyperparameters(params)
 
 
 def _plain(value: Any) -> Any:
@@ -223,10 +210,6 @@ class ProgressBar(LoggerDestination):
 LOGGERS: Registry[type[LoggerDestination]] = Registry("logger")
 
 
-class MissingPackageError(ImportError):
-    """A selected logger's package is not installed; the message says what to install."""
-
-
 def _require(module: str, extra: str, logger: str) -> None:
     if importlib.util.find_spec(module) is None:
         raise MissingPackageError(
@@ -295,7 +278,7 @@ class CSVLogger(LoggerDestination):
         step = state.timestamp.batch
         if step > 0 and self.path.exists():  # resumed: keep what the checkpoint had seen
             columns, rows = self._read()
-            rows = [r for r in rows if _step(r) is not None and _step(r) <= step]
+            rows = [r for r in rows if (at := _step(r)) is not None and at <= step]
         self._rewrite(columns, rows)
 
     def _read(self) -> tuple[list[str], list[dict[str, str]]]:
@@ -321,6 +304,7 @@ class CSVLogger(LoggerDestination):
 
     def log_metrics(self, metrics: dict[str, float], state: State) -> None:
         self._open(state)
+        assert self._file is not None and self._writer is not None  # _open made them
         record = _record(metrics, state)
         new = [key for key in record if key not in self._columns]
         if new:
@@ -365,7 +349,7 @@ class TensorBoardLogger(LoggerDestination):
         self._owned = run_dir is not None and Path(run_dir).resolve() in (
             self.log_dir.resolve().parents
         )
-        self._writer = None
+        self._writer: Any = None  # a SummaryWriter, made on first use (optional package)
 
     @staticmethod
     def check_installed() -> None:
@@ -572,4 +556,8 @@ class MLflowLogger(LoggerDestination):
 def build_loggers(section: dict[str, Any], run_dir: str | Path) -> list[LoggerDestination]:
     """The destinations a recipe's ``loggers:`` section names (``name -> arguments``), with
     their default files inside ``run_dir``."""
-    return [LOGGERS.get(name)(**(args or {}), run_dir=run_dir) for name, args in section.items()]
+    made = []
+    for name, args in section.items():
+        make: Callable[..., LoggerDestination] = LOGGERS.get(name)  # each takes ``run_dir``
+        made.append(make(**(args or {}), run_dir=run_dir))
+    return made

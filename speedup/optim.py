@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import types
 import typing
 import warnings
 from collections.abc import Callable, Iterable
@@ -26,8 +27,11 @@ if TYPE_CHECKING:
     from speedup.state import State
 
 __all__ = [
+    "DEFAULT_OPTIMIZER",
+    "DEFAULT_SCHEDULER",
     "build_optimizer",
     "build_scheduler",
+    "optimizer_argument_problem",
     "optimizer_class",
     "optimizer_names",
     "optimizer_problem",
@@ -35,7 +39,14 @@ __all__ = [
     "schedule_argument_types",
     "schedule_factor",
     "schedule_time_constants",
+    "type_problem",
+    "value_fits",
 ]
+
+#: The optimizer and the schedule a run gets when it names none: the recipe schema's defaults
+#: (``RunConfig``) and the Trainer's. Copy before changing (``dict(DEFAULT_OPTIMIZER)``).
+DEFAULT_OPTIMIZER: dict[str, Any] = {"name": "sgd", "lr": 0.1}
+DEFAULT_SCHEDULER: dict[str, Any] = {"name": "constant"}
 
 
 def _torch_optimizers() -> dict[str, type]:
@@ -75,7 +86,80 @@ def optimizer_class(name: str) -> type:
 
 
 def optimizer_arguments(cls: type) -> list[str]:
-    return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "params")]
+    """The keyword arguments a recipe may give ``cls`` (all but ``params``, ``*args`` and
+    ``**kwargs``)."""
+    return [
+        name
+        for name, p in inspect.signature(cls.__init__).parameters.items()
+        if name not in ("self", "params") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+
+
+def value_fits(value: Any, annotation: Any) -> bool:
+    """A lenient runtime check of ``value`` against an annotation of the shapes builders use
+    (``float``, ``int | None``, ``Literal``, ``tuple[float, float]``, a class): a bool is not a
+    number, an int is a float; containers are checked as containers, not element-wise."""
+    if annotation is inspect.Parameter.empty or annotation is Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(value_fits(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if origin in (list, tuple, typing.Sequence) or annotation in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True
+
+
+def type_problem(value: Any, annotation: Any) -> str | None:
+    """``"wrong type: got ..., expected ..."`` when ``value`` does not fit ``annotation``,
+    else None; the one wording of a wrong-type argument (recipes and the Trainer alike)."""
+    if value_fits(value, annotation):
+        return None
+    shown = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+    hint = ""
+    if annotation is str and isinstance(value, (int, float)):
+        hint = " (quote it: YAML reads 2:4 as the base-60 number 124, 1e3 as a number)"
+    return f"wrong type: got {value!r}, expected {shown}{hint}"
+
+
+def optimizer_argument_problem(cls: type, args: dict[str, Any]) -> tuple[str | None, str] | None:
+    """What is wrong with the names and types of ``args`` (an optimizer spec without its
+    ``name``) for ``cls``, as ``(argument to blame or None, message)``; None when nothing is.
+    Checked in this order: every name is an argument of ``cls``; every value fits its
+    annotation (``lr: 'x'`` or ``lr: true`` where a float is expected is an error); no
+    required argument is missing. Recipe validation and :func:`build_optimizer` both call
+    it; the values themselves (a negative lr) are :func:`optimizer_problem`'s, or torch's."""
+    allowed = optimizer_arguments(cls)
+    for key in args:
+        if key not in allowed:
+            return key, (
+                f"not an argument of {cls.__name__}{suggest(key, allowed)}; "
+                f"allowed: {', '.join(allowed)}"
+            )
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # unresolvable annotations (a plugin's): check names only
+        hints = {}
+    parameters = inspect.signature(cls.__init__).parameters
+    for key, value in args.items():
+        problem = type_problem(value, hints.get(key, parameters[key].annotation))
+        if problem is not None:
+            return key, problem
+    missing = [n for n in allowed if parameters[n].default is parameters[n].empty and n not in args]
+    if missing:  # lookahead wraps an optimizer object, which no recipe can give
+        return None, f"missing required key(s) {', '.join(missing)}"
+    return None
 
 
 def optimizer_problem(cls: type, args: dict[str, Any]) -> tuple[str | None, str] | None:
@@ -111,17 +195,18 @@ def optimizer_problem(cls: type, args: dict[str, Any]) -> tuple[str | None, str]
     return (next(iter(required)) if len(required) == 1 else None), message
 
 
-def build_optimizer(params: Iterable[Any], spec: dict[str, Any]) -> torch.optim.Optimizer:
-    """``spec`` is ``{"name": "sgd", "lr": 0.1, "momentum": 0.9, ...}``."""
-    spec = dict(spec)
+def build_optimizer(
+    params: Iterable[Any], spec: dict[str, Any] | None = None
+) -> torch.optim.Optimizer:
+    """``spec`` is ``{"name": "sgd", "lr": 0.1, "momentum": 0.9, ...}``; none (or ``{}``) is
+    :data:`DEFAULT_OPTIMIZER`. Names and types are checked first
+    (:func:`optimizer_argument_problem`), so the error names the key."""
+    spec = dict(spec or DEFAULT_OPTIMIZER)
     cls = optimizer_class(spec.pop("name"))
-    allowed = optimizer_arguments(cls)
-    for key in spec:
-        if key not in allowed:
-            raise ValueError(
-                f"optimizer.{key}: not an argument of {cls.__name__}{suggest(key, allowed)}; "
-                f"allowed: {', '.join(allowed)}"
-            )
+    problem = optimizer_argument_problem(cls, spec)
+    if problem is not None:
+        key, message = problem
+        raise ValueError(f"optimizer{'.' + key if key else ''}: {message}")
     return cls(params, **spec)
 
 
@@ -230,7 +315,7 @@ class _Schedule:
 
     def __init__(self, spec: dict[str, Any], state: State, ratio: float) -> None:
         spec = dict(spec)
-        self.name = spec.pop("name", "constant")
+        self.name = spec.pop("name", DEFAULT_SCHEDULER["name"])
         if self.name not in SCHEDULES:
             raise ValueError(
                 f"scheduler.name: unknown schedule {self.name!r}"
@@ -301,5 +386,5 @@ def build_scheduler(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR stepped once per batch, its multiplier read from the timestamp."""
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _Schedule(spec or {"name": "constant"}, state, ratio)
+        optimizer, _Schedule(spec or DEFAULT_SCHEDULER, state, ratio)
     )

@@ -7,6 +7,8 @@ from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
 from typing import Any, Generic, TypeVar
 
+from speedup.errors import PluginLoadError, UnknownNameError
+
 __all__ = ["PluginLoadError", "Registry", "UnknownNameError", "suggest"]
 
 T = TypeVar("T")
@@ -16,11 +18,6 @@ def suggest(name: str, choices: list[str]) -> str:
     """' (did you mean X?)' when a close match exists, else ''."""
     close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-class UnknownNameError(KeyError):
-    def __str__(self) -> str:  # KeyError would quote the whole message
-        return str(self.args[0])
 
 
 class Registry(Generic[T]):
@@ -91,7 +88,3 @@ class Registry(Generic[T]):
 
 def _is_entry_point(item: object) -> bool:
     return hasattr(item, "load") and hasattr(item, "group")
-
-
-class PluginLoadError(ImportError):
-    """A registered plugin's module or attribute cannot be imported."""

@@ -14,7 +14,7 @@ import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from speedup import distributed
 from speedup.config import (
     DATA_LOADER_KEYS,
+    NOT_TRAINING_KEYS,
     ConfigError,
     check_batch_fits,
     check_global_batch,
@@ -29,6 +30,9 @@ from speedup.config import (
     load_config,
 )
 from speedup.loggers import JSONLLogger, LoggerDestination, ProgressBar, build_loggers
+
+if TYPE_CHECKING:
+    from speedup.algorithm import Algorithm
 
 __all__ = [
     "build_trainer",
@@ -77,10 +81,13 @@ def build_trainer(
     trace: bool = False,
     extra_algorithms: list = (),
     extra_callbacks: list = (),
+    algorithms: list[Algorithm] | None = None,
 ):
     """Data, model, algorithms, callbacks and a Trainer, all from the config; ``extra_*`` are
-    instances added by experiment drivers (the lottery's fixed masks, stop points)."""
-    from speedup.algorithm import ALGORITHMS
+    instances added by experiment drivers (the lottery's fixed masks, stop points).
+    ``algorithms``: the recipe's, already built (:func:`plan_config` planned them); by
+    default built from ``cfg.algorithms``."""
+    from speedup.algorithm import build_algorithms
     from speedup.callback import CALLBACKS
     from speedup.data import DATASETS, build_dataloaders
     from speedup.guard import NonFiniteGuard
@@ -116,10 +123,9 @@ def build_trainer(
     )
     model_args = OmegaConf.to_container(cfg.model)
     model = build_model(model_args.pop("name"), splits.info, **model_args)
-    algorithms = [
-        ALGORITHMS.get(name)(**(args or {}))
-        for name, args in OmegaConf.to_container(cfg.algorithms).items()
-    ] + list(extra_algorithms)
+    if algorithms is None:
+        algorithms = build_algorithms(OmegaConf.to_container(cfg.algorithms))
+    algorithms = [*algorithms, *extra_algorithms]
     callbacks = [
         CALLBACKS.get(name)(**(args or {}))
         for name, args in OmegaConf.to_container(cfg.callbacks).items()
@@ -156,19 +162,19 @@ def build_trainer(
     return trainer
 
 
-def plan_config(cfg: DictConfig):
-    """The engine's plan for the recipe's algorithms, without building data or model."""
-    from speedup.algorithm import ALGORITHMS
+def plan_config(cfg: DictConfig, algorithms: list[Algorithm] | None = None):
+    """The engine's plan for the recipe's algorithms (``algorithms``: already built from
+    ``cfg.algorithms``, passed on to :func:`run_config` after), without building data or
+    model."""
+    from speedup.algorithm import ALGORITHMS, build_algorithms
     from speedup.data import DATASETS
     from speedup.engine import build_plan, long_time_constants
     from speedup.models import MODELS
     from speedup.optim import schedule_time_constants
     from speedup.time import Time
 
-    algorithms = [
-        ALGORITHMS.get(name)(**(args or {}))
-        for name, args in OmegaConf.to_container(cfg.algorithms).items()
-    ]
+    if algorithms is None:
+        algorithms = build_algorithms(OmegaConf.to_container(cfg.algorithms))
     declarations = {a.name: a.declare() for a in algorithms}
     # Time constants longer than the run: those comparable before the data is built (an
     # epoch's length is known once it is; the Trainer checks the rest then).
@@ -191,7 +197,9 @@ def plan_config(cfg: DictConfig):
     return plan, declarations
 
 
-def run_config(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
+def run_config(
+    cfg: DictConfig, extra_callbacks: list = (), algorithms: list[Algorithm] | None = None
+) -> dict[str, Any]:
     """Train the validated config; write the run directory; return the summary.
 
     Checkpoints go to ``<run_dir>/checkpoints`` (``cfg.checkpoint``); with ``resume=auto`` the
@@ -212,13 +220,15 @@ def run_config(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
     if problem is not None:
         raise ConfigError(f"run_dir: {run_dir}: cannot write there ({problem})")
     with main_process_lock(run_dir):
-        return _run_locked(cfg, extra_callbacks)
+        return _run_locked(cfg, extra_callbacks, algorithms)
 
 
-def _run_locked(cfg: DictConfig, extra_callbacks: list) -> dict[str, Any]:
+def _run_locked(
+    cfg: DictConfig, extra_callbacks: list, algorithms: list[Algorithm] | None = None
+) -> dict[str, Any]:
     """:func:`run_config` once the run directory is locked."""
     from speedup.checkpoint import CheckpointSaver, check_folder, load_checkpoint
-    from speedup.guard import NonFiniteLossError
+    from speedup.errors import NonFiniteLossError
 
     _init_distributed(cfg)
     main = distributed.is_main()  # only rank 0 logs and writes files
@@ -257,7 +267,11 @@ def _run_locked(cfg: DictConfig, extra_callbacks: list) -> dict[str, Any]:
         metrics_path.unlink(missing_ok=True)
     # Bad data paths fail here, before any file is written.
     trainer = build_trainer(
-        cfg, loggers, trace=cfg.trace, extra_callbacks=[saver, *extra_callbacks]
+        cfg,
+        loggers,
+        trace=cfg.trace,
+        extra_callbacks=[saver, *extra_callbacks],
+        algorithms=algorithms,
     )
     if resume_from is not None:
         meta = load_checkpoint(trainer, resume_from, verified)  # rank 0 hashed it already
@@ -358,7 +372,8 @@ def _init_distributed(cfg: DictConfig) -> None:
 def _resume_point(cfg: DictConfig, folder: Path) -> tuple[Path | None, dict[str, Any] | None]:
     """Where ``cfg.resume`` says to continue from (None: from scratch), with the checkpoint's
     meta when finding it already verified its hashes."""
-    from speedup.checkpoint import CheckpointError, resolve_checkpoint, verified_latest
+    from speedup.checkpoint import resolve_checkpoint, verified_latest
+    from speedup.errors import CheckpointError
 
     choice = str(cfg.resume).strip()
     if choice == "never":
@@ -376,19 +391,8 @@ def _warn_if_config_differs(meta: dict[str, Any], cfg: DictConfig, path: Path) -
     if not isinstance(saved, dict) or meta.get("config_hash") == config_hash(cfg):
         return
     current = OmegaConf.to_container(cfg, resolve=True)
-    ignored = {
-        "run_dir",
-        "progress_bar",
-        "trace",
-        "threads",
-        "smoke",
-        "checkpoint",
-        "resume",
-        "loggers",
-    }
-    changed = sorted(
-        k for k in set(saved) | set(current) if k not in ignored and saved.get(k) != current.get(k)
-    )
+    keys = (set(saved) | set(current)) - set(NOT_TRAINING_KEYS)
+    changed = sorted(k for k in keys if saved.get(k) != current.get(k))
     if changed:
         warnings.warn(
             f"resuming from {path}, saved by a run whose config differs in: "
@@ -429,14 +433,3 @@ def run_recipe(
             f"run_recipe: overrides: {flags[0]!r} is a command-line flag, not an override; {hint}"
         )
     return run_config(load_config(recipe, overrides, smoke=smoke))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m speedup.run RECIPE [key=value ...]``: the same as ``speedup run``."""
-    from speedup.cli import main as cli_main
-
-    return cli_main(["run", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any
+
+from speedup.callbacks import lower_is_better
 
 __all__ = [
     "best_eval",
@@ -27,32 +28,6 @@ __all__ = [
     "read_metrics",
 ]
 
-# Words of a metric's name (split at anything not a letter or digit) that make it a cost: whole
-# words, so that "answer_accuracy" is not a word error rate nor "lossless_acc" a loss.
-_LOWER_IS_BETTER = frozenset(
-    {
-        "loss",
-        "losses",
-        "error",
-        "errors",
-        "err",
-        "perplexity",
-        "ppl",
-        "nll",
-        "ce",
-        "entropy",
-        "mse",
-        "mae",
-        "rmse",
-        "wer",
-        "cer",
-        "bpb",
-        "bpc",
-        "bits",
-        "kl",
-        "distance",
-    }
-)
 _RULE = "-" * 64
 
 
@@ -78,14 +53,6 @@ def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value)
-
-
-def lower_is_better(metric: str) -> bool:
-    """True for losses, errors, perplexities and other costs (a word of the name says so:
-    ``loss``, ``top1_error``, ``perplexity``, ``cross_entropy``, ``bpb``...); False for
-    accuracy and the like."""
-    words = re.split(r"[^a-z0-9]+", metric.lower())
-    return any(word in _LOWER_IS_BETTER for word in words)
 
 
 def eval_history(records: list[dict[str, Any]]) -> dict[str, list[tuple[int, float, float]]]:

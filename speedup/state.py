@@ -3,18 +3,35 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from speedup.time import Time, TimeConverter, Timestamp, TimeUnit
 
 if TYPE_CHECKING:
-    from speedup.algorithm import Algorithm
-    from speedup.callback import Callback
-    from speedup.models.base import Model
+    from speedup.model import Model
 
-__all__ = ["State"]
+__all__ = ["AlgorithmLike", "CallbackLike", "State"]
+
+
+class CallbackLike(Protocol):
+    """What the state knows of a callback: its checkpointed state.
+
+    Algorithms and callbacks take a :class:`State` in every hook, so the state names them
+    only by these protocols (implemented by :class:`~speedup.algorithm.Algorithm` and
+    :class:`~speedup.callback.Callback`): it sits below both in the import graph."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class AlgorithmLike(CallbackLike, Protocol):
+    """What the state knows of an algorithm: its registry name and checkpointed state."""
+
+    @property
+    def name(self) -> str: ...
 
 
 @dataclass
@@ -41,10 +58,12 @@ class State:
     batch: dict[str, torch.Tensor] | None = None
     outputs: Any = None
     loss: torch.Tensor | None = None
-    algorithms: list[Algorithm] = field(default_factory=list)
-    callbacks: list[Callback] = field(default_factory=list)
+    algorithms: list[AlgorithmLike] = field(default_factory=list)
+    callbacks: list[CallbackLike] = field(default_factory=list)
     eval_metrics: dict[str, float] = field(default_factory=dict)
-    train_metrics: dict[str, float] = field(default_factory=dict)
+    #: The last batch's training metrics as tensors (``loss``: kept on the device, so a step
+    #: needs no host sync; loggers and the guard read it when they need a number).
+    train_metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     #: Surviving-weight masks by parameter name (bool tensors), written by pruning algorithms
     #: and read by those that must respect sparsity (rewinding, weight averaging).
     masks: dict[str, torch.Tensor] = field(default_factory=dict)

@@ -35,19 +35,23 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from speedup.algorithm import ALGORITHMS, Algorithm, Declaration
 from speedup.callback import Callback
-from speedup.checkpoint import CheckpointError, CheckpointSaver, _check_plain, list_checkpoints
+from speedup.checkpoint import CheckpointSaver, _check_plain, list_checkpoints
+from speedup.conformance import checking_declarations
 from speedup.data import DataInfo, TensorBatchLoader
-from speedup.engine import ConformanceError, PlanError, checking_declarations
-from speedup.models import Classifier
-from speedup.models.base import Model
+from speedup.errors import CheckpointError, ConformanceError, PlanError
+from speedup.model import Classifier, Model
 from speedup.trainer import Trainer, seed_everything
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = [
     "WORKLOADS",
@@ -245,7 +249,7 @@ class _Losses(Callback):
     def __init__(self) -> None:
         self.losses: list[float] = []
 
-    def batch_end(self, state: Any, logger: Any) -> None:
+    def batch_end(self, state: State, logger: Logger) -> None:
         self.losses.append(float(state.train_metrics["loss"]))
 
 

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import Any
 
-__all__ = ["TimeUnit", "Time", "schedule_time", "TimeConverter", "Timestamp"]
+__all__ = ["Interval", "TimeUnit", "Time", "schedule_time", "TimeConverter", "Timestamp"]
 
 
 class TimeUnit(str, Enum):
@@ -257,3 +257,35 @@ class Timestamp:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():
             setattr(self, key, value)
+
+
+class Interval:
+    """Fires each time training crosses a multiple of ``every`` (0 disables it): the eval,
+    log and checkpoint intervals.
+
+    Epoch intervals are checked at epoch ends, all others at batch ends; ``dur`` resolves
+    against max_duration.
+    """
+
+    def __init__(self, every: Time | str, converter: TimeConverter) -> None:
+        every = Time.parse(every)
+        if every.unit == TimeUnit.DURATION:
+            every = converter._resolve_duration(every)  # in max_duration's unit, or a clear error
+        if every.unit in (TimeUnit.SAMPLE, TimeUnit.TOKEN):
+            every = converter.convert(every, TimeUnit.BATCH)
+        self.unit, self.every = every.unit, float(every.value)
+        self._next = 0.0
+
+    def start(self, timestamp: Timestamp) -> None:
+        """Align to the first multiple after ``timestamp`` (a fresh or resumed fit)."""
+        if self.every > 0:
+            self._next = (timestamp.get(self.unit) // self.every + 1) * self.every
+
+    def due(self, timestamp: Timestamp, at_epoch_end: bool) -> bool:
+        if self.every <= 0 or at_epoch_end != (self.unit == TimeUnit.EPOCH):
+            return False
+        now = timestamp.get(self.unit)
+        if now + 1e-9 < self._next:
+            return False
+        self._next = (now // self.every + 1) * self.every
+        return True

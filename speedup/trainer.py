@@ -12,7 +12,7 @@ import random
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -21,13 +21,14 @@ from speedup import distributed
 from speedup.adapters import adapt_inputs
 from speedup.algorithm import Algorithm
 from speedup.callback import Callback
+from speedup.callbacks import Monitor, with_default_monitors
 from speedup.engine import Engine
 from speedup.event import Event
 from speedup.loggers import Logger, LoggerDestination
-from speedup.models.base import Model
+from speedup.model import Model
 from speedup.optim import build_optimizer, build_scheduler
 from speedup.state import State
-from speedup.time import Time, TimeConverter, TimeUnit
+from speedup.time import Interval, Time, TimeConverter, TimeUnit
 
 __all__ = ["Trainer", "seed_everything", "select_device", "PRECISIONS"]
 
@@ -56,37 +57,6 @@ def select_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-class Interval:
-    """Fires each time training crosses a multiple of ``every`` (0 disables it).
-
-    Epoch intervals are checked at epoch ends, all others at batch ends; ``dur`` resolves
-    against max_duration.
-    """
-
-    def __init__(self, every: Time | str, converter: TimeConverter) -> None:
-        every = Time.parse(every)
-        if every.unit == TimeUnit.DURATION:
-            every = converter.convert(every, converter.max_duration.unit)
-        if every.unit in (TimeUnit.SAMPLE, TimeUnit.TOKEN):
-            every = converter.convert(every, TimeUnit.BATCH)
-        self.unit, self.every = every.unit, float(every.value)
-        self._next = 0.0
-
-    def start(self, timestamp: Any) -> None:
-        """Align to the first multiple after ``timestamp`` (a fresh or resumed fit)."""
-        if self.every > 0:
-            self._next = (timestamp.get(self.unit) // self.every + 1) * self.every
-
-    def due(self, timestamp: Any, at_epoch_end: bool) -> bool:
-        if self.every <= 0 or at_epoch_end != (self.unit == TimeUnit.EPOCH):
-            return False
-        now = timestamp.get(self.unit)
-        if now + 1e-9 < self._next:
-            return False
-        self._next = (now // self.every + 1) * self.every
-        return True
-
-
 class Trainer:
     """Trains a model with algorithms and callbacks.
 
@@ -102,6 +72,9 @@ class Trainer:
     the param groups. ``scheduler`` is a schedule spec in Time (see :mod:`speedup.optim`).
     ``microbatch_size`` splits each batch for gradient accumulation. ``eval_interval`` is a
     Time (``"1ep"``, ``"100ba"``, ``"0.25dur"``); evaluation always runs at the end.
+    ``callbacks`` get an :class:`~speedup.callbacks.LRMonitor` and a
+    :class:`~speedup.callbacks.SpeedMonitor` in front unless they hold their own; every
+    ``log_interval`` logs the training loss and the monitors' figures as one record.
     """
 
     def __init__(
@@ -154,6 +127,8 @@ class Trainer:
         self.converter = TimeConverter(
             len(train_dataloader), batch_size, tokens_per_sample, max_duration
         )
+        # The LR and speed monitors are on unless the caller configured their own.
+        callbacks = with_default_monitors(callbacks)
         self.state = state = State(
             model=model,
             max_duration=max_duration,
@@ -191,7 +166,7 @@ class Trainer:
         if callable(optimizer):
             state.optimizer = optimizer(params)
         else:
-            state.optimizer = build_optimizer(params, optimizer or {"name": "sgd", "lr": 0.1})
+            state.optimizer = build_optimizer(params, optimizer)
         if scheduler and (scheduler.get("name", "constant") != "constant" or "warmup" in scheduler):
             state.schedulers = [
                 build_scheduler(state.optimizer, scheduler, state, scale_schedule_ratio)
@@ -214,7 +189,7 @@ class Trainer:
     def _check_fsdp_algorithms(self) -> None:
         """FSDP shards the weights: algorithms that read or write them after INIT would see
         only this process's shard, so they are refused up front."""
-        from speedup.config import ConfigError
+        from speedup.errors import ConfigError
 
         refused = distributed.fsdp_incompatible(self.engine.declarations())
         if refused:
@@ -251,14 +226,14 @@ class Trainer:
         """Write a checkpoint of this trainer into ``folder`` (see :mod:`speedup.checkpoint`)."""
         from speedup.checkpoint import save_checkpoint
 
-        return save_checkpoint(self, folder, **options)
+        return save_checkpoint(self, os.fspath(folder), **options)
 
     def load_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
         """Resume from ``path`` (a checkpoint, a checkpoints folder or a run directory): the
         next :meth:`fit` continues exactly where the saved run was. Returns its meta.json."""
         from speedup.checkpoint import load_checkpoint
 
-        return load_checkpoint(self, path)
+        return load_checkpoint(self, os.fspath(path))
 
     # -- time -------------------------------------------------------------------------------
 
@@ -368,7 +343,8 @@ class Trainer:
             distributed.barrier()
         finally:
             self._clock = None
-            for hook in [*s.callbacks, *self.logger.destinations]:
+            # State and Logger name them by protocols without close(); all are Callbacks.
+            for hook in cast("list[Callback]", [*s.callbacks, *self.logger.destinations]):
                 hook.close()
         return dict(s.eval_metrics)
 
@@ -376,6 +352,7 @@ class Trainer:
         s, run = self.state, self.engine.run
         run(Event.BEFORE_TRAIN_BATCH)
         full_batch = s.batch
+        assert full_batch is not None and s.optimizer is not None  # drawn, and built by fit()
         microbatches = list(self._microbatches(full_batch))
         total_weight = s.model.loss_weight(full_batch) if len(microbatches) > 1 else None
         batch_loss = None
@@ -406,6 +383,7 @@ class Trainer:
                 batch_loss = detached if batch_loss is None else batch_loss + detached
                 run(Event.AFTER_BACKWARD)
         s.batch = full_batch
+        assert batch_loss is not None  # a batch has at least one microbatch
         s.train_metrics["loss"] = batch_loss
         if s.scaler:
             s.scaler.unscale_(s.optimizer)
@@ -427,9 +405,9 @@ class Trainer:
         loss = s.train_metrics["loss"].detach().float().reshape(1)
         loss = distributed.all_reduce_sum(loss.clone()) / self.world_size  # the global mean
         metrics = {"loss/train": float(loss)}
-        metrics["lr"] = s.optimizer.param_groups[0]["lr"]
-        if s.timestamp.train_time_s > 0:
-            metrics["throughput/samples_per_s"] = s.timestamp.sample / s.timestamp.train_time_s
+        for callback in s.callbacks:  # LR, throughput...: one record with the loss
+            if isinstance(callback, Monitor):
+                metrics.update(callback.train_log(s))
         self.logger.log_metrics(metrics)
 
     @torch.no_grad()
@@ -446,12 +424,17 @@ class Trainer:
         run(Event.EVAL_START)
         s.model.eval()
         totals: dict[str, list] = {}
+
+        def forward() -> Any:
+            assert s.batch is not None  # the eval batch, as the algorithms left it
+            with self._autocast():
+                return s.model.eval_forward(s.batch)
+
         for batch in s.eval_dataloader:
             s.batch = self._to_device(batch)
             run(Event.EVAL_BATCH_START)
             run(Event.EVAL_BEFORE_FORWARD)
-            with self._autocast():
-                s.outputs = s.model.eval_forward(s.batch)
+            s.outputs = forward()
             run(Event.EVAL_AFTER_FORWARD)
             for name, (value, count) in s.model.metrics(s.outputs, s.batch).items():
                 total = totals.setdefault(name, [0.0, 0])
@@ -459,15 +442,9 @@ class Trainer:
                 total[1] += count
             run(Event.EVAL_BATCH_END)
         if self._fsdp is not None:  # sharded forwards are collective: match the longest share
-            extra = max(distributed.all_gather_objects(len(s.eval_dataloader)))
-            for _ in range(extra - len(s.eval_dataloader)):
-                with self._autocast():
-                    s.model.eval_forward(s.batch)
+            distributed.match_collective_calls(len(s.eval_dataloader), forward)
         if self.world_size > 1:  # every process evaluated its share: add up the sums
-            names = list(totals)  # the same order in every process
-            packed = torch.tensor([[float(totals[n][0]), float(totals[n][1])] for n in names])
-            packed = distributed.all_reduce_sum(packed.double().to(s.device)).cpu()
-            totals = {n: [packed[i, 0].item(), packed[i, 1].item()] for i, n in enumerate(names)}
+            totals = distributed.sum_metric_totals(totals, s.device)
         averages = {name: float(v) / max(float(n), 1.0) for name, (v, n) in totals.items()}
         s.eval_metrics = s.model.finalize_metrics(averages)
         self.logger.log_metrics({f"eval/{k}": v for k, v in s.eval_metrics.items()})

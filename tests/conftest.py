@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -14,6 +15,10 @@ from speedup.models import Classifier
 from speedup.models.nets import SmallCNN2d
 from speedup.models.vision import CifarResNet
 from speedup.trainer import Trainer
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 # Generated datasets are cached on disk; keep the tests' cache out of the user's home.
 os.environ.setdefault("SPEEDUP_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache"))
@@ -181,7 +186,7 @@ class CrashAt(Callback):
     def __init__(self, batch: int) -> None:
         self.batch = batch
 
-    def batch_end(self, state, logger) -> None:  # noqa: ANN001
+    def batch_end(self, state: State, logger: Logger) -> None:
         if state.timestamp.batch == self.batch:
             raise RuntimeError(f"simulated crash at step {self.batch}")
 
@@ -192,5 +197,5 @@ class CountBatches(Callback):
     def __init__(self) -> None:
         self.loaded = 0
 
-    def after_dataloader(self, state, logger) -> None:  # noqa: ANN001
+    def after_dataloader(self, state: State, logger: Logger) -> None:
         self.loaded += 1

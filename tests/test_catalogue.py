@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import sys
 import warnings
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -16,6 +17,10 @@ from speedup.config import load_config
 from speedup.engine import build_plan
 from speedup.event import Event
 from speedup.run import build_trainer
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 #: Composer's algorithm catalogue (DESIGN.md), plus this project's pruning and rewinding.
 CATALOGUE = {
@@ -156,7 +161,7 @@ def test_every_algorithm_trains_twenty_steps_from_a_recipe(name: str, tmp_path) 
     losses = []
 
     class Record(Callback):
-        def after_train_batch(self, state, logger) -> None:  # noqa: ANN001
+        def after_train_batch(self, state: State, logger: Logger) -> None:
             losses.append(float(state.train_metrics["loss"]))
 
     with warnings.catch_warnings():

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -42,6 +43,10 @@ from speedup.checkpoint import (
 from speedup.cli import main
 from speedup.config import load_config
 from speedup.run import run_config
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -539,7 +544,7 @@ class LatestBecomesADirectory(Callback):
     def __init__(self, folder: Path) -> None:
         self.folder = folder
 
-    def batch_end(self, state, logger) -> None:  # noqa: ANN001
+    def batch_end(self, state: State, logger: Logger) -> None:
         if state.timestamp.batch == 2:
             link = self.folder / "latest"
             link.unlink()

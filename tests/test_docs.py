@@ -32,6 +32,7 @@ import os
 import re
 import shlex
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -41,6 +42,11 @@ from speedup.callback import Callback
 from speedup.engine import build_plan
 from speedup.event import Event
 from speedup.trainer import Trainer
+
+if TYPE_CHECKING:
+    import argparse
+
+    from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -174,7 +180,7 @@ def validate(argv: list[str], scratch: Path) -> str:
     return "validated"
 
 
-def _validate_lottery(args, cfg) -> None:  # noqa: ANN001
+def _validate_lottery(args: argparse.Namespace, cfg: DictConfig) -> None:
     from speedup.lottery.imp import IMPSettings
 
     from speedup.cli import _lottery_settings_errors
@@ -198,7 +204,7 @@ def _validate_lottery(args, cfg) -> None:  # noqa: ANN001
         )
 
 
-def _validate_bench(args, scratch: Path) -> str:  # noqa: ANN001
+def _validate_bench(args: argparse.Namespace, scratch: Path) -> str:
     from speedup.benchmarks.harness import _config, load_suite, suite_names
 
     if args.list:

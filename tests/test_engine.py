@@ -190,3 +190,24 @@ def test_engine_compile_raises_on_conflict_and_lists_it():
         engine.compile()
     with pytest.raises(PlanError, match="listed twice"):
         Engine(state=None, logger=Logger(), algorithms=[W("p"), W("p")]).compile()
+
+
+def test_a_recipe_s_algorithms_are_built_once_and_passed_on(tmp_path) -> None:
+    """`speedup run` builds the recipe's algorithms once: the objects it plans are the ones
+    that train (the registry's builder is the one place they are made)."""
+    from omegaconf import OmegaConf
+
+    from speedup.algorithm import build_algorithms
+    from speedup.config import load_config
+    from speedup.run import build_trainer, plan_config
+
+    cfg = load_config(
+        "quickstart", ["algorithms={label_smoothing: {alpha: 0.2}, ema: {}}", f"run_dir={tmp_path}"]
+    )
+    algorithms = build_algorithms(OmegaConf.to_container(cfg.algorithms))
+    assert [a.name for a in algorithms] == ["label_smoothing", "ema"]
+    assert algorithms[0].alpha == 0.2
+    plan, _ = plan_config(cfg, algorithms)
+    assert not plan.conflicts
+    trainer = build_trainer(cfg, algorithms=algorithms)
+    assert all(any(a is b for b in trainer.state.algorithms) for a in algorithms)

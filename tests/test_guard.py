@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -21,6 +22,10 @@ from speedup.guard import (
 )
 from speedup.run import build_trainer, run_config
 from speedup.trainer import Trainer
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -120,10 +125,10 @@ class PoisonGrad(Callback):
         self.step, self.value, self.microbatch = step, value, microbatch
         self._seen = 0
 
-    def batch_start(self, state, logger) -> None:  # noqa: ANN001
+    def batch_start(self, state: State, logger: Logger) -> None:
         self._seen = 0
 
-    def after_backward(self, state, logger) -> None:  # noqa: ANN001
+    def after_backward(self, state: State, logger: Logger) -> None:
         if state.timestamp.batch + 1 == self.step and self._seen == self.microbatch:
             grad = next(p.grad for p in state.model.parameters() if p.grad is not None)
             grad.view(-1)[0] = self.value
@@ -137,7 +142,7 @@ class Snapshots(Callback):
         self.weights: dict[int, list[torch.Tensor]] = {}
         self.moments: dict[int, list[torch.Tensor]] = {}
 
-    def batch_end(self, state, logger) -> None:  # noqa: ANN001
+    def batch_end(self, state: State, logger: Logger) -> None:
         step = state.timestamp.batch
         self.weights[step] = [p.detach().clone() for p in state.model.parameters()]
         self.moments[step] = [
@@ -167,7 +172,7 @@ def test_nonfinite_gradient_with_finite_loss_stops_before_the_step(microbatch_si
     losses = []
 
     class Loss(Callback):
-        def after_train_batch(self, state, logger) -> None:  # noqa: ANN001
+        def after_train_batch(self, state: State, logger: Logger) -> None:
             losses.append(float(state.train_metrics["loss"]))
 
     trainer = _trainer(
@@ -219,7 +224,7 @@ def test_with_a_grad_scaler_inf_gradients_are_left_to_the_scaler() -> None:
 
 def test_with_a_grad_scaler_a_nonfinite_loss_still_stops() -> None:
     class NanLoss(Callback):
-        def after_loss(self, state, logger) -> None:  # noqa: ANN001
+        def after_loss(self, state: State, logger: Logger) -> None:
             if state.timestamp.batch + 1 == 2:
                 state.loss = state.loss * float("nan")
 
@@ -249,7 +254,7 @@ def _first_flagged_step(cfg) -> int:
     flagged = []
 
     class Record(Callback):
-        def after_backward(self, state, logger) -> None:  # noqa: ANN001
+        def after_backward(self, state: State, logger: Logger) -> None:
             grads = [p.grad for p in state.model.parameters() if p.grad is not None]
             loss = float(state.loss)
             if not math.isfinite(loss) or reference_flagged(grads):
@@ -293,7 +298,7 @@ class PoisonOptimizerState(Callback):
     def __init__(self, step: int) -> None:
         self.step = step
 
-    def batch_end(self, state, logger) -> None:  # noqa: ANN001
+    def batch_end(self, state: State, logger: Logger) -> None:
         if state.timestamp.batch == self.step:
             first = next(iter(state.optimizer.state.values()))
             first["exp_avg_sq"].view(-1)[0] = float("inf")

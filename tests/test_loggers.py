@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from conftest import CrashAt
@@ -14,6 +15,10 @@ from conftest import CrashAt
 from speedup.callback import Callback
 from speedup.config import ConfigError, config_hash, load_config
 from speedup.run import run_config
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 #: A few steps of the quickstart: a training record every step, evaluations at 3 and 6.
 SHORT = [
@@ -102,7 +107,7 @@ def test_tensorboard_and_csv_record_what_metrics_jsonl_records(tmp_path: Path) -
 
 def test_csv_columns_grow_as_new_metric_names_appear(tmp_path: Path) -> None:
     class LogsLate(Callback):  # a metric name first seen at step 4
-        def batch_end(self, state, logger) -> None:  # noqa: ANN001
+        def batch_end(self, state: State, logger: Logger) -> None:
             if state.timestamp.batch >= 4:
                 logger.log_metrics({"late/metric": float(state.timestamp.batch)})
 

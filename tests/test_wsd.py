@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -16,6 +17,9 @@ from speedup.optim import schedule_factor
 from speedup.state import State
 from speedup.time import Time, TimeConverter
 from speedup.trainer import Trainer
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
 
 
 def _factor(spec: dict, total: int = 100):
@@ -77,10 +81,10 @@ class _LRs(Callback):
         self.lrs: list[float] = []
         self.stop_at = stop_at
 
-    def before_train_batch(self, state, logger) -> None:  # noqa: ANN001
+    def before_train_batch(self, state: State, logger: Logger) -> None:
         self.lrs.append(state.optimizer.param_groups[0]["lr"])
 
-    def batch_end(self, state, logger) -> None:  # noqa: ANN001
+    def batch_end(self, state: State, logger: Logger) -> None:
         if state.timestamp.batch == self.stop_at:
             state.stop_training("planted stop")
 

@@ -21,12 +21,16 @@ from __future__ import annotations
 import math
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from speedup.callback import Callback
 from speedup.config import config_hash, with_changes
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = [
     "BudgetFractionReporter",
@@ -114,7 +118,7 @@ class BudgetFractionReporter(Callback):
         self.trial, self.metric, self.sign = trial, metric, sign
         self.pruned_at: int | None = None
 
-    def eval_end(self, state, logger) -> None:  # noqa: ANN001
+    def eval_end(self, state: State, logger: Logger) -> None:
         value = state.eval_metrics.get(self.metric)
         if value is None or self.trial is None:
             return

@@ -20,7 +20,7 @@ from typing import Any
 
 from speedup.tuning.space import Space
 
-from speedup.config import ConfigError
+from speedup.errors import ConfigError
 
 __all__ = ["bench_seeds"]
 

@@ -20,13 +20,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from speedup.config import ConfigError, with_changes
+from speedup.config import with_changes
+from speedup.errors import ConfigError, Infeasible
 
 __all__ = ["Infeasible", "Space", "algorithm_space", "applicable_algorithms", "suggest"]
-
-
-class Infeasible(Exception):
-    """The sampled configuration cannot be trained (a plan conflict or a rejected argument)."""
 
 
 def algorithm_space(name: str) -> dict[str, dict] | None:

@@ -23,7 +23,7 @@ from typing import Any
 
 import optuna
 
-from speedup.config import ConfigError
+from speedup.errors import ConfigError
 
 __all__ = [
     "PHASES",

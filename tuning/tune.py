@@ -34,7 +34,7 @@ from speedup.tuning.objective import (
     outcome_of_run,
     train_trial,
 )
-from speedup.tuning.space import Infeasible, Space, suggest
+from speedup.tuning.space import Space, suggest
 from speedup.tuning.study import (
     counted_trials,
     fail_interrupted,
@@ -44,7 +44,8 @@ from speedup.tuning.study import (
     storage_spec,
 )
 
-from speedup.config import ConfigError, config_hash, load_config, with_changes
+from speedup.config import config_hash, load_config, with_changes
+from speedup.errors import ConfigError, Infeasible
 
 __all__ = ["TuneSettings", "run_phase", "tune"]
 
@@ -89,9 +90,9 @@ class TuneSettings:
 
     @property
     def higher_is_better(self) -> bool:
-        from speedup.benchmarks.harness import LOWER_IS_BETTER
+        from speedup.callbacks import lower_is_better
 
-        return self.metric not in LOWER_IS_BETTER
+        return not lower_is_better(self.metric)
 
     def workload(self) -> DictConfig:
         extra = SMOKE_OVERRIDES if self.smoke else []

@@ -15,7 +15,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from speedup.config import ConfigError
+from speedup.errors import ConfigError
 
 __all__ = [
     "MIN_VALIDATION_SEEDS",

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from speedup.data.loaders import DataInfo, DataSplits, TensorBatchLoader, build_dataloaders
-from speedup.registry import Registry
+from speedup.data.registry import DATASETS
+from speedup.errors import DataPathError
 
 __all__ = [
     "DATASETS",
@@ -13,12 +14,5 @@ __all__ = [
     "build_dataloaders",
     "DataPathError",
 ]
-
-DATASETS: Registry = Registry("dataset", group="speedup.datasets")
-
-
-class DataPathError(FileNotFoundError):
-    """A configured data path does not exist. The message says what to put where."""
-
 
 from speedup.data import catalog, shapes2d, text, vision  # noqa: E402,F401  (registers the built-ins)

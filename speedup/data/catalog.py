@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 
-from speedup.data import DATASETS, DataPathError
 from speedup.data.loaders import DataInfo, DataSplits
+from speedup.data.registry import DATASETS
+from speedup.errors import DataPathError
 
 
 @DATASETS.register("mnist1d", kind="signal")

@@ -42,9 +42,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from speedup.data import DATASETS
 from speedup.data.cache import default_cache_dir, save_to_cache
 from speedup.data.loaders import DataInfo, DataSplits, TensorDictDataset
+from speedup.data.registry import DATASETS
 
 __all__ = [
     "CLASS_NAMES",

@@ -44,8 +44,9 @@ from typing import Any
 
 import torch
 
-from speedup.data import DATASETS, DataPathError
 from speedup.data.loaders import DataInfo, DataSplits
+from speedup.data.registry import DATASETS
+from speedup.errors import ConfigError, DataPathError
 
 __all__ = [
     "BPE_SPECIAL_TOKENS",
@@ -498,8 +499,6 @@ def load_token_streams(
 
 
 def _check_common(objective: str, seq_len: int, mlm_probability: float) -> None:
-    from speedup.config import ConfigError
-
     if objective not in _OBJECTIVES:
         raise ConfigError(
             f"data.objective: {objective!r} is not allowed; allowed: {', '.join(_OBJECTIVES)}"
@@ -527,8 +526,6 @@ def build_splits(
     eval_expected: bool = True,
 ) -> DataSplits:
     """Pack the streams into blocks and attach the objective's labels and transforms."""
-    from speedup.config import ConfigError
-
     train_blocks = pack_blocks(train_stream, seq_len)
     if train_blocks.shape[0] == 0:
         raise ConfigError(
@@ -603,8 +600,6 @@ def text(
     """
     _check_common(objective, seq_len, mlm_probability)
     if sample_by not in _SAMPLE_BY:
-        from speedup.config import ConfigError
-
         raise ConfigError(
             f"data.sample_by: {sample_by!r} is not allowed; allowed: {', '.join(_SAMPLE_BY)}"
         )
@@ -702,8 +697,6 @@ def stdlib_text(
     default caps (300k train tokens, vocab 4096) tokenise in a few seconds on 2 cores. The
     corpus depends on the Python version, so results do across versions.
     """
-    from speedup.config import ConfigError
-
     _check_common(objective, seq_len, mlm_probability)
     if eval_every < 2:
         raise ConfigError(f"data.eval_every: must be >= 2, got {eval_every}")

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from speedup.data import DATASETS, DataPathError
 from speedup.data.loaders import DataInfo, DataSplits
+from speedup.data.registry import DATASETS
+from speedup.errors import DataPathError
 
 __all__ = [
     "CIFAR10_MEAN",

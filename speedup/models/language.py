@@ -1,29 +1,26 @@
 """Hugging Face language models (BERT, GPT-2) behind the :class:`Model` interface.
 
-:class:`HFModel` adapts any ``transformers`` model: ``forward`` calls it *without* labels and
-returns the logits, and the loss is computed here, so that an algorithm acting at BEFORE_LOSS
-can still rewrite ``batch["labels"]``. Builders make the networks from ``BertConfig`` /
+:class:`HFModel` (defined in the core, :mod:`speedup.model`, re-exported here) adapts any
+``transformers`` model: ``forward`` calls it *without* labels and returns the logits, and the
+loss is computed there, so that an algorithm acting at BEFORE_LOSS can still rewrite
+``batch["labels"]``. Builders make the networks from ``BertConfig`` /
 ``GPT2Config`` with random weights and the data's vocabulary (``DataInfo.num_classes`` is the
 vocab size for text data), or load a checkpoint from a local directory; nothing downloads.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
-from speedup.models import MODELS
-from speedup.models.base import Model, soft_cross_entropy
+from speedup.errors import ConfigError, DataPathError
+from speedup.model import HFModel
+from speedup.models.registry import MODELS
 
 __all__ = ["HFModel", "bert", "gpt2", "BERT_SIZES", "GPT2_SIZES"]
 
-Batch = dict[str, torch.Tensor]
-_TASKS = ("clm", "mlm", "classification")
 
 #: BERT-Base: 12 layers, hidden 768, 12 heads, FFN 3072, ~110M parameters with the 30,522
 #: WordPiece vocab (Devlin et al. 2019, section 3). "tiny" is CPU-test scale.
@@ -52,105 +49,11 @@ _DEFAULT_DROPOUT = {"tiny": 0.0, "base": 0.1}
 _DEFAULT_POSITIONS = {"bert": 512, "gpt2": 1024}
 
 
-class HFModel(Model):
-    """A ``transformers`` model with the loss, metrics and loss weight of its task.
-
-    ``task`` is ``clm`` (causal LM: position t predicts label t+1), ``mlm`` (masked LM: labels
-    are -100 except at masked positions) or ``classification`` (``batch["labels"]`` holds one
-    class id per sequence, or class probabilities). Losses are means over the label tokens
-    that count; :meth:`loss_weight` returns that count, so gradient accumulation weights each
-    microbatch by its label tokens and reproduces the full batch's gradient.
-    """
-
-    def __init__(self, net: nn.Module, task: str, kind: str) -> None:
-        super().__init__()
-        if task not in _TASKS:
-            raise ValueError(f"task {task!r}: allowed {', '.join(_TASKS)}")
-        self.net = net
-        self.task = task
-        self.kind = kind
-
-    def forward(self, batch: Batch) -> torch.Tensor:
-        extra: dict[str, Any] = {"use_cache": False} if self.task == "clm" else {}
-        out = self.net(
-            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), **extra
-        )
-        return out.logits
-
-    def _token_targets(self, logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, ...]:
-        """``[N, V]`` logits and ``[N]`` labels of the positions that may carry a loss."""
-        labels = batch["labels"]
-        if self.task == "clm":
-            logits, labels = logits[:, :-1], labels[:, 1:]
-        return logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
-
-    def loss(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
-        if self.task == "classification":
-            labels = batch["labels"]
-            return soft_cross_entropy(
-                outputs, labels if labels.is_floating_point() else labels.long()
-            )
-        logits, labels = self._token_targets(outputs, batch)
-        # A sum over counted tokens divided by their number: 0 (not NaN) with no labels.
-        total = F.cross_entropy(logits, labels.long(), ignore_index=-100, reduction="sum")
-        return total / (labels != -100).sum().clamp(min=1)
-
-    def per_sample_loss(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """``[N]``: each sequence's mean loss over its own label tokens (0 where it has none);
-        for classification, each sequence's cross-entropy."""
-        if self.task == "classification":
-            labels = batch["labels"]
-            if labels.is_floating_point() and labels.shape == outputs.shape:
-                return -(labels * F.log_softmax(outputs.float(), dim=-1)).sum(-1)
-            return F.cross_entropy(outputs.float(), labels.long(), reduction="none")
-        labels = batch["labels"]
-        if self.task == "clm":
-            outputs, labels = outputs[:, :-1], labels[:, 1:]
-        labels = labels.long()
-        token = F.cross_entropy(
-            outputs.float().transpose(1, 2), labels, ignore_index=-100, reduction="none"
-        )
-        counted = (labels != -100).sum(1).clamp(min=1)
-        return token.sum(1) / counted
-
-    def loss_weight(self, batch: Batch) -> int | torch.Tensor:
-        if self.task == "classification":
-            return int(batch["labels"].shape[0])
-        labels = batch["labels"][:, 1:] if self.task == "clm" else batch["labels"]
-        return (labels != -100).sum()
-
-    def metrics(self, outputs: torch.Tensor, batch: Batch) -> dict[str, tuple[Any, Any]]:
-        # Counts stay tensors: the trainer sums them across batches without a device sync.
-        if self.task == "classification":
-            targets = batch["labels"]
-            if targets.dtype.is_floating_point:
-                targets = targets.argmax(-1)
-            n = int(targets.shape[0])
-            loss_sum = F.cross_entropy(outputs.float(), targets.long(), reduction="sum")
-            hits = (outputs.argmax(-1) == targets).sum().float()
-            return {"loss": (loss_sum.detach(), n), "accuracy": (hits, n)}
-        logits, labels = self._token_targets(outputs, batch)
-        labels = labels.long()
-        counted = labels != -100
-        n = counted.sum()
-        loss_sum = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").float()
-        hits = ((logits.argmax(-1) == labels) & counted).sum().float()
-        name = "masked_accuracy" if self.task == "mlm" else "accuracy"
-        return {"loss": (loss_sum.detach(), n), name: (hits, n)}
-
-    def finalize_metrics(self, averages: dict[str, float]) -> dict[str, float]:
-        if self.task != "classification" and "loss" in averages:
-            return {**averages, "perplexity": math.exp(min(averages["loss"], 700.0))}
-        return averages
-
-
 # -- builders ---------------------------------------------------------------------------------
 
 
 def _choice(value: str, allowed: Any, key: str) -> None:
     if value not in allowed:
-        from speedup.config import ConfigError
-
         raise ConfigError(f"model.{key}: {value!r} is not allowed; allowed: {', '.join(allowed)}")
 
 
@@ -160,8 +63,6 @@ def _positions(info: Any, requested: int | None, family: str, size: str) -> int:
         default = seq_len if size == "tiny" and seq_len else _DEFAULT_POSITIONS[family]
         return max(default, seq_len or 0)
     if seq_len and requested < seq_len:
-        from speedup.config import ConfigError
-
         raise ConfigError(
             f"model.max_position_embeddings: {requested} is shorter than the data's sequence "
             f"length {seq_len}; set it to at least {seq_len} (or leave it unset)"
@@ -170,8 +71,6 @@ def _positions(info: Any, requested: int | None, family: str, size: str) -> int:
 
 
 def _vocab(info: Any, task: str, vocab_size: int | None, multiple: int) -> int:
-    from speedup.config import ConfigError
-
     vocab = (
         vocab_size
         if vocab_size is not None
@@ -190,9 +89,6 @@ def _vocab(info: Any, task: str, vocab_size: int | None, multiple: int) -> int:
 
 
 def _load_pretrained(cls: Any, path: str, example: str, info: Any, task: str) -> nn.Module:
-    from speedup.config import ConfigError
-    from speedup.data import DataPathError
-
     directory = Path(path).expanduser()
     if not (directory / "config.json").is_file():
         raise DataPathError(

@@ -17,14 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from speedup.models import MODELS
-from speedup.models.base import Classifier
+from speedup.errors import PretrainedPathError
+from speedup.model import Classifier, ResidualBlock
+from speedup.models.registry import MODELS
 
-__all__ = ["CifarResNet", "ConvNet", "load_pretrained", "PretrainedPathError"]
-
-
-class PretrainedPathError(FileNotFoundError):
-    """``pretrained`` names a file that does not exist."""
+__all__ = ["BasicBlock", "CifarResNet", "ConvNet", "load_pretrained", "PretrainedPathError"]
 
 
 # -- shared helpers -------------------------------------------------------------------------
@@ -187,8 +184,10 @@ def _norm(kind: str, channels: int) -> nn.Module:
     return nn.BatchNorm2d(channels)
 
 
-class _BasicBlock(nn.Module):
-    """Two 3x3 conv-norm layers and a shortcut (He et al. 2016, Figure 2)."""
+class BasicBlock(ResidualBlock):
+    """Two 3x3 conv-norm layers and a shortcut (He et al. 2016, Figure 2): the CIFAR ResNets'
+    block. A :class:`~speedup.model.ResidualBlock`, so algorithms that act on residual
+    structure find it through the core's public class, not this module."""
 
     def __init__(
         self, c_in: int, c_out: int, stride: int, shortcut: str, norm: str = "batch"
@@ -215,10 +214,8 @@ class _BasicBlock(nn.Module):
             x = F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
         return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
 
 
 class CifarResNet(nn.Module):
@@ -259,7 +256,7 @@ class CifarResNet(nn.Module):
             c_out = width * 2**stage
             for i in range(n):
                 stride = 2 if stage > 0 and i == 0 else 1
-                blocks.append(_BasicBlock(c_in, c_out, stride, shortcut, norm))
+                blocks.append(BasicBlock(c_in, c_out, stride, shortcut, norm))
                 c_in = c_out
         self.blocks = nn.Sequential(*blocks)
         self.fc = nn.Linear(c_in, num_classes)

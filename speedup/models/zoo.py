@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 
-from speedup.models import MODELS
-from speedup.models.base import Classifier
+from speedup.model import Classifier
 from speedup.models.nets import MLP, Conv1dNet, SmallCNN2d
+from speedup.models.registry import MODELS
 
 
 @MODELS.register("mnist1d_cnn", kind="cnn")

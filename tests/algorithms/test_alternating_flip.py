@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pytest
 import torch
 from speedup.algorithms.alternating_flip import (
@@ -20,6 +22,10 @@ from speedup.data import TensorBatchLoader
 from speedup.data.shapes2d import BatchToFloat
 from speedup.models import Classifier
 from speedup.trainer import Trainer
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -94,7 +100,7 @@ class Seen(Callback):
     def __init__(self) -> None:
         self.rows: list[tuple[int, int, int, bool]] = []
 
-    def before_forward(self, state, logger) -> None:  # noqa: ANN001
+    def before_forward(self, state: State, logger: Logger) -> None:
         indices, mirrored = _decode(state.batch["inputs"])
         ts = state.timestamp
         self.rows += [(ts.batch, ts.epoch, i, m) for i, m in zip(indices, mirrored)]

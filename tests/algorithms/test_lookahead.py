@@ -4,6 +4,7 @@ out here, evaluation at the slow weights, masks, and bad arguments."""
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -15,6 +16,10 @@ from speedup.callback import Callback
 from speedup.config import ConfigError, load_config
 from speedup.models import Classifier
 from speedup.trainer import Trainer
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -55,11 +60,11 @@ class _Reference(Callback):
             found.update(model.named_buffers())
         return {n: t for n, t in found.items() if t.is_floating_point()}
 
-    def fit_start(self, state, logger) -> None:  # noqa: ANN001
+    def fit_start(self, state: State, logger: Logger) -> None:
         self.slow = {n: t.detach().clone() for n, t in self._tensors(state.model).items()}
 
     @torch.no_grad()
-    def batch_end(self, state, logger) -> None:  # noqa: ANN001
+    def batch_end(self, state: State, logger: Logger) -> None:
         t, live = state.timestamp.batch, self._tensors(state.model)
         if t % self.k == 0:
             for name, phi in self.slow.items():
@@ -119,13 +124,13 @@ class _Peek(Callback):
         self.after_eval: list[torch.Tensor] = []
         self.before_eval: list[torch.Tensor] = []
 
-    def batch_end(self, state, logger) -> None:  # noqa: ANN001
+    def batch_end(self, state: State, logger: Logger) -> None:
         self.before_eval.append(state.model.net[0].weight.detach().clone())
 
-    def eval_before_forward(self, state, logger) -> None:  # noqa: ANN001
+    def eval_before_forward(self, state: State, logger: Logger) -> None:
         self.at_eval.append(state.model.net[0].weight.detach().clone())
 
-    def batch_checkpoint(self, state, logger) -> None:  # noqa: ANN001
+    def batch_checkpoint(self, state: State, logger: Logger) -> None:
         self.after_eval.append(state.model.net[0].weight.detach().clone())
 
 

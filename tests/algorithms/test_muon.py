@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -25,6 +26,10 @@ from speedup.callback import Callback
 from speedup.config import ConfigError, load_config
 from speedup.models import Classifier
 from speedup.trainer import Trainer
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -215,7 +220,7 @@ class _GroupLRs(Callback):
     def __init__(self) -> None:
         self.lrs: list[list[float]] = []
 
-    def before_train_batch(self, state, logger) -> None:  # noqa: ANN001
+    def before_train_batch(self, state: State, logger: Logger) -> None:
         self.lrs.append([g["lr"] for g in state.optimizer.param_groups])
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import pytest
 import schedulefree
@@ -16,6 +17,10 @@ from speedup.checkpoint import CheckpointSaver, list_checkpoints
 from speedup.config import ConfigError, load_config
 from speedup.trainer import Trainer
 
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -25,7 +30,7 @@ class _EvalWeights(Callback):
     def __init__(self) -> None:
         self.seen: dict[int, list[torch.Tensor]] = {}
 
-    def eval_before_forward(self, state, logger) -> None:  # noqa: ANN001
+    def eval_before_forward(self, state: State, logger: Logger) -> None:
         batch = state.timestamp.batch
         if batch not in self.seen:
             self.seen[batch] = [p.detach().clone() for p in state.model.parameters()]
@@ -34,13 +39,13 @@ class _EvalWeights(Callback):
 class _PackageModes(Callback):
     """The package's README recipe by hand: train() before training, eval() around evals."""
 
-    def fit_start(self, state, logger) -> None:  # noqa: ANN001
+    def fit_start(self, state: State, logger: Logger) -> None:
         state.optimizer.train()
 
-    def eval_start(self, state, logger) -> None:  # noqa: ANN001
+    def eval_start(self, state: State, logger: Logger) -> None:
         state.optimizer.eval()
 
-    def eval_end(self, state, logger) -> None:  # noqa: ANN001
+    def eval_end(self, state: State, logger: Logger) -> None:
         state.optimizer.train()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,9 @@ from speedup.data import TensorBatchLoader
 from speedup.loggers import LoggerDestination
 from speedup.models import Classifier
 from speedup.trainer import Trainer
+
+if TYPE_CHECKING:
+    from speedup.state import State
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -116,7 +121,7 @@ class Records(LoggerDestination):
     def __init__(self) -> None:
         self.records: list[dict] = []
 
-    def log_metrics(self, metrics, state) -> None:  # noqa: ANN001
+    def log_metrics(self, metrics: dict[str, float], state: State) -> None:
         self.records.append(dict(metrics))
 
 

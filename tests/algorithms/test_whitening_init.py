@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,10 @@ from speedup.data import TensorBatchLoader
 from speedup.engine import build_plan
 from speedup.models import Classifier
 from speedup.trainer import Trainer
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -119,7 +125,7 @@ class Biases(Callback):
     def __init__(self) -> None:
         self.biases: list[torch.Tensor] = []
 
-    def batch_end(self, state, logger) -> None:  # noqa: ANN001
+    def batch_end(self, state: State, logger: Logger) -> None:
         self.biases.append(state.model.net[0].bias.detach().clone())
 
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pytest
 import torch
 from torch import nn
 
 from speedup.models.nets import MLP, Conv1dNet, SmallCNN2d
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 
 def _num_params(model: nn.Module) -> int:
@@ -84,7 +89,7 @@ def test_small_cnn2d_trains_a_step() -> None:
     [lambda: Conv1dNet(), lambda: MLP(40, 10), lambda: SmallCNN2d()],
     ids=["conv1d", "mlp", "cnn2d"],
 )
-def test_init_is_deterministic_given_seed(make) -> None:  # noqa: ANN001
+def test_init_is_deterministic_given_seed(make: Callable[[], nn.Module]) -> None:
     torch.manual_seed(123)
     a = make().state_dict()
     torch.manual_seed(123)

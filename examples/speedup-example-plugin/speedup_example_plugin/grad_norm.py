@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from speedup.callback import Callback
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = ["GradNormMonitor", "global_grad_norm"]
 
@@ -32,6 +36,6 @@ class GradNormMonitor(Callback):
             raise ValueError(f"grad_norm_monitor.every must be an integer >= 1, got {every!r}")
         self.every = every
 
-    def after_train_batch(self, state: Any, logger: Any) -> None:
+    def after_train_batch(self, state: State, logger: Logger) -> None:
         if state.timestamp.batch % self.every == 0:
             logger.log_metrics({"grad/norm": global_grad_norm(state.model.parameters())})

@@ -29,12 +29,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.event import Event
+
+if TYPE_CHECKING:
+    from speedup.loggers import Logger
+    from speedup.state import State
 
 __all__ = ["GradientNoise", "add_gradient_noise", "noise_std"]
 
@@ -88,7 +92,7 @@ class GradientNoise(Algorithm):
             runs_after={"sam", "gradient_clipping"},
         )
 
-    def apply(self, event: Event, state: Any, logger: Any) -> None:
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
         step = state.timestamp.batch
         std = noise_std(step, self.eta, self.gamma)
         device = next(state.model.parameters()).device

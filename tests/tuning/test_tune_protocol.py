@@ -271,3 +271,44 @@ def test_validation_seeds_must_be_fresh_and_enough() -> None:
     with pytest.raises(ConfigError, match="at least 5"):
         check_fresh_seeds([0], [10, 11])
     check_fresh_seeds([0], [10, 11], smoke=True)
+
+
+def test_the_target_setting_baseline_starts_the_speed_study_and_backs_the_yardstick(
+    tmp_path: Path,
+) -> None:
+    from optuna.distributions import FloatDistribution
+    from speedup.tuning.tune import TuneSettings, _study, fastest_baseline, seed_baseline_speed
+
+    s = TuneSettings(recipe="quickstart", out=str(tmp_path), progress=False)
+    quality = _study(s, "baseline-quality")
+    for number, lr in enumerate([0.3, 0.02]):
+        quality.add_trial(
+            optuna.trial.create_trial(
+                params={"lr": lr},
+                distributions={"lr": FloatDistribution(1e-3, 1.0, log=True)},
+                value=0.5 + number / 10,
+            )
+        )
+    tuned_changes = {"optimizer.lr": 0.02, "scale_schedule_ratio": 1.0}
+    target = {"value": 0.55, "tuned_baseline": {"trial": 1, "changes": tuned_changes}}
+    assert seed_baseline_speed(s, target)
+    speed = _study(s, "baseline-speed")
+    (waiting,) = speed.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    fixed = waiting.system_attrs["fixed_params"]
+    assert fixed == {"lr": 0.02, "budget": 1.0}  # the tuned LR at the full budget
+    assert not seed_baseline_speed(s, target)  # once: a study with trials is left alone
+    # No baseline trial reached the target: the yardstick is the target-setting baseline.
+    speed.tell(speed.ask(), 40.0)
+    assert fastest_baseline(speed, target) == {
+        "study": "baseline-quality",
+        "trial": 1,
+        "changes": tuned_changes,
+    }
+    # The fastest baseline trial that reached it is the yardstick; a faster miss is not.
+    for value, reached in ((12.0, True), (9.0, True), (8.0, False)):
+        trial = speed.ask()
+        trial.set_user_attr("time_to_target_s", value if reached else math.inf)
+        trial.set_user_attr("changes", {"optimizer.lr": value})
+        speed.tell(trial, value)
+    best = fastest_baseline(speed, target)
+    assert best["study"] == "baseline-speed" and best["changes"] == {"optimizer.lr": 9.0}

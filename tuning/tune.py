@@ -170,7 +170,8 @@ def make_objective(s: TuneSettings, phase: str, study: optuna.Study):  # noqa: A
         run_dir = Path(s.out) / "runs" / f"{phase}-{config_hash(tcfg)}"
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("changes", json.loads(json.dumps(changes, default=str)))
-        reporter = BudgetFractionReporter(trial, s.metric, sign)
+        value = None if target is None else target["value"]
+        reporter = BudgetFractionReporter(trial, s.metric, sign, value, s.higher_is_better)
         try:
             summary = train_trial(tcfg, run_dir, reporter)
         except ConfigError as err:  # refused before training (checked at AFTER_LOAD)
@@ -178,7 +179,6 @@ def make_objective(s: TuneSettings, phase: str, study: optuna.Study):  # noqa: A
             raise optuna.TrialPruned(f"infeasible: {err}") from None
         _check_metric(summary, s.metric)
         profile = None if quality else _profile(study, tcfg, cfg, s)
-        value = None if target is None else target["value"]
         outcome = outcome_of_run(run_dir, summary, s.metric, value, s.higher_is_better, profile)
         for key in ("final", "steps", "steps_to_target", "time_to_target_s"):
             if key in outcome:

@@ -312,3 +312,39 @@ def test_the_target_setting_baseline_starts_the_speed_study_and_backs_the_yardst
         speed.tell(trial, value)
     best = fastest_baseline(speed, target)
     assert best["study"] == "baseline-speed" and best["changes"] == {"optimizer.lr": 9.0}
+
+
+def test_incumbent_pruner_stops_only_trials_that_can_no_longer_be_fastest(
+    tmp_path: Path,
+) -> None:
+    from speedup.tuning.study import IncumbentPruner
+
+    study = open_study(f"sqlite:///{tmp_path / 'study.db'}", "methods", "minimize")
+    assert isinstance(study.pruner, IncumbentPruner)
+    pruner = IncumbentPruner(slack=1.5)
+
+    def running(**attrs: object) -> optuna.trial.FrozenTrial:
+        trial = study.ask()
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        return next(t for t in study.get_trials() if t.number == trial.number)
+
+    early = running(elapsed_s=100.0)
+    assert not pruner.prune(study, early)  # no incumbent yet: nothing to be slower than
+    done = study.ask()
+    done.set_user_attr("raw_time_to_target_s", 10.0)
+    study.tell(done, 10.0)
+    missed = study.ask()
+    missed.set_user_attr("raw_time_to_target_s", math.inf)
+    study.tell(missed, 99.0)  # a miss is no incumbent
+    assert not pruner.prune(study, running(elapsed_s=14.9))  # could still win: 14.9 < 1.5 x 10
+    assert pruner.prune(study, running(elapsed_s=15.1))  # slower than the incumbent already
+    assert not pruner.prune(study, running(elapsed_s=40.0, reached_target=True))  # its time is set
+    # A short budget at an early fraction is not compared with a long one's metric.
+    assert not pruner.prune(study, running(elapsed_s=2.0))
+    assert isinstance(
+        open_study(f"sqlite:///{tmp_path / 'q.db'}", "baseline-quality", "maximize").pruner,
+        optuna.pruners.SuccessiveHalvingPruner,
+    )
+    with pytest.raises(ValueError, match="slack"):
+        IncumbentPruner(0.5)

@@ -114,8 +114,16 @@ class BudgetFractionReporter(Callback):
     the pruner says so. ``sign`` turns the metric into the study's direction (a study that
     minimises time-to-target is shown ``-accuracy``)."""
 
-    def __init__(self, trial: Any, metric: str, sign: float) -> None:
+    def __init__(
+        self,
+        trial: Any,
+        metric: str,
+        sign: float,
+        target: float | None = None,
+        higher_is_better: bool = True,
+    ) -> None:
         self.trial, self.metric, self.sign = trial, metric, sign
+        self.target, self.higher_is_better = target, higher_is_better
         self.pruned_at: int | None = None
 
     def eval_end(self, state: State, logger: Logger) -> None:
@@ -123,6 +131,12 @@ class BudgetFractionReporter(Callback):
         if value is None or self.trial is None:
             return
         step = pruner_step(state.elapsed_fraction)
+        # What a time-to-target pruner needs: the training time so far, and the target's state.
+        self.trial.set_user_attr("elapsed_s", float(state.timestamp.train_time_s))
+        if self.target is not None:
+            better = value >= self.target if self.higher_is_better else value <= self.target
+            if better:
+                self.trial.set_user_attr("reached_target", True)
         self.trial.report(self.sign * float(value), step)
         if step < FRACTION_STEPS and self.trial.should_prune():
             self.pruned_at = step

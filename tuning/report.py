@@ -121,7 +121,7 @@ def winning_recipe(results: dict[str, Any], win: dict[str, Any], studies: dict) 
     cfg = with_changes(OmegaConf.create(results["config"]), **win["changes"])
     keep = {f.name for f in fields(RunConfig)} - {"run_dir", "smoke", "seed"}
     body = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k in keep}
-    study = "methods" if win["kind"] == "method" else "baseline-speed"
+    study = "methods" if win["kind"] == "method" else win.get("study", "baseline-speed")
     env = {**environment(), "optuna": optuna.__version__}
     row = win.get("speedup")
     lines = [
@@ -290,7 +290,8 @@ def _markdown(results: dict[str, Any], plots: list[str]) -> str:
     base_misses = sum(math.isinf(r["time_to_target_s"]) for r in base)
     lines += [
         "",
-        f"Fastest tuned baseline (trial {results['baseline']['trial']}): times "
+        f"Fastest tuned baseline ({results['baseline'].get('study', 'baseline-speed')} trial "
+        f"{results['baseline']['trial']}): times "
         + ", ".join(_fmt(r["time_to_target_s"]) for r in base)
         + f" s; it missed the target on {base_misses} of {len(base)} fresh seeds.",
     ]

@@ -27,6 +27,7 @@ from speedup.errors import ConfigError
 
 __all__ = [
     "PHASES",
+    "IncumbentPruner",
     "counted_trials",
     "make_sampler",
     "open_storage",
@@ -98,16 +99,49 @@ def make_pruner(first_rung: float) -> optuna.pruners.BasePruner:
     )
 
 
+class IncumbentPruner(optuna.pruners.BasePruner):
+    """The pruner of a time-to-target study: stop a trial once it can no longer be the
+    fastest, i.e. once it has trained ``slack`` times longer than the fastest finished trial
+    took to reach the target, without reaching it itself.
+
+    Successive halving ranks trials by their metric at the same fraction of their own
+    budget; when the budget is itself searched, a short compressed schedule has taken fewer
+    steps at any fraction than a long one, so it ranks lower and is pruned for being short,
+    the opposite of what a search for speed wants. This rule compares what the objective
+    compares, time, so it is blind to the budget and to when a method pays off: a trial is
+    stopped only when even reaching the target at its next evaluation would make it slower
+    than the incumbent (up to ``slack``, which absorbs the noise of raw wall-clock on a
+    shared machine). The elapsed time and whether the target was reached are the trial's
+    ``elapsed_s`` and ``reached_target`` attributes (:class:`BudgetFractionReporter`)."""
+
+    def __init__(self, slack: float = 1.5) -> None:
+        if slack < 1.0:
+            raise ValueError(f"IncumbentPruner: slack must be >= 1, got {slack}")
+        self.slack = slack
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        elapsed = trial.user_attrs.get("elapsed_s")
+        if elapsed is None or trial.user_attrs.get("reached_target"):
+            return False
+        finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        times = [t.user_attrs.get("raw_time_to_target_s", math.inf) for t in finished]
+        incumbent = min((t for t in times if math.isfinite(t)), default=math.inf)
+        return elapsed > self.slack * incumbent
+
+
 def open_study(
     spec: str, phase: str, direction: str, seed: int = 0, n_startup: int = 10, rung: float = 0.25
 ) -> optuna.Study:
+    """The study of ``phase``: the quality phase (one budget) prunes by successive halving on
+    the metric, the time-to-target phases (searched budgets) by :class:`IncumbentPruner`."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    pruner = make_pruner(rung) if phase == "baseline-quality" else IncumbentPruner()
     return optuna.create_study(
         storage=open_storage(spec),
         study_name=phase,
         direction=direction,
         sampler=make_sampler(seed, n_startup),
-        pruner=make_pruner(rung),
+        pruner=pruner,
         load_if_exists=True,
     )
 

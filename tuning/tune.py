@@ -171,7 +171,8 @@ def make_objective(s: TuneSettings, phase: str, study: optuna.Study):  # noqa: A
         run_dir = Path(s.out) / "runs" / f"{phase}-{config_hash(tcfg)}"
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("changes", json.loads(json.dumps(changes, default=str)))
-        reporter = BudgetFractionReporter(trial, s.metric, sign)
+        value = None if target is None else target["value"]
+        reporter = BudgetFractionReporter(trial, s.metric, sign, value, s.higher_is_better)
         try:
             summary = train_trial(tcfg, run_dir, reporter)
         except ConfigError as err:  # refused before training (checked at AFTER_LOAD)
@@ -179,7 +180,6 @@ def make_objective(s: TuneSettings, phase: str, study: optuna.Study):  # noqa: A
             raise optuna.TrialPruned(f"infeasible: {err}") from None
         _check_metric(summary, s.metric)
         profile = None if quality else _profile(study, tcfg, cfg, s)
-        value = None if target is None else target["value"]
         outcome = outcome_of_run(run_dir, summary, s.metric, value, s.higher_is_better, profile)
         for key in ("final", "steps", "steps_to_target", "time_to_target_s"):
             if key in outcome:
@@ -261,6 +261,49 @@ def _run_seeds(
     return outcomes
 
 
+def seed_baseline_speed(s: TuneSettings, target: dict[str, Any]) -> bool:
+    """Enqueue the configuration that set the target (the tuned baseline, at the full budget)
+    as the baseline-speed study's first trial, once (a study with trials is left as it is).
+
+    The fastest baseline is then never slower than the tuned full-budget one: a random start
+    in the LR and budget ranges can miss the target on every trial, and a baseline that never
+    reached the target is no yardstick."""
+    speed = _study(s, "baseline-speed")
+    if speed.get_trials(deepcopy=False):
+        return False
+    quality = _study(s, "baseline-quality")
+    tuned = next(
+        t
+        for t in quality.get_trials(deepcopy=False)
+        if t.number == target["tuned_baseline"]["trial"]
+    )
+    params = dict(tuned.params)
+    if s.budget_low < 1.0:
+        params["budget"] = 1.0
+    speed.enqueue_trial(params, user_attrs={"seeded_from": "baseline-quality"})
+    return True
+
+
+def fastest_baseline(speed: optuna.Study, target: dict[str, Any]) -> dict[str, Any]:
+    """The baseline every speedup is measured against: the baseline-speed trial that reached
+    the target fastest; the configuration that set the target (full budget) if none did."""
+    reached = [
+        t
+        for t in counted_trials(speed)
+        if t.state.name == "COMPLETE"
+        and math.isfinite(t.user_attrs.get("time_to_target_s", math.inf))
+    ]
+    if reached:
+        best = min(reached, key=lambda t: t.value)
+        return {
+            "study": "baseline-speed",
+            "trial": best.number,
+            "changes": best.user_attrs["changes"],
+        }
+    tuned = target["tuned_baseline"]
+    return {"study": "baseline-quality", "trial": tuned["trial"], "changes": tuned["changes"]}
+
+
 def set_target(s: TuneSettings, cfg: DictConfig) -> dict[str, Any]:
     """Phase 1 and the pre-registered target (read back unchanged on resume)."""
     speed, methods = _study(s, "baseline-speed"), _study(s, "methods")
@@ -334,6 +377,7 @@ def tune(s: TuneSettings) -> dict[str, Any]:
         s.target_value = target["value"]
         full_steps = max(int(o["steps"]) for o in target["tuned_baseline"]["finals"])
         calibrate(s, cfg, full_steps)
+        seed_baseline_speed(s, target)
         speed = _run_phase_parallel(s, "baseline-speed")
         if s.seed_from:
             seed_methods(s, cfg)
@@ -341,14 +385,14 @@ def tune(s: TuneSettings) -> dict[str, Any]:
         parity = (len(counted_trials(speed)), len(counted_trials(methods)))
         print(f"trials: baseline {parity[0]}, methods {parity[1]}", file=sys.stderr)
         # Proof on fresh seeds: the fastest baseline and the best method configurations.
-        base_trial = _best(speed)
+        base = fastest_baseline(speed, target)
         ranked = sorted(
             (t for t in counted_trials(methods) if t.state.name == "COMPLETE"),
             key=lambda t: t.value,
         )
         finalists = [t for t in ranked if math.isfinite(t.user_attrs["time_to_target_s"])]
         finalists = finalists[: s.top_k]
-        base_changes = base_trial.user_attrs["changes"]
+        base_changes = base["changes"]
         base_profile = _profile(speed, with_changes(cfg, **base_changes), cfg, s)
         base_runs = _run_seeds(
             s, cfg, base_changes, s.validate_seeds, "validate-baseline", base_profile
@@ -377,11 +421,7 @@ def tune(s: TuneSettings) -> dict[str, Any]:
             "trial_counts": {"baseline-speed": parity[0], "methods": parity[1]},
             "baseline_step_s": methods.user_attrs["baseline_step_s"],
             "miss_penalty_s": methods.user_attrs["miss_penalty_s"],
-            "baseline": {
-                "trial": base_trial.number,
-                "changes": base_changes,
-                "runs": base_runs,
-            },
+            "baseline": {**base, "runs": base_runs},
             "validated": validated,
             "storage": storage_spec(out, s.storage, s.parallel),
         }

@@ -307,3 +307,80 @@ def test_algorithm_effects_split_completed_methods_trials() -> None:
     assert effects["ema"]["off"]["reached"] == 1 and effects["ema"]["off"]["trials"] == 2
     assert effects["ema"]["off"]["median_time_s"] == math.inf
     assert effects["rotary"]["off"]["median_time_s"] == 25.0
+
+
+def test_the_target_setting_baseline_starts_the_speed_study_and_backs_the_yardstick(
+    tmp_path: Path,
+) -> None:
+    from optuna.distributions import FloatDistribution
+    from speedup.tuning.tune import TuneSettings, _study, fastest_baseline, seed_baseline_speed
+
+    s = TuneSettings(recipe="quickstart", out=str(tmp_path), progress=False)
+    quality = _study(s, "baseline-quality")
+    for number, lr in enumerate([0.3, 0.02]):
+        quality.add_trial(
+            optuna.trial.create_trial(
+                params={"lr": lr},
+                distributions={"lr": FloatDistribution(1e-3, 1.0, log=True)},
+                value=0.5 + number / 10,
+            )
+        )
+    tuned_changes = {"optimizer.lr": 0.02, "scale_schedule_ratio": 1.0}
+    target = {"value": 0.55, "tuned_baseline": {"trial": 1, "changes": tuned_changes}}
+    assert seed_baseline_speed(s, target)
+    speed = _study(s, "baseline-speed")
+    (waiting,) = speed.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    fixed = waiting.system_attrs["fixed_params"]
+    assert fixed == {"lr": 0.02, "budget": 1.0}  # the tuned LR at the full budget
+    assert not seed_baseline_speed(s, target)  # once: a study with trials is left alone
+    # No baseline trial reached the target: the yardstick is the target-setting baseline.
+    speed.tell(speed.ask(), 40.0)
+    assert fastest_baseline(speed, target) == {
+        "study": "baseline-quality",
+        "trial": 1,
+        "changes": tuned_changes,
+    }
+    # The fastest baseline trial that reached it is the yardstick; a faster miss is not.
+    for value, reached in ((12.0, True), (9.0, True), (8.0, False)):
+        trial = speed.ask()
+        trial.set_user_attr("time_to_target_s", value if reached else math.inf)
+        trial.set_user_attr("changes", {"optimizer.lr": value})
+        speed.tell(trial, value)
+    best = fastest_baseline(speed, target)
+    assert best["study"] == "baseline-speed" and best["changes"] == {"optimizer.lr": 9.0}
+
+
+def test_incumbent_pruner_stops_only_trials_that_can_no_longer_be_fastest(
+    tmp_path: Path,
+) -> None:
+    from speedup.tuning.study import IncumbentPruner
+
+    study = open_study(f"sqlite:///{tmp_path / 'study.db'}", "methods", "minimize")
+    assert isinstance(study.pruner, IncumbentPruner)
+    pruner = IncumbentPruner(slack=1.5)
+
+    def running(**attrs: object) -> optuna.trial.FrozenTrial:
+        trial = study.ask()
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        return next(t for t in study.get_trials() if t.number == trial.number)
+
+    early = running(elapsed_s=100.0)
+    assert not pruner.prune(study, early)  # no incumbent yet: nothing to be slower than
+    done = study.ask()
+    done.set_user_attr("raw_time_to_target_s", 10.0)
+    study.tell(done, 10.0)
+    missed = study.ask()
+    missed.set_user_attr("raw_time_to_target_s", math.inf)
+    study.tell(missed, 99.0)  # a miss is no incumbent
+    assert not pruner.prune(study, running(elapsed_s=14.9))  # could still win: 14.9 < 1.5 x 10
+    assert pruner.prune(study, running(elapsed_s=15.1))  # slower than the incumbent already
+    assert not pruner.prune(study, running(elapsed_s=40.0, reached_target=True))  # its time is set
+    # A short budget at an early fraction is not compared with a long one's metric.
+    assert not pruner.prune(study, running(elapsed_s=2.0))
+    assert isinstance(
+        open_study(f"sqlite:///{tmp_path / 'q.db'}", "baseline-quality", "maximize").pruner,
+        optuna.pruners.SuccessiveHalvingPruner,
+    )
+    with pytest.raises(ValueError, match="slack"):
+        IncumbentPruner(0.5)

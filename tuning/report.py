@@ -121,8 +121,20 @@ def winning_recipe(results: dict[str, Any], win: dict[str, Any], studies: dict) 
     cfg = with_changes(OmegaConf.create(results["config"]), **win["changes"])
     keep = {f.name for f in fields(RunConfig)} - {"run_dir", "smoke", "seed"}
     body = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k in keep}
+    algorithms = ", ".join(body.get("algorithms") or {}) or "no algorithms"
+    body["description"] = (
+        f"{results['recipe']} as `speedup tune` found it fastest to the target "
+        f"({results['target']['metric']} {results['target']['value']:.6g}): {algorithms}, "
+        f"{body['optimizer']['name']} at lr {body['optimizer']['lr']:.3g}, "
+        f"scheduler {body['scheduler'].get('name', 'constant')}, "
+        f"scale_schedule_ratio {body.get('scale_schedule_ratio', 1.0):.3g} of "
+        f"{body['max_duration']}. The workload it was tuned on: "
+        + str(body.get("description") or results["recipe"]).strip()
+    )
     study = "methods" if win["kind"] == "method" else win.get("study", "baseline-speed")
     env = {**environment(), "optuna": optuna.__version__}
+    if body.get("threads"):  # what the trials ran with, not the process writing this
+        env["torch_threads"] = body["threads"]
     row = win.get("speedup")
     lines = [
         f"# Found by `speedup tune {results['recipe']}` and checked on fresh seeds.",

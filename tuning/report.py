@@ -130,6 +130,11 @@ def winning_recipe(results: dict[str, Any], win: dict[str, Any], studies: dict) 
         f"scale_schedule_ratio {body.get('scale_schedule_ratio', 1.0):.3g} of "
         f"{body['max_duration']}. The workload it was tuned on: "
         + str(body.get("description") or results["recipe"]).strip()
+        + (
+            f" With the overrides {' '.join(results['settings']['overrides'])} (set below)."
+            if results["settings"].get("overrides")
+            else ""
+        )
     )
     study = "methods" if win["kind"] == "method" else win.get("study", "baseline-speed")
     env = {**environment(), "optuna": optuna.__version__}

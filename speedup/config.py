@@ -445,8 +445,8 @@ def _short(err: Exception) -> str:
 
 def _type_ok(value: Any, annotation: Any) -> bool:
     """A lenient runtime check for the annotation shapes builders use (see
-    :func:`speedup.optim.value_fits`, the one definition)."""
-    from speedup.optim import value_fits  # optim imports torch; config stays light to import
+    :func:`speedup.arguments.value_fits`, the one definition)."""
+    from speedup.arguments import value_fits
 
     return value_fits(value, annotation)
 

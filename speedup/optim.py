@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import types
 import typing
 import warnings
 from collections.abc import Callable, Iterable
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from speedup.arguments import type_problem, value_fits
 from speedup.engine import long_time_constants
 from speedup.registry import suggest
 from speedup.time import Time, TimeUnit
@@ -93,44 +93,6 @@ def optimizer_arguments(cls: type) -> list[str]:
         for name, p in inspect.signature(cls.__init__).parameters.items()
         if name not in ("self", "params") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
     ]
-
-
-def value_fits(value: Any, annotation: Any) -> bool:
-    """A lenient runtime check of ``value`` against an annotation of the shapes builders use
-    (``float``, ``int | None``, ``Literal``, ``tuple[float, float]``, a class): a bool is not a
-    number, an int is a float; containers are checked as containers, not element-wise."""
-    if annotation is inspect.Parameter.empty or annotation is Any:
-        return True
-    origin = typing.get_origin(annotation)
-    if origin is typing.Literal:
-        return value in typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(value_fits(value, arg) for arg in typing.get_args(annotation))
-    if annotation is type(None):
-        return value is None
-    if origin in (list, tuple, typing.Sequence) or annotation in (list, tuple):
-        return isinstance(value, (list, tuple))
-    if origin is dict or annotation is dict:
-        return isinstance(value, dict)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(annotation, type):
-        return isinstance(value, annotation)
-    return True
-
-
-def type_problem(value: Any, annotation: Any) -> str | None:
-    """``"wrong type: got ..., expected ..."`` when ``value`` does not fit ``annotation``,
-    else None; the one wording of a wrong-type argument (recipes and the Trainer alike)."""
-    if value_fits(value, annotation):
-        return None
-    shown = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
-    hint = ""
-    if annotation is str and isinstance(value, (int, float)):
-        hint = " (quote it: YAML reads 2:4 as the base-60 number 124, 1e3 as a number)"
-    return f"wrong type: got {value!r}, expected {shown}{hint}"
 
 
 def optimizer_argument_problem(cls: type, args: dict[str, Any]) -> tuple[str | None, str] | None:

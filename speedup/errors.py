@@ -115,6 +115,10 @@ class RunLockedError(RuntimeError):
         )
         self.directory = directory
         self.pid = pid
+        self.lock_file = lock_file
+
+    def __reduce__(self) -> tuple:  # picklable across worker processes (its own arguments)
+        return (type(self), (self.directory, self.pid, self.lock_file))
 
 
 class MissingPackageError(ImportError):

@@ -216,3 +216,15 @@ def test_nproc_launcher_holds_the_lock_and_its_workers_run(tmp_path: Path) -> No
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["steps"] == 8
     assert not (tmp_path / "two" / LOCK_FILE).exists()
+
+
+def test_the_locked_error_crosses_process_boundaries() -> None:
+    """A worker process's RunLockedError reaches its parent intact (pickled by the pool)."""
+    import pickle
+
+    from speedup.errors import RunLockedError
+
+    err = RunLockedError(Path("/runs/a"), 1234, Path("/runs/a/.speedup.lock"))
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is RunLockedError and str(back) == str(err)
+    assert (back.directory, back.pid, back.lock_file) == (err.directory, 1234, err.lock_file)

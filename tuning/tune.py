@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -132,10 +133,16 @@ def _direction(s: TuneSettings, phase: str) -> str:
     return "minimize"
 
 
-def _study(s: TuneSettings, phase: str) -> optuna.Study:
+def _study(s: TuneSettings, phase: str, worker: int = 0) -> optuna.Study:
+    """The study of ``phase`` as ``worker`` samples it. Each worker's sampler has its own
+    seed: workers seeded alike draw the same random start-up configurations, train the same
+    run directory at once and collide on its lock. Workers on other machines (``--storage``)
+    each start from worker 0, so their process id is mixed in; one local worker keeps
+    ``sampler_seed`` exactly (a reproducible search)."""
     spec = storage_spec(Path(s.out), s.storage, s.parallel)
     n_startup = max(2, min(10, s.trials // 3))
-    return open_study(spec, phase, _direction(s, phase), s.sampler_seed, n_startup)
+    seed = s.sampler_seed + worker + (os.getpid() if s.storage else 0)
+    return open_study(spec, phase, _direction(s, phase), seed, n_startup)
 
 
 def _profile(study: optuna.Study, cfg: DictConfig, base: DictConfig, s: TuneSettings) -> list:
@@ -208,9 +215,9 @@ def _check_metric(summary: dict[str, Any], metric: str) -> None:
         )
 
 
-def run_phase(s: TuneSettings, phase: str, n_trials: int) -> None:
+def run_phase(s: TuneSettings, phase: str, n_trials: int, worker: int = 0) -> None:
     """Run ``phase`` until ``n_trials`` count, in this process (a worker calls this too)."""
-    study = _study(s, phase)
+    study = _study(s, phase, worker)
     optimize_until(study, make_objective(s, phase, study), n_trials, phase, s.progress)
 
 
@@ -223,7 +230,7 @@ def _run_phase_parallel(s: TuneSettings, phase: str) -> optuna.Study:
         run_phase(s, phase, s.trials)
     else:  # K local processes on one journal storage; each stops when the count is reached
         with ProcessPoolExecutor(s.parallel, mp_context=get_context("spawn")) as pool:
-            jobs = [pool.submit(run_phase, s, phase, s.trials) for _ in range(s.parallel)]
+            jobs = [pool.submit(run_phase, s, phase, s.trials, w) for w in range(s.parallel)]
             for job in jobs:
                 job.result()
     return _study(s, phase)

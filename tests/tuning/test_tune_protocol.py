@@ -384,3 +384,20 @@ def test_incumbent_pruner_stops_only_trials_that_can_no_longer_be_fastest(
     )
     with pytest.raises(ValueError, match="slack"):
         IncumbentPruner(0.5)
+
+
+def test_parallel_workers_sample_differently_and_one_worker_reproducibly(tmp_path: Path) -> None:
+    """Workers seeded alike would draw the same start-up configurations and collide on one
+    run directory; worker 0 alone repeats its draws."""
+    from speedup.tuning.tune import TuneSettings, _study
+
+    def first_lr(out: Path, worker: int) -> float:
+        s = TuneSettings(recipe="quickstart", out=str(out), parallel=2, progress=False)
+        return _study(s, "methods", worker).ask().suggest_float("lr", 1e-3, 1.0, log=True)
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    draws = [first_lr(one, 0), first_lr(one, 1)]
+    assert draws[0] != draws[1]
+    assert first_lr(two, 0) == draws[0]  # a fresh study, worker 0: the same first draw

@@ -148,6 +148,14 @@ def muon_update(
     weight.add_(orthogonal, alpha=-lr * scale)
 
 
+def _closure_loss(closure: Callable[[], Any] | None) -> Any:
+    """The loss a ``step(closure)`` re-evaluates (with gradients on), as torch's optimizers do."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class _OwnMuon(torch.optim.Optimizer):
     """Muon over 2-D tensors with ``torch.optim.Muon``'s arguments and state layout (a
     ``momentum_buffer`` per tensor), for torch versions without it."""
@@ -178,10 +186,7 @@ class _OwnMuon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -371,10 +376,7 @@ class MuonOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         self.aux.step()
         group, inner = self.muon_group, self._muon.param_groups[0]
         inner.update(

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -197,19 +198,38 @@ def _within(previous: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
     return alive.flatten().nonzero().flatten()
 
 
+def _reprune(
+    masks: dict[str, torch.Tensor],
+    previous: dict[str, torch.Tensor] | None,
+    place: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    generator: torch.Generator,
+) -> dict:
+    """Per tensor, a new mask over the previous level's survivors only: ``place(mask, alive,
+    order)`` gives the kept flags of the ``alive`` positions, ``order`` a random permutation
+    of them."""
+    out = {}
+    for name, mask in masks.items():
+        alive = _within(previous and previous[name], mask)
+        order = torch.randperm(len(alive), generator=generator)
+        keep = torch.zeros(mask.numel(), dtype=torch.bool)
+        keep[alive] = place(mask, alive, order)
+        out[name] = keep.view_as(mask)
+    return out
+
+
 def _random_reprune(
     masks: dict[str, torch.Tensor],
     previous: dict[str, torch.Tensor] | None,
     generator: torch.Generator,
 ) -> dict:
     """Per tensor, as many of the previous survivors as the ticket keeps, drawn uniformly."""
-    out = {}
-    for name, mask in masks.items():
-        alive = _within(previous and previous[name], mask)
-        keep = torch.zeros(mask.numel(), dtype=torch.bool)
-        keep[alive[torch.randperm(len(alive), generator=generator)[: int(mask.sum())]]] = True
-        out[name] = keep.view_as(mask)
-    return out
+
+    def first_k(mask: torch.Tensor, alive: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        flags = torch.zeros(len(alive), dtype=torch.bool)
+        flags[order[: int(mask.sum())]] = True
+        return flags
+
+    return _reprune(masks, previous, first_k, generator)
 
 
 def _shuffled_reprune(
@@ -218,14 +238,11 @@ def _shuffled_reprune(
     generator: torch.Generator,
 ) -> dict:
     """Per tensor, the ticket's decisions on the previous survivors, permuted among them."""
-    out = {}
-    for name, mask in masks.items():
-        alive = _within(previous and previous[name], mask)
-        decisions = mask.flatten()[alive]
-        shuffled = torch.zeros(mask.numel(), dtype=torch.bool)
-        shuffled[alive] = decisions[torch.randperm(len(alive), generator=generator)]
-        out[name] = shuffled.view_as(mask)
-    return out
+
+    def permuted(mask: torch.Tensor, alive: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        return mask.flatten()[alive][order].bool()
+
+    return _reprune(masks, previous, permuted, generator)
 
 
 def _finetune_config(cfg: DictConfig, probe: Trainer, settings: IMPSettings) -> DictConfig:

@@ -192,3 +192,18 @@ def test_stored_targets_are_read_in_both_shapes(tmp_path):
     plain = tmp_path / "plain.json"
     plain.write_text(json.dumps({"metric": "accuracy", "target": 0.9}))
     assert gpu_check._stored_target(plain) == ("accuracy", 0.9, True)
+
+
+def test_tuned_recipes_race_the_baseline_they_were_proven_against():
+    """The GPU figure compares a tuned recipe with the tune's own baseline (its workload and
+    the fastest baseline's changes), not with the bare baseline recipe."""
+    results = gpu_check.RESULTS_DIR / "shapes2d-tuned.json"
+    pair = gpu_check._tuned_pair("shapes2d-tuned", results, ["max_duration=4ba"])
+    tuned, base = pair["shapes2d-tuned"], pair["shapes2d-baseline"]
+    stored = json.loads(results.read_text())
+    assert base.model.name == tuned.model.name == stored["config"]["model"]["name"] == "small_cnn"
+    assert base.optimizer.lr == stored["baseline"]["changes"]["optimizer.lr"]
+    assert not base.algorithms and set(tuned.algorithms) == set(
+        stored["winner"]["changes"]["algorithms"]
+    )
+    assert base.max_duration == tuned.max_duration == "4ba"

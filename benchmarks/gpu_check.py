@@ -1219,7 +1219,9 @@ def _stored_target(path: Path) -> tuple[str, float, bool]:
         metric = target.get("metric", data.get("metric"))
         return metric, float(target["value"]), bool(target.get("higher_is_better", True))
     metric = data["metric"]
-    return metric, float(target), metric not in ("loss", "perplexity")
+    from speedup.callbacks import lower_is_better
+
+    return metric, float(target), not lower_is_better(metric)
 
 
 def _time_to_target(cfg: Any, metric: str, value: float, higher: bool, run_dir: Path) -> float:

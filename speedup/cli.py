@@ -660,7 +660,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-
     directory = Path(args.dir)
     if not directory.is_dir():
         raise ConfigError(f"speedup report: {directory}: no such directory")

@@ -272,8 +272,15 @@ def _algorithm_registry() -> Registry[type[Algorithm]]:  # lazily: the core stay
 ALGORITHMS = _algorithm_registry()
 
 
+def build_algorithm(name: str, args: Mapping[str, Any] | None = None) -> Algorithm:
+    """The registered algorithm ``name`` built with ``args`` (``None``: its defaults): the one
+    place a recipe's algorithms are made. Raises UnknownNameError for an unregistered name and
+    the constructor's ValueError/TypeError for arguments it refuses."""
+    return ALGORITHMS.get(name)(**dict(args or {}))
+
+
 def build_algorithms(spec: Mapping[str, Mapping[str, Any] | None]) -> list[Algorithm]:
     """The algorithms of a recipe's ``algorithms`` section (name -> arguments, ``None`` or
-    ``{}`` for the defaults), built from the registry in their order: the one place a
-    recipe's algorithms are made. Callers that plan and then train pass the same objects on."""
-    return [ALGORITHMS.get(name)(**dict(args or {})) for name, args in spec.items()]
+    ``{}`` for the defaults), each by :func:`build_algorithm`, in their order. Callers that
+    plan and then train pass the same objects on (see :func:`speedup.config.load_recipe`)."""
+    return [build_algorithm(name, args) for name, args in spec.items()]

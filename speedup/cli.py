@@ -376,11 +376,11 @@ def _format_declaration(algorithm: object) -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from speedup.config import load_config
+    from speedup.config import load_recipe
     from speedup.run import plan_config
 
-    cfg = load_config(args.recipe, args.overrides, smoke=args.smoke)
-    plan, declarations = plan_config(cfg)
+    cfg, algorithms = load_recipe(args.recipe, args.overrides, smoke=args.smoke)
+    plan, declarations = plan_config(cfg, algorithms)
     print(f"plan for {cfg.recipe} (model {cfg.model.name}, data {cfg.data.name})")
     print(plan.format(declarations))
     if plan.conflicts:  # the error `speedup run` stops on, with its exit code (2: bad input)
@@ -395,23 +395,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from omegaconf import OmegaConf
-
     from speedup import distributed
-    from speedup.algorithm import build_algorithms
-    from speedup.config import load_config
+    from speedup.config import load_recipe
     from speedup.run import plan_config, run_config
 
     if args.nproc < 1:
         raise ConfigError(f"--nproc: must be >= 1 (processes on this machine), got {args.nproc}")
-    cfg = load_config(args.recipe, args.overrides, smoke=args.smoke)
-    algorithms = build_algorithms(OmegaConf.to_container(cfg.algorithms))  # planned, then run
+    # Validation builds the algorithms; they are planned here and that plan and those objects
+    # are what trains (the engine plans again only if the model or data is of another kind).
+    cfg, algorithms = load_recipe(args.recipe, args.overrides, smoke=args.smoke)
     plan, _ = plan_config(cfg, algorithms)
     if plan.conflicts:  # before any data is loaded
         raise PlanError(plan.conflicts)
     if args.nproc > 1 and not distributed.launched_by_torchrun():
         return _launch_torchrun(args, cfg)
-    summary = run_config(cfg, algorithms=algorithms)
+    summary = run_config(cfg, algorithms=algorithms, plan=plan)
     if not distributed.is_main():
         return 0
     if "preempted" in summary:

@@ -19,7 +19,7 @@ import typing
 from dataclasses import MISSING, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -30,6 +30,11 @@ from speedup.errors import ConfigError, UnknownNameError
 from speedup.registry import suggest
 from speedup.time import Time, TimeUnit, schedule_time
 
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from speedup.algorithm import Algorithm
+
 __all__ = [
     "NOT_TRAINING_KEYS",
     "ConfigError",
@@ -39,7 +44,9 @@ __all__ = [
     "check_batch_fits",
     "config_hash",
     "with_changes",
+    "LoadedRecipe",
     "load_config",
+    "load_recipe",
     "recipe_names",
     "resolve_recipe",
 ]
@@ -466,10 +473,11 @@ def _source_finder(origin: dict[str, str]) -> _Source:
     return src
 
 
-def _validate(cfg: DictConfig, origin: dict[str, str]) -> None:
+def _validate(cfg: DictConfig, origin: dict[str, str]) -> list[Algorithm]:
     """Every semantic check of a merged config, section by section; the first problem is
     raised as a ConfigError naming the key and the layer that set it. The order is part of
-    the behaviour: a config with several problems reports the first one checked."""
+    the behaviour: a config with several problems reports the first one checked. Returns the
+    recipe's algorithms, which checking their values built."""
     src = _source_finder(origin)
     _validate_durations(cfg, src)
     _validate_top_level(cfg, src)
@@ -480,7 +488,10 @@ def _validate(cfg: DictConfig, origin: dict[str, str]) -> None:
     _validate_model_and_data(cfg, src)
     _validate_optimizer(cfg, src)
     _validate_scheduler(cfg, src)
-    _validate_algorithms_and_callbacks(cfg, src)
+    algorithms = _validate_algorithms(cfg, src)
+    _validate_callbacks(cfg, src)
+    _validate_fsdp_algorithms(cfg, src, algorithms)
+    return algorithms
 
 
 def _validate_durations(cfg: DictConfig, src: _Source) -> None:
@@ -571,27 +582,50 @@ def _validate_model_and_data(cfg: DictConfig, src: _Source) -> None:
         )
 
 
-def _validate_algorithms_and_callbacks(cfg: DictConfig, src: _Source) -> None:
-    """Each entry is registered, takes its arguments, and its constructor accepts them."""
-    from speedup.algorithm import ALGORITHMS
+def _entries(
+    cfg: DictConfig, section: str, registry: Any, src: _Source
+) -> Iterator[tuple[str, Any, dict[str, Any]]]:
+    """A named-entries section (``algorithms``, ``callbacks``), entry by entry: its name, its
+    registered class, and its arguments, which must be a mapping (or null/``{}``: defaults)."""
+    for name, args in OmegaConf.to_container(cfg[section]).items():
+        where = src(f"{section}.{name}")
+        try:
+            cls = registry.get(name)
+        except UnknownNameError as err:
+            raise ConfigError(f"{where}: {section}: {err}") from None
+        if args is not None and not isinstance(args, dict):
+            raise ConfigError(
+                f"{where}: {section}.{name}: expected a mapping of arguments (or {{}} for "
+                f"defaults), got {args!r}"
+            )
+        check_arguments(cls, args or {}, f"{section}.{name}", where)
+        yield name, cls, args or {}
+
+
+def _validate_algorithms(cfg: DictConfig, src: _Source) -> list[Algorithm]:
+    """Each algorithm is registered and takes its arguments (names and types); building it
+    with :func:`~speedup.algorithm.build_algorithm` checks their values (ranges, enums). The
+    built algorithms are returned, to be planned and trained (:func:`load_recipe`)."""
+    from speedup.algorithm import ALGORITHMS, build_algorithm
+
+    algorithms = []
+    for name, _, args in _entries(cfg, "algorithms", ALGORITHMS, src):
+        try:
+            algorithms.append(build_algorithm(name, args))
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"{src(f'algorithms.{name}')}: algorithms.{name}: {err}") from None
+    return algorithms
+
+
+def _validate_callbacks(cfg: DictConfig, src: _Source) -> None:
+    """Each callback is registered, takes its arguments, and its constructor accepts them."""
     from speedup.callback import CALLBACKS
 
-    for section, registry in (("algorithms", ALGORITHMS), ("callbacks", CALLBACKS)):
-        for name, args in OmegaConf.to_container(cfg[section]).items():
-            try:
-                cls = registry.get(name)
-            except UnknownNameError as err:
-                raise ConfigError(f"{src(f'{section}.{name}')}: {section}: {err}") from None
-            if args is not None and not isinstance(args, dict):
-                raise ConfigError(
-                    f"{src(f'{section}.{name}')}: {section}.{name}: expected a mapping of "
-                    f"arguments (or {{}} for defaults), got {args!r}"
-                )
-            check_arguments(cls, args or {}, f"{section}.{name}", src(f"{section}.{name}"))
-            try:  # constructors check values (ranges, enums) beyond types
-                cls(**(args or {}))
-            except (ValueError, TypeError) as err:
-                raise ConfigError(f"{src(f'{section}.{name}')}: {section}.{name}: {err}") from None
+    for name, cls, args in _entries(cfg, "callbacks", CALLBACKS, src):
+        try:  # constructors check values (ranges, enums) beyond types
+            cls(**args)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"{src(f'callbacks.{name}')}: callbacks.{name}: {err}") from None
 
 
 def _validate_optimizer(cfg: DictConfig, src: _Source) -> None:
@@ -855,18 +889,21 @@ def _validate_distributed(cfg: DictConfig, src: _Source) -> None:
                 f"{src('distributed.' + key)}: distributed.{key}: {value!r} is not allowed; "
                 f"allowed: {shown}"
             )
-    if cfg.distributed.get("strategy") == "fsdp":
-        from speedup.algorithm import build_algorithms
-        from speedup.distributed import fsdp_incompatible
 
-        algorithms = build_algorithms(OmegaConf.to_container(cfg.algorithms))
-        refused = fsdp_incompatible({a.name: a.declare() for a in algorithms})
-        if refused:
-            raise ConfigError(
-                f"{src('distributed.strategy')}: distributed.strategy: fsdp shards the weights, "
-                f"and {', '.join(refused)} read or write them directly during training; use "
-                "strategy ddp with these algorithms"
-            )
+
+def _validate_fsdp_algorithms(cfg: DictConfig, src: _Source, algorithms: list[Algorithm]) -> None:
+    """FSDP shards the weights: algorithms that touch them directly cannot run under it."""
+    from speedup.distributed import fsdp_incompatible
+
+    if cfg.distributed.get("strategy") != "fsdp":
+        return
+    refused = fsdp_incompatible({a.name: a.declare() for a in algorithms})
+    if refused:
+        raise ConfigError(
+            f"{src('distributed.strategy')}: distributed.strategy: fsdp shards the weights, "
+            f"and {', '.join(refused)} read or write them directly during training; use "
+            "strategy ddp with these algorithms"
+        )
 
 
 def _validate_checkpointing(cfg: DictConfig, src: _Source) -> None:
@@ -912,11 +949,27 @@ def _validate_checkpointing(cfg: DictConfig, src: _Source) -> None:
 # -- the entry point ------------------------------------------------------------------------
 
 
+class LoadedRecipe(NamedTuple):
+    """A validated recipe: its config, and its algorithms as validation built them (fresh,
+    untrained: plan them with :func:`speedup.run.plan_config` and train these same objects)."""
+
+    config: DictConfig
+    algorithms: list[Algorithm]
+
+
 def load_config(recipe: str, overrides: list[str] | None = None, smoke: bool = False) -> DictConfig:
     """Load, merge and validate a recipe; raises ConfigError on any problem.
 
     A recipe's ``smoke:`` section is checked with or without ``--smoke``: a typo in it would
     otherwise surface only on the day someone smoke-tests the recipe."""
+    return load_recipe(recipe, overrides, smoke).config
+
+
+def load_recipe(
+    recipe: str, overrides: list[str] | None = None, smoke: bool = False
+) -> LoadedRecipe:
+    """:func:`load_config`, keeping the algorithms that validating their values built: the
+    objects ``speedup plan`` plans and ``speedup run`` trains."""
     path = resolve_recipe(recipe)
     layers = _recipe_layers(path)
     deletions, cli = _parse_overrides(list(overrides or []))
@@ -936,7 +989,7 @@ def load_config(recipe: str, overrides: list[str] | None = None, smoke: bool = F
         return _finish(path, cfg, origin, deletions, smoke=bool(extra)), origin
 
     cfg, origin = variant(smoke_layers if smoke else [])
-    _validate(cfg, origin)
+    algorithms = _validate(cfg, origin)
     if smoke_section and not smoke:
         try:
             _validate(*variant(smoke_layers))
@@ -944,7 +997,7 @@ def load_config(recipe: str, overrides: list[str] | None = None, smoke: bool = F
             # Only the section's own problems: the command line was written for this run.
             if str(err).startswith(SMOKE_SECTION):
                 raise
-    return cfg
+    return LoadedRecipe(cfg, algorithms)
 
 
 SMOKE_SECTION = "the recipe's smoke: section"

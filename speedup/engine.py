@@ -74,11 +74,29 @@ class Conflict:
 
 @dataclass
 class Plan:
-    """Per-event order of algorithm names, and the conflicts found."""
+    """Per-event order of algorithm names, and the conflicts found.
+
+    ``algorithms``, ``model_kind`` and ``data_kind`` record what was planned, so that a plan
+    made before the data is built (``speedup plan``, ``speedup run``) is handed to the
+    :class:`Engine` and used as is when it trains the same algorithms on the same kinds."""
 
     order: dict[Event, list[str]] = field(default_factory=dict)
     conflicts: list[Conflict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    algorithms: tuple[str, ...] = ()
+    model_kind: str | None = None
+    data_kind: str | None = None
+
+    def made_for(
+        self, algorithms: Sequence[str], model_kind: str | None, data_kind: str | None
+    ) -> bool:
+        """Whether this plan was made for these algorithm names, in this order, on these
+        model and data kinds (the plan depends on nothing else but their declarations)."""
+        return (tuple(algorithms), model_kind, data_kind) == (
+            self.algorithms,
+            self.model_kind,
+            self.data_kind,
+        )
 
     def format(self, declarations: dict[str, Declaration] | None = None) -> str:
         """A human-readable table, as ``speedup plan`` prints it."""
@@ -235,7 +253,7 @@ def build_plan(
     ``max_duration`` their time constants longer than the run become warnings (see
     :func:`long_time_constants` for ``converter`` and ``batch_size``)."""
     names = list(declarations)
-    plan = Plan()
+    plan = Plan(algorithms=tuple(names), model_kind=model_kind, data_kind=data_kind)
     if max_duration is not None:
         plan.warnings.extend(
             long_time_constants(
@@ -367,11 +385,18 @@ class Engine:
         model_kind: str | None = None,
         data_kind: str | None = None,
         strict: bool = True,
+        plan: Plan | None = None,
     ) -> Plan:
-        """Build the plan and the dispatch tables. Raises PlanError on conflicts if strict."""
-        self.plan = build_plan(
-            self.declarations(), model_kind, data_kind, algorithms=self.algorithms
-        )
+        """Build the plan and the dispatch tables. Raises PlanError on conflicts if strict.
+
+        ``plan``, made by :func:`build_plan` for these algorithms before the data was built
+        (:func:`speedup.run.plan_config`), is used as is when it was made for the same names
+        and kinds (:meth:`Plan.made_for`); otherwise the engine plans them itself."""
+        declarations = self.declarations()  # duplicate names fail here either way
+        if plan is not None and plan.made_for(list(declarations), model_kind, data_kind):
+            self.plan = plan
+        else:
+            self.plan = build_plan(declarations, model_kind, data_kind, algorithms=self.algorithms)
         if self.plan.conflicts and strict:
             raise PlanError(self.plan.conflicts)
         max_duration = getattr(self.state, "max_duration", None)
@@ -379,7 +404,8 @@ class Engine:
             constants = algorithm_time_constants(self.algorithms)
             converter = getattr(self.state, "converter", None)
             for message in long_time_constants(constants, max_duration, converter):
-                self.plan.warnings.append(message)
+                if message not in self.plan.warnings:  # a reused plan may hold it already
+                    self.plan.warnings.append(message)
                 warnings.warn(message, UserWarning, stacklevel=3)
         by_name = {a.name: a for a in self.algorithms}
         hooks = [(type(c).__name__, c.hooks()) for c in self.callbacks]  # once per callback

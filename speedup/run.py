@@ -27,12 +27,14 @@ from speedup.config import (
     check_batch_fits,
     check_global_batch,
     config_hash,
-    load_config,
+    load_recipe,
 )
+from speedup.errors import PlanError
 from speedup.loggers import JSONLLogger, LoggerDestination, ProgressBar, build_loggers
 
 if TYPE_CHECKING:
-    from speedup.algorithm import Algorithm
+    from speedup.algorithm import Algorithm, Declaration
+    from speedup.engine import Plan
 
 __all__ = [
     "build_trainer",
@@ -82,11 +84,14 @@ def build_trainer(
     extra_algorithms: list = (),
     extra_callbacks: list = (),
     algorithms: list[Algorithm] | None = None,
+    plan: Plan | None = None,
 ):
     """Data, model, algorithms, callbacks and a Trainer, all from the config; ``extra_*`` are
     instances added by experiment drivers (the lottery's fixed masks, stop points).
-    ``algorithms``: the recipe's, already built (:func:`plan_config` planned them); by
-    default built from ``cfg.algorithms``."""
+    ``algorithms``: the recipe's, already built (by :func:`speedup.config.load_recipe`'s
+    validation), and ``plan``: :func:`plan_config`'s plan of them, which the engine uses as is
+    when nothing was added and the model and data are of the kinds planned for; by default
+    built from ``cfg.algorithms`` and planned by the engine."""
     from speedup.algorithm import build_algorithms
     from speedup.callback import CALLBACKS
     from speedup.data import DATASETS, build_dataloaders
@@ -154,6 +159,7 @@ def build_trainer(
         trace=trace,
         strategy=cfg.distributed.get("strategy", "ddp"),
         fsdp_param_dtype=cfg.distributed.get("param_dtype"),
+        plan=plan,
     )
     if world > 1:
         # Same initial weights everywhere (seeded above; DDP also broadcasts them), but each
@@ -162,10 +168,14 @@ def build_trainer(
     return trainer
 
 
-def plan_config(cfg: DictConfig, algorithms: list[Algorithm] | None = None):
-    """The engine's plan for the recipe's algorithms (``algorithms``: already built from
-    ``cfg.algorithms``, passed on to :func:`run_config` after), without building data or
-    model."""
+def plan_config(
+    cfg: DictConfig, algorithms: list[Algorithm] | None = None
+) -> tuple[Plan, dict[str, Declaration]]:
+    """The engine's plan for the recipe's algorithms, without building data or model, and
+    their declarations. ``algorithms``: already built from ``cfg.algorithms`` (by
+    :func:`speedup.config.load_recipe`), to be passed on with the plan to :func:`run_config`,
+    whose engine then uses this plan as is (``speedup plan`` prints the plan ``speedup run``
+    trains with)."""
     from speedup.algorithm import ALGORITHMS, build_algorithms
     from speedup.data import DATASETS
     from speedup.engine import build_plan, long_time_constants
@@ -198,7 +208,10 @@ def plan_config(cfg: DictConfig, algorithms: list[Algorithm] | None = None):
 
 
 def run_config(
-    cfg: DictConfig, extra_callbacks: list = (), algorithms: list[Algorithm] | None = None
+    cfg: DictConfig,
+    extra_callbacks: list = (),
+    algorithms: list[Algorithm] | None = None,
+    plan: Plan | None = None,
 ) -> dict[str, Any]:
     """Train the validated config; write the run directory; return the summary.
 
@@ -206,6 +219,7 @@ def run_config(
     same command in the same run directory continues from the newest complete one. A run
     stopped by SIGTERM/SIGINT returns ``{"preempted": ...}`` and writes no summary.
     ``extra_callbacks`` are instances added by drivers (e.g. the harness's FLOPs meter).
+    ``algorithms`` and ``plan``: as :func:`build_trainer` takes them.
 
     The run directory is locked for the whole run (:class:`speedup.lock.RunLock`, held by rank
     0): the same command started twice raises :class:`~speedup.lock.RunLockedError` in the
@@ -220,11 +234,14 @@ def run_config(
     if problem is not None:
         raise ConfigError(f"run_dir: {run_dir}: cannot write there ({problem})")
     with main_process_lock(run_dir):
-        return _run_locked(cfg, extra_callbacks, algorithms)
+        return _run_locked(cfg, extra_callbacks, algorithms, plan)
 
 
 def _run_locked(
-    cfg: DictConfig, extra_callbacks: list, algorithms: list[Algorithm] | None = None
+    cfg: DictConfig,
+    extra_callbacks: list,
+    algorithms: list[Algorithm] | None = None,
+    plan: Plan | None = None,
 ) -> dict[str, Any]:
     """:func:`run_config` once the run directory is locked."""
     from speedup.checkpoint import CheckpointSaver, check_folder, load_checkpoint
@@ -272,6 +289,7 @@ def _run_locked(
         trace=cfg.trace,
         extra_callbacks=[saver, *extra_callbacks],
         algorithms=algorithms,
+        plan=plan,
     )
     if resume_from is not None:
         meta = load_checkpoint(trainer, resume_from, verified)  # rank 0 hashed it already
@@ -432,4 +450,8 @@ def run_recipe(
         raise ConfigError(
             f"run_recipe: overrides: {flags[0]!r} is a command-line flag, not an override; {hint}"
         )
-    return run_config(load_config(recipe, overrides, smoke=smoke))
+    cfg, algorithms = load_recipe(recipe, overrides, smoke=smoke)
+    plan, _ = plan_config(cfg, algorithms)
+    if plan.conflicts:  # before any data is loaded, as `speedup run` refuses it
+        raise PlanError(plan.conflicts)
+    return run_config(cfg, algorithms=algorithms, plan=plan)

@@ -22,7 +22,7 @@ from speedup.adapters import adapt_inputs
 from speedup.algorithm import Algorithm
 from speedup.callback import Callback
 from speedup.callbacks import Monitor, with_default_monitors
-from speedup.engine import Engine
+from speedup.engine import Engine, Plan
 from speedup.event import Event
 from speedup.loggers import Logger, LoggerDestination
 from speedup.model import Model
@@ -75,6 +75,8 @@ class Trainer:
     ``callbacks`` get an :class:`~speedup.callbacks.LRMonitor` and a
     :class:`~speedup.callbacks.SpeedMonitor` in front unless they hold their own; every
     ``log_interval`` logs the training loss and the monitors' figures as one record.
+    ``plan``: the :class:`~speedup.engine.Plan` already made for these algorithms
+    (:func:`speedup.run.plan_config`), used as is when it fits the model's and data's kinds.
     """
 
     def __init__(
@@ -105,6 +107,7 @@ class Trainer:
         trace: bool = False,
         strategy: str = "ddp",
         fsdp_param_dtype: str | None = None,
+        plan: Plan | None = None,
     ) -> None:
         # What users already have (a plain module, tuple batches, algorithm names) becomes a
         # Model, dict batches and Algorithm instances; bad input fails here, before training.
@@ -145,7 +148,7 @@ class Trainer:
         self.logger.state = state
         hooks: list[Callback] = [*callbacks, *loggers]
         self.engine = Engine(state, self.logger, algorithms, hooks, trace=trace)
-        self.engine.compile(model_kind=getattr(model, "kind", None), data_kind=data_kind)
+        self.engine.compile(model_kind=getattr(model, "kind", None), data_kind=data_kind, plan=plan)
         self.microbatch_size = microbatch_size
         self.eval_interval = Interval(eval_interval, self.converter)
         self.log_interval = Interval(log_interval, self.converter)

@@ -545,7 +545,7 @@ def as_loader(
 
 
 def _build_algorithm(name: Any, args: Any, where: str) -> Algorithm:
-    from speedup.algorithm import ALGORITHMS
+    from speedup.algorithm import ALGORITHMS, build_algorithm
     from speedup.arguments import check_arguments
 
     if not isinstance(name, str):
@@ -563,7 +563,7 @@ def _build_algorithm(name: Any, args: Any, where: str) -> Algorithm:
         )
     args = dict(args)
     check_arguments(cls, args, f"algorithms.{name}", "Trainer(algorithms=...)")
-    return cls(**args)
+    return build_algorithm(name, args)
 
 
 def as_algorithms(algorithms: Any) -> list[Algorithm]:

@@ -100,16 +100,16 @@ def _plain_network_weights(
 ) -> dict[str, Any]:
     """Let each algorithm of the run turn its reparametrised weights into plain ones
     (``Algorithm.exported_weights``), looked up by name in the registry like any plugin."""
-    from speedup.algorithm import ALGORITHMS, build_algorithms
+    from speedup.algorithm import ALGORITHMS, build_algorithm
 
     arguments = (meta.get("config") or {}).get("algorithms") or {}
     for name in meta.get("algorithms", []):
         if name not in ALGORITHMS:
             continue
         try:
-            (algorithm,) = build_algorithms({name: arguments.get(name)})
+            algorithm = build_algorithm(name, arguments.get(name))
         except (TypeError, ValueError):  # saved by another version: use the defaults
-            (algorithm,) = build_algorithms({name: None})
+            algorithm = build_algorithm(name)
         saved = saved_states.get(f"{name}#0")
         if saved:
             algorithm.load_state_dict(saved)

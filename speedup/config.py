@@ -583,10 +583,11 @@ def _validate_model_and_data(cfg: DictConfig, src: _Source) -> None:
 
 
 def _entries(
-    cfg: DictConfig, section: str, registry: Any, src: _Source
+    cfg: DictConfig, section: str, registry: Any, src: _Source, skip: tuple[str, ...] = ()
 ) -> Iterator[tuple[str, Any, dict[str, Any]]]:
-    """A named-entries section (``algorithms``, ``callbacks``), entry by entry: its name, its
-    registered class, and its arguments, which must be a mapping (or null/``{}``: defaults)."""
+    """A named-entries section (``algorithms``, ``callbacks``, ``loggers``), entry by entry: its
+    name, its registered class, and its arguments, which must be a mapping (or null/``{}``:
+    defaults) of names and types the class takes (``skip``: arguments the run supplies)."""
     for name, args in OmegaConf.to_container(cfg[section]).items():
         where = src(f"{section}.{name}")
         try:
@@ -598,7 +599,7 @@ def _entries(
                 f"{where}: {section}.{name}: expected a mapping of arguments (or {{}} for "
                 f"defaults), got {args!r}"
             )
-        check_arguments(cls, args or {}, f"{section}.{name}", where)
+        check_arguments(cls, args or {}, f"{section}.{name}", where, skip=skip)
         yield name, cls, args or {}
 
 
@@ -838,29 +839,19 @@ def _validate_machine(cfg: DictConfig, src: _Source) -> None:
 def _validate_loggers(cfg: DictConfig, src: _Source) -> None:
     from speedup.loggers import LOGGERS
 
-    section = cfg.get("loggers")
-    for name, args in (OmegaConf.to_container(section) if section is not None else {}).items():
-        where = src(f"loggers.{name}")
-        if name == "jsonl":
-            raise ConfigError(
-                f"{where}: loggers.jsonl: metrics.jsonl is always written, it needs no entry; "
-                f"available loggers: {', '.join(LOGGERS.names())}"
-            )
-        try:
-            cls = LOGGERS.get(name)
-        except UnknownNameError as err:
-            raise ConfigError(f"{where}: loggers: {err}") from None
-        if args is not None and not isinstance(args, dict):
-            raise ConfigError(
-                f"{where}: loggers.{name}: expected a mapping of arguments (or {{}} for "
-                f"defaults), got {args!r}"
-            )
-        check_arguments(cls, args or {}, f"loggers.{name}", where, skip=("run_dir",))
+    if cfg.get("loggers") is None:
+        return
+    if "jsonl" in cfg.loggers:
+        raise ConfigError(
+            f"{src('loggers.jsonl')}: loggers.jsonl: metrics.jsonl is always written, it needs "
+            f"no entry; available loggers: {', '.join(LOGGERS.names())}"
+        )
+    for name, cls, args in _entries(cfg, "loggers", LOGGERS, src, skip=("run_dir",)):
         try:  # values beyond types; constructing a logger touches no file
-            cls(**(args or {}))
+            cls(**args)
             cls.check_installed()  # a missing package fails here, before anything trains
         except (ValueError, TypeError, ImportError) as err:
-            raise ConfigError(f"{where}: loggers.{name}: {err}") from None
+            raise ConfigError(f"{src(f'loggers.{name}')}: loggers.{name}: {err}") from None
 
 
 def check_global_batch(batch_size: int, processes: int) -> None:

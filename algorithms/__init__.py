@@ -15,7 +15,10 @@ import functools
 import importlib
 import pkgutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 #: The names every module of this package exports through ``__all__``, in two kinds.
 Catalogue = tuple[dict[str, str], dict[str, str]]
@@ -102,6 +105,18 @@ def catalogue() -> Catalogue:
     return classes, twins
 
 
+def _lazy_export(namespace: dict[str, Any], table: Mapping[str, str], name: str) -> Any:
+    """The PEP 562 ``__getattr__`` of this package and of :mod:`speedup.functional`: ``name``
+    imported from the module of this package that ``table`` names for it, and kept in
+    ``namespace`` (the asking module's globals) so that later look-ups skip ``__getattr__``."""
+    module = table.get(name)
+    if module is None:
+        raise AttributeError(f"module {namespace['__name__']!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    namespace[name] = value
+    return value
+
+
 def __getattr__(name: str) -> Any:
     if name == "__all__":  # for `from speedup.algorithms import *`
         return sorted(catalogue()[0])
@@ -109,12 +124,7 @@ def __getattr__(name: str) -> Any:
     # which asks here before importing the submodule, need no reading of the sources.
     if name.startswith("__") or any((Path(p) / f"{name}.py").is_file() for p in __path__):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module = catalogue()[0].get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
+    return _lazy_export(globals(), catalogue()[0], name)
 
 
 def __dir__() -> list[str]:

@@ -44,6 +44,7 @@ from speedup.algorithms.mixup import image_augmentation, sample_beta, sample_dir
 from speedup.algorithms.randaugment import (
     apply_ops,
     augmentation_ops,
+    check_augmentation_set,
     check_images,
     from_unit,
     to_unit,
@@ -148,10 +149,7 @@ class AugMix(Algorithm):
             raise ValueError(f"augmix.width must be an integer >= 1, got {width}")
         if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
             raise ValueError(f"augmix.alpha must be > 0, got {alpha}")
-        try:
-            augmentation_ops(augmentation_set)
-        except ValueError as err:
-            raise ValueError(f"augmix.{err}") from None
+        check_augmentation_set(augmentation_set, "augmix")
         self.severity = float(severity)
         self.depth = depth
         self.width = width

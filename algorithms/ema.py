@@ -53,6 +53,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
+from speedup.algorithms._held import check_names, cpu_copies, exchange, from_saved, pair
 from torch import nn
 
 from speedup.algorithm import Access, Algorithm, Declaration
@@ -99,10 +100,7 @@ def compute_ema(ema: nn.Module | Tensors, model: nn.Module | Tensors, smoothing:
     if not 0.0 <= smoothing <= 1.0:
         raise ValueError(f"smoothing must be in [0, 1], got {smoothing}")
     averages, current = _named_tensors(ema), _named_tensors(model)
-    if averages.keys() != current.keys():
-        missing = sorted(current.keys() - averages.keys())
-        extra = sorted(averages.keys() - current.keys())
-        raise ValueError(f"ema and model differ: missing {missing}, unexpected {extra}")
+    check_names(averages, current, "ema and model differ")
     floats = [n for n, t in averages.items() if t.is_floating_point()]
     _lerp([averages[n] for n in floats], [current[n] for n in floats], 1.0 - smoothing)
     for name, tensor in averages.items():
@@ -114,16 +112,6 @@ def compute_ema(ema: nn.Module | Tensors, model: nn.Module | Tensors, smoothing:
 def _lerp(averages: list[torch.Tensor], current: list[torch.Tensor], weight: float) -> None:
     if averages:
         torch._foreach_lerp_(averages, current, weight)
-
-
-@torch.no_grad()
-def _exchange(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
-    """Swap the values of paired tensors in place (one tensor-sized temporary at a time), so
-    every reference to them (optimizer, masks, DDP/FSDP views) stays valid."""
-    for x, y in zip(a, b, strict=True):
-        held = x.clone()
-        x.copy_(y)
-        y.copy_(held)
 
 
 class EMA(Algorithm):
@@ -225,13 +213,13 @@ class EMA(Algorithm):
         elif event == Event.BATCH_END:
             self._batch_end(state)
         elif event == Event.EVAL_START:
-            _exchange(self._live, self._held)
+            exchange(self._live, self._held)
             self._eval_swapped = True
         elif event == Event.EVAL_END:
-            _exchange(self._live, self._held)
+            exchange(self._live, self._held)
             self._eval_swapped = False
         elif event == Event.FIT_END:
-            _exchange(self._live, self._held)
+            exchange(self._live, self._held)
             self.model_holds_ema = True
 
     def _fit_start(self, state: State, logger: Logger) -> None:
@@ -260,7 +248,7 @@ class EMA(Algorithm):
             self._bind(state.model)
             self.anchor = 0 if self.anchor is None else self.anchor
             if self.model_holds_ema:  # train on from the training weights
-                _exchange(self._live, self._held)
+                exchange(self._live, self._held)
                 self.model_holds_ema = False
         elif state.timestamp.batch >= self._start_batch:
             self._restart(state)
@@ -297,22 +285,10 @@ class EMA(Algorithm):
 
     def _bind(self, model: nn.Module) -> None:
         """Pair the held tensors with the model's, on the model's device and dtype."""
-        live = _named_tensors(model)
         assert self.ema is not None
-        if live.keys() != self.ema.keys():
-            missing = sorted(live.keys() - self.ema.keys())
-            extra = sorted(self.ema.keys() - live.keys())
-            raise ValueError(
-                f"ema: the saved average does not match the model: missing {missing}, "
-                f"unexpected {extra}"
-            )
-        for name, tensor in live.items():
-            held = self.ema[name]
-            if held.device != tensor.device or held.dtype != tensor.dtype:
-                self.ema[name] = held.to(device=tensor.device, dtype=tensor.dtype)
-        names = list(live)
-        self._live = [live[n] for n in names]
-        self._held = [self.ema[n] for n in names]
+        self._held, self._live = pair(
+            self.ema, _named_tensors(model), "ema: the saved average does not match the model"
+        )
         pairs = list(zip(self._held, self._live))
         floats = [(h, t) for h, t in pairs if t.is_floating_point()]
         self._floats = ([h for h, _ in floats], [t for _, t in floats])
@@ -340,18 +316,14 @@ class EMA(Algorithm):
     # -- resume -------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        weights = None
-        if self.ema is not None:
-            weights = {n: t.detach().to("cpu", copy=True) for n, t in self.ema.items()}
         return {
-            "weights": weights,
+            "weights": cpu_copies(self.ema),
             "model_holds_ema": self.model_holds_ema,
             "anchor": self.anchor,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        weights = state.get("weights")
-        self.ema = dict(weights) if weights is not None else None
+        self.ema = from_saved(state.get("weights"))
         self.model_holds_ema = bool(state.get("model_holds_ema", False))
         self.anchor = state.get("anchor")
         self._live, self._held = [], []

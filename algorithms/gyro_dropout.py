@@ -44,6 +44,7 @@ import warnings
 from typing import TYPE_CHECKING
 
 import torch
+from speedup.algorithms._init_order import init_neighbours
 from torch import nn
 
 from speedup.algorithm import Access, Algorithm, Declaration
@@ -216,21 +217,10 @@ class GyroDropout(Algorithm):
                 # Which subnetworks train is a training-mode setting of the dropout layers.
                 Event.BEFORE_TRAIN_BATCH: Access(reads={"timestamp"}, writes={"model.mode"}),
             },
-            # Surgery that creates or moves dropout modules (GLU, ALiBi, stochastic depth) runs
-            # first so its dropouts are replaced too; the rest is independent of dropout.
-            runs_after={
-                "alibi",
-                "blurpool",
-                "factorize",
-                "gated_linear_units",
-                "ghost_batchnorm",
-                "low_precision_groupnorm",
-                "low_precision_layernorm",
-                "squeeze_excite",
-                "stochastic_depth",
-                "weight_standardization",
-            },
-            runs_before={"channels_last", "no_op_model"},
+            # Its place in the one total order of INIT surgery (_init_order): after the surgery
+            # that creates or moves dropout modules (GLU, ALiBi, stochastic depth), so their
+            # dropouts are replaced too; the rest is independent of dropout.
+            **init_neighbours("gyro_dropout"),
         )
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:

@@ -49,6 +49,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
+from speedup.algorithms._held import check_names, cpu_copies, exchange, from_saved, pair
 from torch import nn
 
 from speedup.algorithm import Access, Algorithm, Declaration
@@ -100,11 +101,7 @@ def lookahead_sync(
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     held, live = _named(slow, buffers), _named(fast, buffers)
-    if held.keys() != live.keys():
-        raise ValueError(
-            f"slow and fast weights differ: missing {sorted(live.keys() - held.keys())}, "
-            f"unexpected {sorted(held.keys() - live.keys())}"
-        )
+    check_names(held, live, "slow and fast weights differ")
     names = list(live)
     _sync([held[n] for n in names], [live[n] for n in names], alpha)
 
@@ -114,15 +111,6 @@ def _sync(held: list[torch.Tensor], live: list[torch.Tensor], alpha: float) -> N
     if held:
         torch._foreach_lerp_(held, live, alpha)
         torch._foreach_copy_(live, held)
-
-
-@torch.no_grad()
-def _exchange(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
-    """Swap paired tensors' values in place, so references to them (optimizer) stay valid."""
-    for x, y in zip(a, b, strict=True):
-        held = x.clone()
-        x.copy_(y)
-        y.copy_(held)
 
 
 class Lookahead(Algorithm):
@@ -174,7 +162,6 @@ class Lookahead(Algorithm):
         self._total: float | None = None
         self._live: list[torch.Tensor] = []
         self._held: list[torch.Tensor] = []
-        self._names: list[str] = []
         self._swapped = False
         self._restart_on_rewind = False
 
@@ -215,7 +202,7 @@ class Lookahead(Algorithm):
         elif event == Event.BATCH_END:
             self._batch_end(state)
         elif event in (Event.EVAL_START, Event.EVAL_END):
-            _exchange(self._live, self._held)
+            exchange(self._live, self._held)
             self._swapped = event == Event.EVAL_START
 
     def _fit_start(self, state: State) -> None:
@@ -269,21 +256,12 @@ class Lookahead(Algorithm):
         self._bind(state.model)
 
     def _bind(self, model: nn.Module) -> None:
-        live = _named(model, self.variant == "ema")
         assert self.slow is not None
-        if live.keys() != self.slow.keys():
-            raise ValueError(
-                f"lookahead: the saved slow weights do not match the model: missing "
-                f"{sorted(live.keys() - self.slow.keys())}, unexpected "
-                f"{sorted(self.slow.keys() - live.keys())}"
-            )
-        for name, tensor in live.items():
-            held = self.slow[name]
-            if held.device != tensor.device or held.dtype != tensor.dtype:
-                self.slow[name] = held.to(device=tensor.device, dtype=tensor.dtype)
-        self._names = list(live)
-        self._live = [live[n] for n in self._names]
-        self._held = [self.slow[n] for n in self._names]
+        self._held, self._live = pair(
+            self.slow,
+            _named(model, self.variant == "ema"),
+            "lookahead: the saved slow weights do not match the model",
+        )
 
     def _mask(self, state: State) -> None:
         """Keep pruned entries of the slow weights at exactly zero."""
@@ -297,14 +275,10 @@ class Lookahead(Algorithm):
     # -- resume -------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        slow = None
-        if self.slow is not None:
-            slow = {n: t.detach().to("cpu", copy=True) for n, t in self.slow.items()}
-        return {"slow": slow, "anchor": self.anchor, "synced_at": self.synced_at}
+        return {"slow": cpu_copies(self.slow), "anchor": self.anchor, "synced_at": self.synced_at}
 
     def load_state_dict(self, state: dict) -> None:
-        slow = state.get("slow")
-        self.slow = dict(slow) if slow is not None else None
+        self.slow = from_saved(state.get("slow"))
         self.anchor = int(state.get("anchor", 0))
         self.synced_at = int(state.get("synced_at", 0))
         self._live, self._held, self._swapped = [], [], False

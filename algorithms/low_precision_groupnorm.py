@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from speedup.algorithms._init_order import init_neighbours
 from torch import nn
 
 from speedup.algorithm import Access, Algorithm, Declaration
@@ -112,13 +113,9 @@ class LowPrecisionGroupNorm(Algorithm):
             events={
                 Event.INIT: Access(reads={"model.modules", "precision"}, writes={"model.modules"})
             },
-            runs_after={
-                "stochastic_depth",
-                "blurpool",
-                "squeeze_excite",
-                "weight_standardization",
-                "ghost_batchnorm",
-            },
+            # Its place in the one total order of INIT surgery (_init_order): after the vision
+            # surgery that creates or moves GroupNorms, so it replaces those too.
+            **init_neighbours("low_precision_groupnorm"),
             model_kinds={"cnn"},
             data_kinds={"image"},
         )

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from speedup.algorithms._init_order import init_neighbours
 from torch import nn
 
 from speedup.algorithm import Access, Algorithm, Declaration
@@ -101,15 +102,9 @@ class LowPrecisionLayerNorm(Algorithm):
     def declare(self) -> Declaration:
         return Declaration(
             events={Event.INIT: Access(reads={"precision"}, writes={"model.modules"})},
-            # Last among the surgeries, so it sees every LayerNorm they leave or create.
-            runs_after={
-                "alibi",
-                "gated_linear_units",
-                "squeeze_excite",
-                "weight_standardization",
-                "ghost_batchnorm",
-                "low_precision_groupnorm",
-            },
+            # Its place in the one total order of INIT surgery (_init_order): after the
+            # surgeries that leave or create LayerNorms, so it sees every one of them.
+            **init_neighbours("low_precision_layernorm"),
         )
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:

@@ -85,6 +85,11 @@ LR_SCALINGS: dict[str, Callable[[int, int], float]] = {
     "original": lambda out, in_: math.sqrt(max(1.0, out / in_)),
     "match_rms_adamw": lambda out, in_: 0.2 * math.sqrt(max(out, in_)),
 }
+#: The settings :func:`muon_update` and ``torch.optim.Muon``'s param groups name alike (they
+#: differ on ``lr_scaling``, torch's ``adjust_lr_fn``).
+_SAME_NAMES = ("lr", "weight_decay", "momentum", "nesterov", "ns_steps")
+#: Muon's settings as :class:`MuonOptimizer` and :class:`Muon` take them.
+_SETTINGS = (*_SAME_NAMES, "lr_scaling")
 
 # -- the update -------------------------------------------------------------------------------
 
@@ -198,14 +203,10 @@ class _OwnMuon(torch.optim.Optimizer):
                     p,
                     p.grad,
                     state["momentum_buffer"],
-                    lr=group["lr"],
-                    weight_decay=group["weight_decay"],
-                    momentum=group["momentum"],
-                    nesterov=group["nesterov"],
-                    ns_steps=group["ns_steps"],
                     coefficients=group["ns_coefficients"],
                     eps=group["eps"],
                     lr_scaling=group["adjust_lr_fn"] or "original",
+                    **{key: group[key] for key in _SAME_NAMES},
                 )
         return loss
 
@@ -213,6 +214,12 @@ class _OwnMuon(torch.optim.Optimizer):
 def _muon_class() -> type[torch.optim.Optimizer]:
     """torch's Muon where this torch has it (2.9 and later), else the same update here."""
     return getattr(torch.optim, "Muon", _OwnMuon)
+
+
+def _torch_muon_args(hyper: Mapping[str, Any]) -> dict[str, Any]:
+    """Muon's settings (``lr_scaling`` and the rest, as :class:`MuonOptimizer`'s group holds
+    them) under ``torch.optim.Muon``'s names, for building it and for updating its group."""
+    return {**{key: hyper[key] for key in _SAME_NAMES}, "adjust_lr_fn": hyper["lr_scaling"]}
 
 
 # -- routing ----------------------------------------------------------------------------------
@@ -306,6 +313,10 @@ def _shares_storage(view: torch.Tensor, base: torch.Tensor) -> bool:
 # -- the optimizer ----------------------------------------------------------------------------
 
 
+class _NothingRouted(ValueError):
+    """No parameter qualifies for Muon (the algorithm says so in its own, config terms)."""
+
+
 class MuonOptimizer(torch.optim.Optimizer):
     """Muon for the routed matrices plus another optimizer (``aux``) for the rest, as one
     optimizer: ``param_groups`` are ``aux``'s groups (the same dicts) then Muon's group, so LR
@@ -335,7 +346,7 @@ class MuonOptimizer(torch.optim.Optimizer):
         if lr_scaling not in LR_SCALINGS:
             raise ValueError(f"lr_scaling {lr_scaling!r}: allowed {', '.join(LR_SCALINGS)}")
         if not matrices:
-            raise ValueError("no parameter is routed to Muon")
+            raise _NothingRouted("no parameter is routed to Muon")
         hyper = dict(
             lr=lr,
             weight_decay=weight_decay,
@@ -355,15 +366,7 @@ class MuonOptimizer(torch.optim.Optimizer):
             own = [nn.Parameter(m.detach().clone(), requires_grad=False) for m in mats]
             self._entries.append((name, param, views, own))
             proxies += own
-        self._muon = _muon_class()(
-            proxies,
-            lr=lr,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            nesterov=nesterov,
-            ns_steps=ns_steps,
-            adjust_lr_fn=lr_scaling,
-        )
+        self._muon = _muon_class()(proxies, **_torch_muon_args(hyper))
         # One state mapping for all three, so clearing it (a weight rewind) resets everything.
         self.state.update(aux.state)
         aux.state = self.state
@@ -378,15 +381,8 @@ class MuonOptimizer(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = _closure_loss(closure)
         self.aux.step()
-        group, inner = self.muon_group, self._muon.param_groups[0]
-        inner.update(
-            lr=group["lr"],
-            weight_decay=group["weight_decay"],
-            momentum=group["momentum"],
-            nesterov=group["nesterov"],
-            ns_steps=group["ns_steps"],
-            adjust_lr_fn=group["lr_scaling"],
-        )
+        # The muon group is the one schedulers and users change; torch's Muon steps with it.
+        self._muon.param_groups[0].update(_torch_muon_args(self.muon_group))
         copies = []
         for _, param, views, proxies in self._entries:
             grad = param.grad
@@ -500,6 +496,15 @@ def _split(
     return chosen
 
 
+def _hybrid(
+    model: nn.Module, base: torch.optim.Optimizer, exclude: Sequence[str], **options: Any
+) -> MuonOptimizer:
+    """``base`` without ``model``'s Muon-routed parameters, joined with Muon for them;
+    ``options`` are :class:`MuonOptimizer`'s keywords."""
+    layout = [list(g["params"]) for g in base.param_groups]  # before the split: the saved layout
+    return MuonOptimizer(_split(model, base, exclude), base, layout, **options)
+
+
 def muon_optimizer(
     model: nn.Module,
     aux: Mapping[str, Any] | None = None,
@@ -517,13 +522,10 @@ def muon_optimizer(
     suggestion). ``state_dict()`` round-trips through ``load_state_dict()``."""
     spec = dict(aux or {"name": "adamw", "lr": 3e-4, "betas": (0.9, 0.95)})
     params = [p for p in model.parameters() if p.requires_grad]
-    base = build_optimizer(params, spec)
-    layout = [list(g["params"]) for g in base.param_groups]
-    chosen = _split(model, base, exclude)
-    return MuonOptimizer(
-        chosen,
-        base,
-        layout,
+    return _hybrid(
+        model,
+        build_optimizer(params, spec),
+        exclude,
         lr=lr,
         weight_decay=weight_decay,
         momentum=momentum,
@@ -619,35 +621,23 @@ class Muon(Algorithm):
                 "algorithms.muon: Newton-Schulz needs whole matrices and FSDP shards them; "
                 "use distributed.strategy=ddp with muon"
             )
-        layout = [list(g["params"]) for g in base.param_groups]
-        chosen = _split(state.model, base, self.exclude)
-        if not chosen:
+        settings = {key: getattr(self, key) for key in _SETTINGS}
+        try:
+            # Muon's momentum is this algorithm's state (by name), not the optimizer's.
+            hybrid = _hybrid(state.model, base, self.exclude, **settings, momentum_in_state=False)
+        except _NothingRouted:
             raise ConfigError(
                 "algorithms.muon: the model has no hidden weight matrix for Muon (only an input "
                 "layer, an output head, embeddings, biases or norms, or all are excluded)"
-            )
-        hybrid = MuonOptimizer(
-            chosen,
-            base,
-            layout,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            momentum=self.momentum,
-            nesterov=self.nesterov,
-            ns_steps=self.ns_steps,
-            lr_scaling=self.lr_scaling,
-            momentum_in_state=False,  # it is this algorithm's state (by name)
-        )
+            ) from None
         if self._pending:
             hybrid.load_muon_state_dict(self._pending)
         self._pending = None
         self._move_schedulers(state, base, hybrid)
         state.optimizer = self.optimizer = hybrid
+        routed = hybrid.muon_group["params"]
         logger.log_metrics(
-            {
-                "muon/matrices": len(chosen),
-                "muon/parameters": sum(p.numel() for _, p, _ in chosen),
-            }
+            {"muon/matrices": len(routed), "muon/parameters": sum(p.numel() for p in routed)}
         )
 
     def _move_schedulers(

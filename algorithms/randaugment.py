@@ -299,6 +299,15 @@ def augmentation_ops(augmentation_set: str, with_identity: bool = False) -> tupl
     return names
 
 
+def check_augmentation_set(augmentation_set: str, owner: str) -> None:
+    """The constructors' check of an ``augmentation_set`` argument: :func:`augmentation_ops`'
+    ValueError, its key prefixed by the algorithm's name ``owner`` (``randaugment.…``)."""
+    try:
+        augmentation_ops(augmentation_set)
+    except ValueError as err:
+        raise ValueError(f"{owner}.{err}") from None
+
+
 def _warp(
     u: torch.Tensor, matrix: torch.Tensor, shift: torch.Tensor, fill: torch.Tensor
 ) -> torch.Tensor:
@@ -429,10 +438,7 @@ class RandAugment(Algorithm):
             raise ValueError(f"randaugment.depth must be an integer >= 1, got {depth}")
         if not (isinstance(severity, (int, float)) and 0 <= severity <= 10):
             raise ValueError(f"randaugment.severity must be in [0, 10], got {severity}")
-        try:
-            augmentation_ops(augmentation_set)
-        except ValueError as err:
-            raise ValueError(f"randaugment.{err}") from None
+        check_augmentation_set(augmentation_set, "randaugment")
         self.depth = depth
         self.severity = float(severity)
         self.augmentation_set = augmentation_set

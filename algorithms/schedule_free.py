@@ -49,6 +49,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
+from speedup.algorithms._held import cpu_copies, from_saved
 
 from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.checkpoint import CheckpointSaver
@@ -272,14 +273,10 @@ class ScheduleFree(Algorithm):
         self.train_weights = None
 
     def state_dict(self) -> dict:
-        weights = None
-        if self.train_weights is not None:
-            weights = {n: t.detach().to("cpu", copy=True) for n, t in self.train_weights.items()}
-        return {"train_weights": weights}
+        return {"train_weights": cpu_copies(self.train_weights)}
 
     def load_state_dict(self, state: dict) -> None:
-        weights = state.get("train_weights")
-        self.train_weights = dict(weights) if weights is not None else None
+        self.train_weights = from_saved(state.get("train_weights"))
         if self.train_weights is not None and self._named:
             for name, tensor in self.train_weights.items():
                 self.train_weights[name] = tensor.to(self._named[name].device)

@@ -47,6 +47,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
+from speedup.algorithms._held import cpu_copies, from_saved
 from torch import nn
 
 from speedup import distributed
@@ -350,19 +351,15 @@ class SWA(Algorithm):
     # -- resume -------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        average = None
-        if self.average is not None:
-            average = {n: t.detach().to("cpu", copy=True) for n, t in self.average.items()}
         return {
-            "average": average,
+            "average": cpu_copies(self.average),
             "num_averaged": self.num_averaged,
             "anneal_from": list(self.anneal_from) if self.anneal_from is not None else None,
             "finished": self.finished,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        average = state.get("average")
-        self.average = dict(average) if average is not None else None
+        self.average = from_saved(state.get("average"))
         self.num_averaged = int(state.get("num_averaged", 0))
         anneal_from = state.get("anneal_from")
         self.anneal_from = [float(x) for x in anneal_from] if anneal_from is not None else None

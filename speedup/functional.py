@@ -17,7 +17,6 @@ which are in :mod:`speedup.algorithms` itself. Each is imported from its module 
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 
@@ -33,12 +32,9 @@ def __getattr__(name: str) -> Any:
         return sorted(_twins())
     if name.startswith("__"):  # probes by inspect, pytest...: no need to read the sources
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module = _twins().get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"speedup.algorithms.{module}"), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
+    from speedup.algorithms import _lazy_export  # the package's own look-up, shared
+
+    return _lazy_export(globals(), _twins(), name)
 
 
 def __dir__() -> list[str]:

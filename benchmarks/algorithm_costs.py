@@ -88,33 +88,32 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"{torch.get_num_threads()} threads"
     )
 
-    base, pruned = interleaved(
-        info,
-        train,
-        model_name,
-        lambda: [],
-        lambda: [pruning(sparsity=0.9, at="0ba", scope="global")],
-        args.steps,
-        args.repeats,
+    # Per speedup: its result key, its printed label, the names of the two arms, and the
+    # algorithms of the second arm (the first trains without any).
+    comparisons = (
+        (
+            "pruning_step_ratio",
+            "pruning 90%: ",
+            ("dense", "pruned"),
+            lambda: [pruning(sparsity=0.9, at="0ba", scope="global")],
+        ),
+        (
+            "resizing_step_ratio",
+            "resizing 0.5:",
+            ("full", "half"),
+            lambda: [resizing(initial_scale=0.5, delay="1dur", finetune="0dur")],
+        ),
     )
-    print(
-        f"pruning 90%:  dense {base * 1e3:7.2f} ms/step  pruned {pruned * 1e3:7.2f} ms/step  "
-        f"ratio {pruned / base:.4f}"
-    )
-    full, half = interleaved(
-        info,
-        train,
-        model_name,
-        lambda: [],
-        lambda: [resizing(initial_scale=0.5, delay="1dur", finetune="0dur")],
-        args.steps,
-        args.repeats,
-    )
-    print(
-        f"resizing 0.5: full {full * 1e3:7.2f} ms/step  half {half * 1e3:7.2f} ms/step  "
-        f"ratio {half / full:.4f}"
-    )
-    results = {"pruning_step_ratio": pruned / base, "resizing_step_ratio": half / full}
+    results = {}
+    for key, label, (without, with_it), algorithms in comparisons:
+        a, b = interleaved(
+            info, train, model_name, lambda: [], algorithms, args.steps, args.repeats
+        )
+        results[key] = b / a
+        print(
+            f"{label} {without} {a * 1e3:7.2f} ms/step  {with_it} {b * 1e3:7.2f} ms/step  "
+            f"ratio {b / a:.4f}"
+        )
     print(" ".join(f"{k}={v:.4f}" for k, v in results.items()))
     return results
 

@@ -26,7 +26,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -102,6 +102,29 @@ def trainer_loop(
     return (time.perf_counter() - start) / steps
 
 
+def _abba_pairs(
+    arms: dict[Any, Callable[[TensorBatchLoader], float]],
+    data: dict[str, torch.Tensor],
+    batch_size: int,
+    repeats: int,
+) -> list[dict[Any, float]]:
+    """Per repeat, each of two arms' seconds per step, timed back to back on one fresh loader
+    with torch seeded by the repeat before each arm. The first-listed arm runs first in even
+    repeats and second in odd ones (ABBA): whichever arm runs second in a pair finds caches
+    and the allocator warm. The first pair warms them and is dropped."""
+    pairs = []
+    for repeat in range(repeats + 1):
+        loader = TensorBatchLoader(data, batch_size, shuffle=True, drop_last=True)
+        order = list(arms) if repeat % 2 == 0 else list(reversed(arms))
+        times = {}
+        for arm in order:
+            torch.manual_seed(repeat)
+            times[arm] = arms[arm](loader)
+        if repeat:
+            pairs.append(times)
+    return pairs
+
+
 def compare(
     make_net: Callable[[], nn.Module],
     data: dict[str, torch.Tensor],
@@ -112,24 +135,21 @@ def compare(
 ) -> tuple[float, float]:
     """Median seconds per step (plain, trainer), interleaved, first pair discarded as warm-up.
 
-    The pairs run in ABBA order (plain first in even repeats, trainer first in odd ones):
-    whichever arm runs second in a pair finds caches and the allocator warm, and always
-    running the plain loop first gave a CNN ratio of 0.92, a trainer "faster" than the loop
-    it wraps."""
-    plain, framework = [], []
-    for repeat in range(repeats + 1):
-        loader = TensorBatchLoader(data, batch_size, shuffle=True, drop_last=True)
-        times = {}
-        for arm in ("plain", "trainer") if repeat % 2 == 0 else ("trainer", "plain"):
-            torch.manual_seed(repeat)
-            if arm == "plain":
-                times[arm] = plain_loop(make_net(), loader, steps)
-            else:
-                times[arm] = trainer_loop(make_net(), loader, steps, noops)
-        if repeat:  # the first pair warms allocator and caches
-            plain.append(times["plain"])
-            framework.append(times["trainer"])
-    return statistics.median(plain), statistics.median(framework)
+    The pairs run in ABBA order (:func:`_abba_pairs`): always running the plain loop first
+    gave a CNN ratio of 0.92, a trainer "faster" than the loop it wraps."""
+    pairs = _abba_pairs(
+        {
+            "plain": lambda loader: plain_loop(make_net(), loader, steps),
+            "trainer": lambda loader: trainer_loop(make_net(), loader, steps, noops),
+        },
+        data,
+        batch_size,
+        repeats,
+    )
+    return (
+        statistics.median(p["plain"] for p in pairs),
+        statistics.median(p["trainer"] for p in pairs),
+    )
 
 
 def compare_guard(
@@ -143,18 +163,20 @@ def compare_guard(
     median of the per-repeat ratios (with / without). The two run back to back, in alternating
     order (so that neither always runs second), and the ratio is taken within each pair, so a
     change of machine load between repeats cancels out; the first pair is a warm-up."""
-    without, with_guard, ratios = [], [], []
-    for repeat in range(repeats + 1):
-        loader = TensorBatchLoader(data, batch_size, shuffle=True, drop_last=True)
-        times = {}
-        for guard in (False, True) if repeat % 2 else (True, False):
-            torch.manual_seed(repeat)
-            times[guard] = trainer_loop(make_net(), loader, steps, noops=0, guard=guard)
-        if repeat:
-            without.append(times[False])
-            with_guard.append(times[True])
-            ratios.append(times[True] / times[False])
-    return statistics.median(without), statistics.median(with_guard), statistics.median(ratios)
+    pairs = _abba_pairs(
+        {  # the guarded arm first in even repeats
+            True: lambda loader: trainer_loop(make_net(), loader, steps, noops=0, guard=True),
+            False: lambda loader: trainer_loop(make_net(), loader, steps, noops=0, guard=False),
+        },
+        data,
+        batch_size,
+        repeats,
+    )
+    return (
+        statistics.median(p[False] for p in pairs),
+        statistics.median(p[True] for p in pairs),
+        statistics.median(p[True] / p[False] for p in pairs),
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -217,32 +217,16 @@ def _reprune(
     return out
 
 
-def _random_reprune(
-    masks: dict[str, torch.Tensor],
-    previous: dict[str, torch.Tensor] | None,
-    generator: torch.Generator,
-) -> dict:
-    """Per tensor, as many of the previous survivors as the ticket keeps, drawn uniformly."""
-
-    def first_k(mask: torch.Tensor, alive: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-        flags = torch.zeros(len(alive), dtype=torch.bool)
-        flags[order[: int(mask.sum())]] = True
-        return flags
-
-    return _reprune(masks, previous, first_k, generator)
+def _first_k(mask: torch.Tensor, alive: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """A ``_reprune`` placement: as many of the survivors as the ticket keeps, drawn uniformly."""
+    flags = torch.zeros(len(alive), dtype=torch.bool)
+    flags[order[: int(mask.sum())]] = True
+    return flags
 
 
-def _shuffled_reprune(
-    masks: dict[str, torch.Tensor],
-    previous: dict[str, torch.Tensor] | None,
-    generator: torch.Generator,
-) -> dict:
-    """Per tensor, the ticket's decisions on the previous survivors, permuted among them."""
-
-    def permuted(mask: torch.Tensor, alive: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-        return mask.flatten()[alive][order].bool()
-
-    return _reprune(masks, previous, permuted, generator)
+def _permuted(mask: torch.Tensor, alive: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """A ``_reprune`` placement: the ticket's decisions on the survivors, permuted among them."""
+    return mask.flatten()[alive][order].bool()
 
 
 def _finetune_config(cfg: DictConfig, probe: Trainer, settings: IMPSettings) -> DictConfig:
@@ -359,11 +343,11 @@ def _controls(
             if rewound:
                 run_masks = _random_masks(masks, generator)
             else:
-                run_masks = _random_reprune(masks, previous, generator)
+                run_masks = _reprune(masks, previous, _first_k, generator)
         elif rewound:
             run_masks = _shuffled(masks, generator)
         else:
-            run_masks = _shuffled_reprune(masks, previous, generator)
+            run_masks = _reprune(masks, previous, _permuted, generator)
         result = train_run(
             cfg,
             level_dir / control,

@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +125,16 @@ def _mean_loss_grad(
         )
 
 
+def _summed(per_batch: Iterable[Sequence[torch.Tensor]], weights: Tensors) -> list[torch.Tensor]:
+    """Per weight, the sum over batches of ``per_batch``'s tensors (one per weight each),
+    accumulated in place so that only one batch's graph is alive at a time."""
+    totals = [torch.zeros_like(w) for w in weights.values()]
+    for parts in per_batch:
+        for total, part in zip(totals, parts, strict=True):
+            total += part
+    return totals
+
+
 def _check_scores(scores: Tensors, method: str) -> Tensors:
     for name, score in scores.items():
         if not torch.isfinite(score).all():
@@ -142,10 +152,7 @@ def snip_scores(model: nn.Module, batches: Sequence[Batch]) -> Tensors:
     weights = prunable_parameters(model)
     with _untouched(model):
         model.train()
-        grads = [torch.zeros_like(w) for w in weights.values()]
-        for batch_grads in _mean_loss_grad(model, weights, batches):
-            for total, g in zip(grads, batch_grads, strict=True):
-                total += g
+        grads = _summed(_mean_loss_grad(model, weights, batches), weights)
     scores = {n: (g * w).detach().abs() for (n, w), g in zip(weights.items(), grads, strict=True)}
     return _check_scores(scores, "snip")
 
@@ -165,16 +172,16 @@ def grasp_scores(model: nn.Module, batches: Sequence[Batch]) -> Tensors:
     weights = prunable_parameters(model)
     with _untouched(model):
         model.train()
-        g = [torch.zeros_like(w) for w in weights.values()]
-        for batch_grads in _mean_loss_grad(model, weights, batches):
-            for total, gb in zip(g, batch_grads, strict=True):
-                total += gb
-        hg = [torch.zeros_like(w) for w in weights.values()]
-        for batch_grads in _mean_loss_grad(model, weights, batches, create_graph=True):
-            dot = sum((gb * gf).sum() for gb, gf in zip(batch_grads, g, strict=True))
-            second = torch.autograd.grad(dot, list(weights.values()), materialize_grads=True)
-            for total, s in zip(hg, second, strict=True):
-                total += s
+        g = _summed(_mean_loss_grad(model, weights, batches), weights)
+        per_batch_hg = (
+            torch.autograd.grad(
+                sum((gb * gf).sum() for gb, gf in zip(batch_grads, g, strict=True)),
+                list(weights.values()),
+                materialize_grads=True,
+            )
+            for batch_grads in _mean_loss_grad(model, weights, batches, create_graph=True)
+        )
+        hg = _summed(per_batch_hg, weights)
     scores = {n: (w * h).detach() for (n, w), h in zip(weights.items(), hg, strict=True)}
     return _check_scores(scores, "grasp")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -193,14 +194,19 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
     return steps, seconds, values
 
 
-def _keys(records: list[dict[str, Any]], accept: Any) -> list[str]:
-    """Numeric metric keys accepted by ``accept(key)``, in first-logged order."""
-    seen: dict[str, None] = {}
-    for record in records:
-        for key, value in record.items():
-            if key not in seen and _number(value) is not None and accept(key):
-                seen[key] = None
-    return list(seen)
+def _logged(accept: Callable[[str], bool]) -> Callable[[list[dict[str, Any]]], list[str]]:
+    """A plot's selector: the numeric metric keys accepted by ``accept(key)``, in first-logged
+    order."""
+
+    def keys(records: list[dict[str, Any]]) -> list[str]:
+        seen: dict[str, None] = {}
+        for record in records:
+            for key, value in record.items():
+                if key not in seen and _number(value) is not None and accept(key):
+                    seen[key] = None
+        return list(seen)
+
+    return keys
 
 
 def _figure(width: float, height: float):  # noqa: ANN202 - a matplotlib Figure
@@ -218,10 +224,7 @@ def _save(fig: Any, path: Path, title: str) -> Path:
     return path
 
 
-def _plot_loss(records: list[dict[str, Any]], title: str, path: Path) -> Path | None:
-    keys = _keys(records, lambda k: k.startswith("loss/"))
-    if not keys:
-        return None
+def _plot_loss(records: list[dict[str, Any]], keys: list[str], title: str, path: Path) -> Path:
     fig = _figure(10.0, 3.8)
     by_step, by_time = fig.subplots(1, 2)
     for key in keys:
@@ -241,10 +244,12 @@ def _plot_loss(records: list[dict[str, Any]], title: str, path: Path) -> Path | 
     return _save(fig, path, f"{title}: training loss")
 
 
-def _plot_eval(records: list[dict[str, Any]], title: str, path: Path) -> Path | None:
-    history = eval_history(records)
-    if not history:
-        return None
+def _plot_eval(
+    records: list[dict[str, Any]],
+    history: dict[str, list[tuple[int, float, float]]],
+    title: str,
+    path: Path,
+) -> Path:
     best = best_eval(records)
     fig = _figure(10.0, 2.8 * len(history) + 0.6)
     axes = fig.subplots(len(history), 2, squeeze=False)
@@ -270,10 +275,7 @@ def _plot_eval(records: list[dict[str, Any]], title: str, path: Path) -> Path | 
     return _save(fig, path, f"{title}: eval metrics")
 
 
-def _plot_lr(records: list[dict[str, Any]], title: str, path: Path) -> Path | None:
-    keys = _keys(records, lambda k: k == "lr" or k.startswith(("lr/", "lr-")))
-    if not keys:
-        return None
+def _plot_lr(records: list[dict[str, Any]], keys: list[str], title: str, path: Path) -> Path:
     fig = _figure(7.0, 3.6)
     ax = fig.subplots()
     for key in keys:
@@ -287,10 +289,9 @@ def _plot_lr(records: list[dict[str, Any]], title: str, path: Path) -> Path | No
     return _save(fig, path, f"{title}: learning rate")
 
 
-def _plot_throughput(records: list[dict[str, Any]], title: str, path: Path) -> Path | None:
-    keys = _keys(records, lambda k: k.startswith("throughput/"))
-    if not keys:
-        return None
+def _plot_throughput(
+    records: list[dict[str, Any]], keys: list[str], title: str, path: Path
+) -> Path:
     fig = _figure(7.0, 2.8 * len(keys) + 0.6)
     axes = fig.subplots(len(keys), 1, squeeze=False)
     for key, (ax,) in zip(keys, axes):
@@ -302,10 +303,7 @@ def _plot_throughput(records: list[dict[str, Any]], title: str, path: Path) -> P
     return _save(fig, path, f"{title}: throughput")
 
 
-def _plot_sparsity(records: list[dict[str, Any]], title: str, path: Path) -> Path | None:
-    keys = _keys(records, lambda k: k.startswith("sparsity/"))
-    if not keys:
-        return None
+def _plot_sparsity(records: list[dict[str, Any]], keys: list[str], title: str, path: Path) -> Path:
     fig = _figure(8.0, 4.2)
     ax = fig.subplots()
     layers = [k for k in keys if k not in ("sparsity/target", "sparsity/global")]
@@ -325,12 +323,14 @@ def _plot_sparsity(records: list[dict[str, Any]], title: str, path: Path) -> Pat
     return _save(fig, path, f"{title}: sparsity")
 
 
-_PLOTS = (
-    ("loss.png", _plot_loss),
-    ("eval.png", _plot_eval),
-    ("lr.png", _plot_lr),
-    ("throughput.png", _plot_throughput),
-    ("sparsity.png", _plot_sparsity),
+#: Per plot: its file, what it draws (metric keys; for ``eval.png`` the history per metric),
+#: empty when none of it was logged, and the function that draws it.
+_PLOTS: tuple[tuple[str, Callable[[list[dict[str, Any]]], Any], Callable[..., Path]], ...] = (
+    ("loss.png", _logged(lambda k: k.startswith("loss/")), _plot_loss),
+    ("eval.png", eval_history, _plot_eval),
+    ("lr.png", _logged(lambda k: k == "lr" or k.startswith(("lr/", "lr-"))), _plot_lr),
+    ("throughput.png", _logged(lambda k: k.startswith("throughput/")), _plot_throughput),
+    ("sparsity.png", _logged(lambda k: k.startswith("sparsity/")), _plot_sparsity),
 )
 
 
@@ -350,12 +350,12 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
             title = f"{recipe} ({run_dir.name})" if recipe and recipe != run_dir.name else title
         except ValueError:
             pass
+    if not records:
+        return []
+    out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, plot in _PLOTS:
-        if not records:
-            break
-        out.mkdir(parents=True, exist_ok=True)
-        path = plot(records, title, out / name)
-        if path is not None:
-            written.append(path)
+    for name, select, plot in _PLOTS:
+        selected = select(records)
+        if selected:  # a plot whose metrics were never logged is not written
+            written.append(plot(records, selected, title, out / name))
     return written

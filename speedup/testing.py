@@ -137,7 +137,18 @@ def _bert() -> Model:
     return bert(_TEXT_INFO, size="tiny")
 
 
-_ADAMW = {"name": "adamw", "lr": 1e-3}
+def _text_workload(name: str, model: Callable[[], Model], masked: bool) -> Workload:
+    """A tiny language model on the synthetic tokens; ``masked``: MLM labels, else causal."""
+    return Workload(
+        name,
+        name,
+        "text",
+        model,
+        lambda s: (_tokens(s, 32, masked), _tokens(s + 1, 16, masked)),
+        {"name": "adamw", "lr": 1e-3},
+        tokens_per_sample=_SEQ,
+    )
+
 
 #: The built-in workloads, tried in this order when none is given.
 WORKLOADS: dict[str, Workload] = {
@@ -145,24 +156,8 @@ WORKLOADS: dict[str, Workload] = {
     for w in (
         Workload("mlp", "mlp", "signal", _mlp, lambda s: (_vectors(s), _vectors(s + 1, 32))),
         Workload("cnn", "cnn", "image", _cnn, lambda s: (_images(s), _images(s + 1, 16))),
-        Workload(
-            "gpt2",
-            "gpt2",
-            "text",
-            _gpt2,
-            lambda s: (_tokens(s, 32, False), _tokens(s + 1, 16, False)),
-            _ADAMW,
-            tokens_per_sample=_SEQ,
-        ),
-        Workload(
-            "bert",
-            "bert",
-            "text",
-            _bert,
-            lambda s: (_tokens(s, 32, True), _tokens(s + 1, 16, True)),
-            _ADAMW,
-            tokens_per_sample=_SEQ,
-        ),
+        _text_workload("gpt2", _gpt2, masked=False),
+        _text_workload("bert", _bert, masked=True),
     )
 }
 

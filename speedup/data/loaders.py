@@ -85,7 +85,46 @@ def _epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_samples, generator=generator)
 
 
-class TensorBatchLoader:
+class _EpochBatches:
+    """What both resumable loaders share: ``num_samples`` in batches of ``batch_size`` (the
+    global batch, split across ``world_size`` ranks), an epoch that picks the shuffle, and the
+    batch a resumed iteration begins at."""
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        shuffle: bool,
+        drop_last: bool,
+        seed: int,
+        rank: int,
+        world_size: int,
+    ) -> None:
+        _check_shard(batch_size, rank, world_size)
+        self.rank, self.world_size = rank, world_size
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.seed = seed
+        self.epoch = 0
+        self._start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def start_at(self, batch: int) -> None:
+        """Make the next iteration (once) begin at batch ``batch`` of the current epoch, with
+        the same order as an uninterrupted epoch (sample-exact resume, nothing replayed)."""
+        self._start = batch
+
+    def __len__(self) -> int:
+        """Batches in a whole epoch (also while a resumed iteration yields fewer)."""
+        full, rest = divmod(self.num_samples, self.batch_size)
+        return full if self.drop_last or rest == 0 else full + 1
+
+
+class TensorBatchLoader(_EpochBatches):
     """Batches from tensors already in memory, by slicing: no per-sample collation.
 
     Shuffling draws a permutation from a generator seeded by ``(seed, epoch)``, so the order of
@@ -106,29 +145,10 @@ class TensorBatchLoader:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        _check_shard(batch_size, rank, world_size)
-        self.rank, self.world_size = rank, world_size
+        num_samples = _common_length(tensors)
+        super().__init__(num_samples, batch_size, shuffle, drop_last, seed, rank, world_size)
         self.tensors = tensors
-        self.num_samples = _common_length(tensors)
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.drop_last = drop_last
-        self.seed = seed
         self.transform = transform
-        self.epoch = 0
-        self._start = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def start_at(self, batch: int) -> None:
-        """Make the next iteration begin at batch ``batch`` of the current epoch, with the
-        same order as an uninterrupted epoch (sample-exact resume, nothing replayed)."""
-        self._start = batch
-
-    def __len__(self) -> int:
-        full, rest = divmod(self.num_samples, self.batch_size)
-        return full if self.drop_last or rest == 0 else full + 1
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         order = _epoch_order(self.num_samples, self.seed, self.epoch) if self.shuffle else None
@@ -220,7 +240,7 @@ class SampleKey(NamedTuple):
     seed: int
 
 
-class ResumableBatchSampler(Sampler[list[SampleKey]]):
+class ResumableBatchSampler(_EpochBatches, Sampler[list[SampleKey]]):
     """Batches of :class:`SampleKey` whose order and seeds are functions of ``(seed, epoch)``.
 
     The shuffle uses the same permutation as :class:`TensorBatchLoader`; the seed of the sample
@@ -241,27 +261,7 @@ class ResumableBatchSampler(Sampler[list[SampleKey]]):
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        _check_shard(batch_size, rank, world_size)
-        self.rank, self.world_size = rank, world_size
-        self.num_samples = num_samples
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.drop_last = drop_last
-        self.seed = seed
-        self.epoch = 0
-        self._start = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def start_at(self, batch: int) -> None:
-        """Make the next iteration begin at batch ``batch`` of the current epoch (once)."""
-        self._start = batch
-
-    def __len__(self) -> int:
-        """Batches in a whole epoch (also while a resumed iteration yields fewer)."""
-        full, rest = divmod(self.num_samples, self.batch_size)
-        return full if self.drop_last or rest == 0 else full + 1
+        super().__init__(num_samples, batch_size, shuffle, drop_last, seed, rank, world_size)
 
     def __iter__(self) -> Iterator[list[SampleKey]]:
         # Read the state here, at iter() time, rather than on the first next(): worker

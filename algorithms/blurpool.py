@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from speedup.algorithms._init_order import init_neighbours
 from torch import nn
 
 from speedup.algorithm import Access, Algorithm, Declaration
@@ -272,10 +273,9 @@ class BlurPool(Algorithm):
     def declare(self) -> Declaration:
         return Declaration(
             events={Event.INIT: Access(reads={"model.modules"}, writes={"model.modules"})},
-            # Surgery order at INIT: stochastic_depth, blurpool, squeeze_excite,
-            # weight_standardization, ghost_batchnorm, low_precision_groupnorm, channels_last
-            # (each declares the ones before it).
-            runs_after={"stochastic_depth"},
+            # Its place in the one total order of INIT surgery (_init_order): after the
+            # block rewrite, before the surgery that copies or gates the new convolutions.
+            **init_neighbours("blurpool"),
             model_kinds={"cnn"},
             data_kinds={"image"},
         )

@@ -51,6 +51,7 @@ import warnings
 from typing import TYPE_CHECKING
 
 import torch
+from speedup.algorithms._init_order import init_neighbours
 from torch import nn
 
 from speedup.algorithm import Access, Algorithm, Declaration
@@ -414,20 +415,11 @@ class Factorize(Algorithm):
                     reads={"model.modules", "model.weights"}, writes={"model.modules"}
                 )
             },
-            # Surgery that needs the original layers goes first; what acts on the factors
-            # (SE after the pair, WS on each factor, norms and dropout elsewhere, channels_last
-            # on the new convs) goes after; no_op_model replaces the model last.
-            runs_after={"alibi", "blurpool", "gated_linear_units", "stochastic_depth"},
-            runs_before={
-                "channels_last",
-                "ghost_batchnorm",
-                "gyro_dropout",
-                "low_precision_groupnorm",
-                "low_precision_layernorm",
-                "no_op_model",
-                "squeeze_excite",
-                "weight_standardization",
-            },
+            # Its place in the one total order of INIT surgery (_init_order): surgery that
+            # needs the original layers goes first; what acts on the factors (SE after the
+            # pair, WS on each factor, norms and dropout elsewhere, channels_last on the new
+            # convs) goes after; no_op_model replaces the model last.
+            **init_neighbours("factorize"),
         )
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:

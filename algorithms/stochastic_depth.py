@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from speedup.algorithms._init_order import init_neighbours
 from torch import nn
 
 from speedup.algorithm import Access, Algorithm, Declaration
@@ -267,6 +268,9 @@ class StochasticDepth(Algorithm):
             events[Event.BEFORE_TRAIN_BATCH] = Access(reads={"timestamp"}, writes={"model.mode"})
         return Declaration(
             events=events,
+            # Its place in the one total order of INIT surgery (_init_order): it wraps whole
+            # blocks, so the layer swaps inside them come after.
+            **init_neighbours("stochastic_depth"),
             model_kinds={"cnn"},
             data_kinds={"image"},
             # A block-wise drop skips the branch: its parameters get no gradient that step.

@@ -8,13 +8,11 @@ directory was written. Time constants longer than the run are warnings, not erro
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
+from _helpers import error_line, run_cli, speedup_process, write
 from conftest import loaders, make_blobs, tiny_model
 from speedup.algorithms.ema import EMA
 from speedup.algorithms.magnitude_pruning import MagnitudePruning
@@ -22,7 +20,6 @@ from speedup.algorithms.seq_length_warmup import SeqLengthWarmup
 from speedup.algorithms.stochastic_depth import StochasticDepth
 from speedup.algorithms.swa import SWA
 
-from speedup.cli import main
 from speedup.config import ConfigError, load_config
 from speedup.engine import long_time_constants
 from speedup.models import MODELS, Classifier
@@ -30,26 +27,12 @@ from speedup.time import Time, TimeConverter, TimeUnit
 from speedup.trainer import Trainer
 
 
-def write(path: Path, text: str) -> Path:
-    path.write_text(text)
-    return path
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def assert_one_line_error(code: int, err: str, *needles: str) -> str:
     """Exit 2, no traceback, exactly one ``error:`` line, which holds every needle."""
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
+    line = error_line(code, err)
     for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
-    return lines[0]
+        assert needle in line, f"{needle!r} not in {line!r}"
+    return line
 
 
 # -- values the command line used to accept ---------------------------------------------------
@@ -203,13 +186,7 @@ def test_yaml_alias_bomb_is_refused(tmp_path):
     # 10**9 values once expanded: without the bound, loading runs far past the timeout.
     recipe = write(tmp_path / "bomb.yaml", _bomb())
     assert recipe.stat().st_size < 1000
-    done = subprocess.run(
-        [sys.executable, "-m", "speedup", "plan", str(recipe)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-    )
+    done = speedup_process("plan", str(recipe), timeout=120, cwd=tmp_path)
     assert_one_line_error(done.returncode, done.stderr, str(recipe), "100,000 values", "alias")
 
 
@@ -322,34 +299,27 @@ def test_plan_warns_about_time_constants_longer_than_the_run(capsys):
     assert code == 0 and "longer than the whole run" not in out
 
 
-def _timing_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
-    return [str(w.message) for w in caught if "longer than the whole run" in str(w.message)]
-
-
-def test_trainer_warns_exactly_once_the_epoch_length_is_known():
-    train, _ = loaders(make_blobs(n=160), batch_size=16)  # 10 batches an epoch
+def _timing_warnings(max_duration: str) -> list[str]:
+    """The warnings about time constants longer than the run that building a Trainer gives:
+    EMA's default half-life and a 3-epoch warmup, over 10 batches an epoch."""
+    train, _ = loaders(make_blobs(n=160), batch_size=16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         Trainer(
             tiny_model(),
             train,
-            "2ep",
+            max_duration,
             algorithms=[EMA()],
             scheduler={"name": "cosine", "warmup": "3ep"},
         )
-    assert _timing_warnings(caught) == [
+    return [str(w.message) for w in caught if "longer than the whole run" in str(w.message)]
+
+
+def test_trainer_warns_exactly_once_the_epoch_length_is_known():
+    assert _timing_warnings("2ep") == [
         "algorithms.ema.half_life: 1000ba is longer than the whole run (max_duration 2ep) "
         "(1000ba against 20ba), so it never plays out as set; shorten it or train longer",
         "scheduler.warmup: 3ep is longer than the whole run (max_duration 2ep), so it never "
         "plays out as set; shorten it or train longer",
     ]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        Trainer(
-            tiny_model(),
-            train,
-            "200ep",
-            algorithms=[EMA()],
-            scheduler={"name": "cosine", "warmup": "3ep"},
-        )
-    assert _timing_warnings(caught) == []
+    assert _timing_warnings("200ep") == []

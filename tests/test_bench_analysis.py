@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+from _helpers import sweep_results
 from speedup.benchmarks.analysis import (
     analyze,
     bootstrap_ci,
@@ -17,57 +18,21 @@ from speedup.benchmarks.analysis import (
 )
 
 
-def linear_curve(cross_step, target=0.5, last=200, seconds_per_step=0.2, flops=True):
-    """Evaluations every 10 steps of a metric rising linearly through ``target`` at
-    ``cross_step`` (never reaching it when ``cross_step`` is None: it tops out at 0.4)."""
-    points = []
-    for step in range(10, last + 1, 10):
-        value = 0.4 * step / last if cross_step is None else target * step / cross_step
-        points.append(
-            {
-                "step": step,
-                "epoch": step // 10,
-                "sample": 128 * step,
-                "train_time_s": seconds_per_step * step,
-                "flops": 1e9 * step if flops else None,
-                "value": min(value, 1.0),
-            }
-        )
-    return points
-
-
 def synthetic_results(crossings, finals, step_cost, seeds=(1, 2), conflicts=None):
-    """A results.json payload; ``crossings[config]`` holds a crossing step per seed."""
-    runs = []
-    for config, per_seed in crossings.items():
-        algorithms = [] if config == "baseline" else config.split("+")
-        for seed, cross in zip(seeds, per_seed, strict=True):
-            runs.append(
-                {
-                    "config": config,
-                    "algorithms": algorithms,
-                    "seed": seed,
-                    "config_hash": f"{config}-{seed}",
-                    "run_dir": f"runs/{config}-{seed}",
-                    "cached": False,
-                    "curve": linear_curve(cross),
-                    "final": {"accuracy": finals[config], "loss": 1 - finals[config]},
-                    "steps": 200,
-                    "train_time_s": 40.0,
-                    "eval_time_s": 1.0,
-                }
-            )
-    return {
-        "suite": "synthetic",
-        "workload": {"recipe": "shapes2d-baseline", "overrides": ["max_duration=200ba"]},
-        "target": {"metric": "accuracy", "value": 0.5, "higher_is_better": True},
-        "seeds": list(seeds),
-        "environment": {"torch": "2.x", "device": {"name": "cpu", "count": 1}},
-        "baseline_step_time_s": 0.1,
-        "step_cost": step_cost,
-        "conflicts": conflicts or {},
-        "runs": runs,
-    }
+    """A results.json payload; ``crossings[config]`` holds a crossing step per seed, on
+    200-step curves (0.2 s and 1 GFLOP a step)."""
+    return sweep_results(
+        crossings,
+        finals,
+        step_cost,
+        baseline_step_time_s=0.1,
+        last=200,
+        samples_per_step=128,
+        seconds_per_step=0.2,
+        flops_per_step=1e9,
+        seeds=seeds,
+        conflicts=conflicts,
+    )
 
 
 CROSSINGS = {

@@ -1,18 +1,20 @@
 """The benchmark sweep: suite validation, combinations, conflicts, caching and resume."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from speedup.benchmarks.harness import configurations, load_suite
+from speedup.benchmarks.harness import Suite, configurations, load_suite
 
 from speedup.config import ConfigError
 
 
-def write_suite(tmp_path, text):
+def suite_from(tmp_path: Path, text: str) -> Suite:
+    """The suite that ``text`` declares, loaded from a suite.yaml file in ``tmp_path``."""
     path = tmp_path / "suite.yaml"
     path.write_text(text)
-    return path
+    return load_suite(str(path))
 
 
 BASE = """
@@ -26,17 +28,13 @@ timing: {steps: 2, repeats: 1, positions: [0.5]}
 
 
 def test_combinations_in_suite_order(tmp_path):
-    suite = load_suite(
-        str(
-            write_suite(
-                tmp_path,
-                BASE
-                + """
+    suite = suite_from(
+        tmp_path,
+        BASE
+        + """
 algorithms: {label_smoothing: {}, magnitude_pruning: {sparsity: 0.5}, rewinding: {}}
 combinations: [singles, pairs, full, [rewinding, magnitude_pruning]]
 """,
-            )
-        )
     )
     names = ["+".join(c) or "baseline" for c in configurations(suite)]
     assert names == [
@@ -61,15 +59,15 @@ combinations: [singles, pairs, full, [rewinding, magnitude_pruning]]
 )
 def test_suite_validation_errors(tmp_path, extra, needle):
     with pytest.raises(ConfigError, match=needle):
-        load_suite(str(write_suite(tmp_path, BASE + extra)))
+        suite_from(tmp_path, BASE + extra)
 
 
 def test_unknown_workload_and_metric_not_produced(tmp_path):
     with pytest.raises(ConfigError, match="workload.recipe: unknown recipe 'nope'"):
-        load_suite(str(write_suite(tmp_path, BASE.replace("quickstart", "nope"))))
+        suite_from(tmp_path, BASE.replace("quickstart", "nope"))
     text = BASE.replace("metric: accuracy", "metric: perplexity")
     with pytest.raises(ConfigError, match="'perplexity' is not produced.*accuracy, loss"):
-        load_suite(str(write_suite(tmp_path, text)))
+        suite_from(tmp_path, text)
     with pytest.raises(ConfigError, match="unknown suite 'nope'"):
         load_suite("nope")
 
@@ -77,17 +75,13 @@ def test_unknown_workload_and_metric_not_produced(tmp_path):
 def test_sweep_runs_reports_conflicts_and_resumes(tmp_path, capsys):
     from speedup.benchmarks.harness import run_suite
 
-    suite = load_suite(
-        str(
-            write_suite(
-                tmp_path,
-                BASE
-                + """
+    suite = suite_from(
+        tmp_path,
+        BASE
+        + """
 algorithms: {label_smoothing: {alpha: 0.1}, rewinding: {}}
 combinations: [singles, pairs]
 """,
-            )
-        )
     )
     out = tmp_path / "out"
     results = run_suite(suite, out, progress=False)
@@ -150,7 +144,7 @@ def test_parallel_sweep_runs_in_separate_processes_with_the_same_results(tmp_pat
     from speedup.benchmarks.harness import run_suite
 
     text = BASE + "\nalgorithms: {label_smoothing: {alpha: 0.1}}\ncombinations: [singles]\n"
-    suite = load_suite(str(write_suite(tmp_path, text)))
+    suite = suite_from(tmp_path, text)
     serial = run_suite(suite, tmp_path / "serial", progress=False)
     parallel = run_suite(suite, tmp_path / "parallel", progress=False, parallel=2)
     assert [r["config"] for r in parallel["runs"]] == [r["config"] for r in serial["runs"]]
@@ -171,7 +165,7 @@ def test_timing_windows_alternate_abba_after_a_discarded_warmup_pair(tmp_path, m
     text = PERIODIC.replace("positions: [0.5]", "positions: [0.25, 0.75]").replace(
         "repeats: 1", "repeats: 2"
     )
-    suite = load_suite(str(write_suite(tmp_path, text)))
+    suite = suite_from(tmp_path, text)
     base_hash = harness.config_hash(harness._config(suite, [], 1, tmp_path))
     calls = []
     # Planted window costs: baseline 2 s/step; label smoothing 3 at 25%, 5 at 75% of the run.
@@ -217,7 +211,7 @@ def test_window_period_spans_every_periodic_algorithm(tmp_path, algorithms, peri
     text = BASE + f"algorithms: {algorithms}\n"
     if period:
         text = text.replace("positions: [0.5]", f"positions: [0.5], period: {period}")
-    suite = load_suite(str(write_suite(tmp_path, text)))
+    suite = suite_from(tmp_path, text)
     assert window_period(suite, list(suite.algorithms)) == expected
 
 
@@ -234,7 +228,7 @@ def test_timing_settings_are_validated(tmp_path, timing, needle):
     text = BASE.replace("timing: {steps: 2, repeats: 1, positions: [0.5]}", f"timing: {timing}")
     text += "algorithms: {label_smoothing: {}}\n"
     with pytest.raises(ConfigError, match=needle):
-        load_suite(str(write_suite(tmp_path, text)))
+        suite_from(tmp_path, text)
 
 
 def test_timing_json_of_another_suite_is_not_reused(tmp_path, monkeypatch, capsys):
@@ -251,14 +245,14 @@ def test_timing_json_of_another_suite_is_not_reused(tmp_path, monkeypatch, capsy
     out.mkdir()
     configs = [[], ["label_smoothing"]]
     text = BASE + "algorithms: {label_smoothing: {alpha: 0.1}}\n"
-    first = load_suite(str(write_suite(tmp_path, text)))
+    first = suite_from(tmp_path, text)
     timing = harness.load_or_measure_timing(first, configs, out)
     saved = json.loads((out / "timing.json").read_text())
     assert saved["timing_key"] == timing["timing_key"] == harness.timing_key(first, configs, out)
     assert harness.load_or_measure_timing(first, configs, out) == timing
     assert measured == [0.1]  # reused: same suite, same key
     # Another suite (a different argument) writing into the same directory: measured again.
-    other = load_suite(str(write_suite(tmp_path, text.replace("0.1", "0.2"))))
+    other = suite_from(tmp_path, text.replace("0.1", "0.2"))
     assert harness.timing_key(other, configs, out) != timing["timing_key"]
     harness.load_or_measure_timing(other, configs, out)
     assert measured == [0.1, 0.2]

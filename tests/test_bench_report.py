@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+from _helpers import sweep_results
 from speedup.benchmarks.report import rebuild, write_report
 
 from speedup.cli import main
@@ -11,73 +12,43 @@ from speedup.cli import main
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def curve(cross_step, last=100):
-    """Evaluations every 10 steps, rising linearly through 0.5 at ``cross_step`` (topping out
-    at 0.4 when None); 0.25 s per step of wall-clock."""
-    return [
-        {
-            "step": step,
-            "epoch": step // 10,
-            "sample": 64 * step,
-            "train_time_s": 0.25 * step,
-            "flops": None,
-            "value": min(1.0, 0.4 * step / last if cross_step is None else 0.5 * step / cross_step),
-        }
-        for step in range(10, last + 1, 10)
-    ]
-
-
 def results_payload():
-    """baseline, two singles, their pair and a config that never reaches the target; 2 seeds."""
-    crossings = {
-        "baseline": [60, 80],
-        "label_smoothing": [50, 70],
-        "progressive_resizing": [60, 80],
-        "label_smoothing+progressive_resizing": [40, 60],
-        "pruning": [None, None],
-    }
-    finals = {
-        "baseline": 0.91,
-        "label_smoothing": 0.93,
-        "progressive_resizing": 0.9,
-        "label_smoothing+progressive_resizing": 0.92,
-        "pruning": 0.38,
-    }
-    runs = []
-    for config, per_seed in crossings.items():
-        for seed, cross in zip((1, 2), per_seed, strict=True):
-            runs.append(
-                {
-                    "config": config,
-                    "algorithms": [] if config == "baseline" else config.split("+"),
-                    "seed": seed,
-                    "config_hash": f"{len(config):04d}{seed:04d}",
-                    "run_dir": f"runs/x/{config}-{seed}",
-                    "cached": seed == 2,
-                    "curve": curve(cross),
-                    "final": {"accuracy": finals[config], "loss": 0.3},
-                    "steps": 100,
-                    "train_time_s": 25.0,
-                    "eval_time_s": 2.0,
-                }
-            )
-    return {
-        "suite": "shapes2d-named",
-        "workload": {"recipe": "shapes2d-baseline", "overrides": ["data.train_samples=512"]},
-        "target": {"metric": "accuracy", "value": 0.5, "higher_is_better": True},
-        "seeds": [1, 2],
-        "environment": {"torch": "2.5.0", "hardware": {"cpu": "test cpu", "cores": 2}},
-        "baseline_step_time_s": 0.2,
-        "step_cost": {
+    """baseline, two singles, their pair and a config that never reaches the target; 2 seeds
+    on 100-step curves (0.25 s of wall-clock a step), the second seed's runs from the cache."""
+    results = sweep_results(
+        {
+            "baseline": [60, 80],
+            "label_smoothing": [50, 70],
+            "progressive_resizing": [60, 80],
+            "label_smoothing+progressive_resizing": [40, 60],
+            "pruning": [None, None],
+        },
+        {
+            "baseline": 0.91,
+            "label_smoothing": 0.93,
+            "progressive_resizing": 0.9,
+            "label_smoothing+progressive_resizing": 0.92,
+            "pruning": 0.38,
+        },
+        {
             "baseline": 1.0,
             "label_smoothing": 1.0,
             "progressive_resizing": 0.5,
             "label_smoothing+progressive_resizing": 0.5,
             "pruning": 1.1,
         },
-        "conflicts": {"mixup+cutmix": "both write batch['targets'] | pick one"},
-        "runs": runs,
-    }
+        baseline_step_time_s=0.2,
+        last=100,
+        samples_per_step=64,
+        seconds_per_step=0.25,
+        conflicts={"mixup+cutmix": "both write batch['targets'] | pick one"},
+        suite="shapes2d-named",
+        workload={"recipe": "shapes2d-baseline", "overrides": ["data.train_samples=512"]},
+        environment={"torch": "2.5.0", "hardware": {"cpu": "test cpu", "cores": 2}},
+    )
+    for run in results["runs"]:
+        run["cached"] = run["seed"] == 2
+    return results
 
 
 def test_write_report_writes_tables_and_three_pngs(tmp_path):

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import loaders, make_blobs, tiny_model
+from conftest import bad_arguments_test, loaders, make_blobs, metrics_records, smoke_run, tiny_model
 
 from speedup.callback import CALLBACKS, Callback
 from speedup.callbacks import EarlyStopping, LRMonitor, SpeedMonitor
@@ -180,8 +180,8 @@ def test_mode_defaults_from_the_metric(monitor, mode):
     assert EarlyStopping(monitor=monitor, mode="max").mode == "max"
 
 
-@pytest.mark.parametrize(
-    "kwargs, message",
+test_bad_arguments_are_refused_at_construction = bad_arguments_test(
+    EarlyStopping,
     [
         ({"mode": "maximum"}, "mode: 'maximum' is not allowed; allowed: max, min"),
         ({"patience": "3 epochs"}, "patience: unknown time unit"),
@@ -189,9 +189,6 @@ def test_mode_defaults_from_the_metric(monitor, mode):
         ({"monitor": ""}, "monitor must name an eval metric"),
     ],
 )
-def test_bad_arguments_are_refused_at_construction(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        EarlyStopping(**kwargs)
 
 
 # -- monitors ---------------------------------------------------------------------------------
@@ -352,25 +349,19 @@ def test_early_stopping_from_a_recipe_stops_a_real_run(tmp_path):
     # min_delta 1.0: accuracy can never improve on the first evaluation's, so the run stops
     # 2 epochs after it: after epoch 3, at step 24 (64 samples in batches of 8 under --smoke).
     run_dir = tmp_path / "run"
-    code = main(
-        [
-            "run",
-            "quickstart",
-            "--smoke",
-            "max_duration=10ep",
-            "eval_interval=1ep",
-            "callbacks.early_stopping.monitor=accuracy",
-            "callbacks.early_stopping.min_delta=1.0",
-            "callbacks.early_stopping.patience=2ep",
-            f"run_dir={run_dir}",
-            "threads=1",
-            "progress_bar=false",
-        ]
+    code = smoke_run(
+        run_dir,
+        "max_duration=10ep",
+        "eval_interval=1ep",
+        "callbacks.early_stopping.monitor=accuracy",
+        "callbacks.early_stopping.min_delta=1.0",
+        "callbacks.early_stopping.patience=2ep",
+        "threads=1",
     )
     assert code == 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stop_reason"].startswith("early stopping: eval/accuracy has not improved")
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = metrics_records(run_dir)
     assert max(r["step"] for r in records) == 24
     evals = [r["step"] for r in records if "eval/accuracy" in r]
     assert evals == [8, 16, 24]

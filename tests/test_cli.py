@@ -1,11 +1,10 @@
 """The command line: bad input fails before training with exit 2 and one clear message."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from _helpers import error_line, run_cli, speedup_process, write
 
 from speedup.algorithm import ALGORITHMS, Access, Algorithm, Declaration
 from speedup.cli import main
@@ -48,24 +47,15 @@ class UnorderedWriter(TargetWriter):
     name = "test_unordered_writer"
 
 
-def run_cli(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def write(path: Path, text: str) -> Path:
-    path.write_text(text)
-    return path
-
-
 def assert_user_error(code, err, *needles):
-    assert code == 2
-    assert "Traceback" not in err
-    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, err
+    error_line(code, err)
     for needle in needles:
         assert needle in err, f"{needle!r} not in {err!r}"
+
+
+def smoke_run(run_dir: Path, *overrides: str) -> list[str]:
+    """The arguments of a smoke run of the quickstart into ``run_dir``, without a progress bar."""
+    return ["run", "quickstart", "--smoke", f"run_dir={run_dir}", "progress_bar=false", *overrides]
 
 
 def test_unknown_recipe(capsys):
@@ -73,21 +63,35 @@ def test_unknown_recipe(capsys):
     assert_user_error(code, err, "unknown recipe 'quickstrat'", "did you mean 'quickstart'")
 
 
-def test_unknown_key_in_file_with_did_you_mean(capsys, tmp_path):
-    recipe = write(tmp_path / "r.yaml", "extends: quickstart\nmax_duraton: 3ep\n")
+@pytest.mark.parametrize(
+    "text, needles",
+    [
+        pytest.param(
+            "extends: quickstart\nmax_duraton: 3ep\n",
+            ["'max_duraton'", "did you mean 'max_duration'"],
+            id="unknown_key_with_did_you_mean",
+        ),
+        pytest.param(
+            "extends: quickstart\nmodel:\n  chanels: 8\n",
+            ["model.chanels", "did you mean 'channels'"],
+            id="unknown_component_argument",
+        ),
+        pytest.param(
+            "extends: quickstart\nalgorithms:\n  lable_smoothing: {}\n",
+            ["unknown algorithm 'lable_smoothing'", "available"],
+            id="unknown_algorithm",
+        ),
+    ],
+)
+def test_a_mistake_in_a_recipe_file_names_the_file(capsys, tmp_path, text, needles):
+    recipe = write(tmp_path / "r.yaml", text)
     code, _, err = run_cli(capsys, "run", str(recipe))
-    assert_user_error(code, err, str(recipe), "'max_duraton'", "did you mean 'max_duration'")
+    assert_user_error(code, err, str(recipe), *needles)
 
 
 def test_unknown_key_on_command_line(capsys):
     code, _, err = run_cli(capsys, "run", "quickstart", "optimizer.momentun=0.9")
     assert_user_error(code, err, "the command line", "optimizer.momentun", "lr")
-
-
-def test_unknown_component_argument_names_its_file(capsys, tmp_path):
-    recipe = write(tmp_path / "r.yaml", "extends: quickstart\nmodel:\n  chanels: 8\n")
-    code, _, err = run_cli(capsys, "run", str(recipe))
-    assert_user_error(code, err, str(recipe), "model.chanels", "did you mean 'channels'")
 
 
 @pytest.mark.parametrize(
@@ -102,12 +106,6 @@ def test_unknown_component_argument_names_its_file(capsys, tmp_path):
 def test_wrong_type(capsys, override, needles):
     code, _, err = run_cli(capsys, "run", "quickstart", override)
     assert_user_error(code, err, "the command line", *needles)
-
-
-def test_unknown_algorithm(capsys, tmp_path):
-    recipe = write(tmp_path / "r.yaml", "extends: quickstart\nalgorithms:\n  lable_smoothing: {}\n")
-    code, _, err = run_cli(capsys, "run", str(recipe))
-    assert_user_error(code, err, str(recipe), "unknown algorithm 'lable_smoothing'", "available")
 
 
 @pytest.mark.parametrize(
@@ -200,15 +198,7 @@ def test_list_and_describe(capsys):
 
 def test_smoke_run_writes_the_run_directory(capsys, tmp_path):
     run_dir = tmp_path / "run"
-    code, out, _ = run_cli(
-        capsys,
-        "run",
-        "quickstart",
-        "--smoke",
-        f"run_dir={run_dir}",
-        "progress_bar=false",
-        "algorithms.test_target_writer={}",
-    )
+    code, out, _ = run_cli(capsys, *smoke_run(run_dir, "algorithms.test_target_writer={}"))
     assert code == 0
     assert f"run dir: {run_dir}" in out
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -223,14 +213,10 @@ def test_smoke_run_writes_the_run_directory(capsys, tmp_path):
 
 
 def test_console_script_and_module_entry_points():
-    result = subprocess.run(
-        [sys.executable, "-m", "speedup", "run", "nope"], capture_output=True, text=True
-    )
+    result = speedup_process("run", "nope")
     assert result.returncode == 2 and "unknown recipe 'nope'" in result.stderr
     assert "Traceback" not in result.stderr
-    help_text = subprocess.run(
-        [sys.executable, "-m", "speedup", "--help"], capture_output=True, text=True
-    )
+    help_text = speedup_process("--help")
     assert help_text.returncode == 0
     for command in ("run", "plan", "list", "describe"):
         assert command in help_text.stdout
@@ -320,7 +306,7 @@ def snapshot(directory: Path) -> dict[str, tuple[int, bytes]]:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("finished") / "run"
-    code = main(["run", "quickstart", "--smoke", f"run_dir={run_dir}", "progress_bar=false"])
+    code = main(smoke_run(run_dir))
     assert code == 0
     return run_dir
 
@@ -329,9 +315,7 @@ def test_rerunning_a_finished_run_changes_nothing(capsys, finished_run):
     capsys.readouterr()
     before = snapshot(finished_run)
     assert "summary.json" in before and "metrics.jsonl" in before
-    code, out, err = run_cli(
-        capsys, "run", "quickstart", "--smoke", f"run_dir={finished_run}", "progress_bar=false"
-    )
+    code, out, err = run_cli(capsys, *smoke_run(finished_run))
     assert code == 0
     assert "already complete" in err and "resuming" not in err
     assert f"run dir: {finished_run}" in out  # the finished run's table, again
@@ -346,36 +330,24 @@ def copy_run(source: Path, destination: Path) -> Path:
     return destination
 
 
+def train_again(capsys, run_dir: Path, override: str) -> dict:
+    """Run the smoke run in the finished ``run_dir`` again with ``override``, which must make
+    it train (not stop as already complete); returns the new summary."""
+    code, _, err = run_cli(capsys, *smoke_run(run_dir, override))
+    assert code == 0 and "already complete" not in err
+    return json.loads((run_dir / "summary.json").read_text())
+
+
 def test_a_longer_run_in_the_same_directory_continues(capsys, finished_run, tmp_path):
     run_dir = copy_run(finished_run, tmp_path / "run")
-    code, _, err = run_cli(
-        capsys,
-        "run",
-        "quickstart",
-        "--smoke",
-        f"run_dir={run_dir}",
-        "progress_bar=false",
-        "max_duration=6ba",
-    )
-    assert code == 0 and "already complete" not in err
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = train_again(capsys, run_dir, "max_duration=6ba")
     assert summary["steps"] == 6 and summary["resumed_from"].endswith("ba4")
 
 
 def test_resume_never_trains_a_finished_run_again(capsys, finished_run, tmp_path):
     run_dir = copy_run(finished_run, tmp_path / "run")
     before = snapshot(run_dir)["summary.json"]
-    code, _, err = run_cli(
-        capsys,
-        "run",
-        "quickstart",
-        "--smoke",
-        f"run_dir={run_dir}",
-        "progress_bar=false",
-        "resume=never",
-    )
-    assert code == 0 and "already complete" not in err
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = train_again(capsys, run_dir, "resume=never")
     assert summary["steps"] == 4 and summary["resumed_from"] is None
     assert snapshot(run_dir)["summary.json"] != before  # trained and written again
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from conftest import groupnorm_net
 
 from speedup import Access, Algorithm, Declaration, Event
 from speedup.algorithm import ALGORITHMS
@@ -18,15 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _groupnorm_cnn() -> Classifier:
-    net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.GroupNorm(2, 8),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 4),
-    )
-    return Classifier(net, 4, kind="cnn")
+    return Classifier(groupnorm_net(2), 4, kind="cnn")
 
 
 GROUPNORM_CNN = Workload("cnn-groupnorm", "cnn", "image", _groupnorm_cnn, WORKLOADS["cnn"].data)

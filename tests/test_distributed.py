@@ -9,38 +9,31 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from _helpers import speedup_process
 
 from speedup.checkpoint import list_checkpoints, read_checkpoint, resolve_checkpoint
 from speedup.config import load_config
 from speedup.run import run_config
 
+#: How every run here trains: on the CPU, one thread a process, quietly.
+ON_CPU = ["device=cpu", "threads=1", "progress_bar=false"]
+#: What makes an interrupted run resumable to the very weights: deterministic, on 2 processes.
+EXACT_ON_TWO = ["deterministic=true", "--nproc", "2"]
 #: An MLP on MNIST-1D (no BatchNorm, no random augmentation), so that two processes with half
 #: the global batch each compute exactly the single-process gradient, up to summation order.
 RUN = [
     "mnist1d-lottery-mlp",
     "--smoke",
-    "device=cpu",
-    "threads=1",
-    "progress_bar=false",
+    *ON_CPU,
     "max_duration=24ba",
     "log_interval=1ba",
     "eval_interval=8ba",
 ]
-
-
-def speedup(*args: str, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "speedup", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        **kwargs,
-    )
 
 
 def processes_with(marker: str) -> list[int]:
@@ -63,9 +56,89 @@ def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def close_to(value: float) -> object:
+    """``value`` up to the summation order in which processes add their gradients."""
+    return pytest.approx(value, rel=1e-5, abs=1e-6)
+
+
+def assert_logs_match(one: Path, other: Path) -> None:
+    """The runs in ``one`` and ``other`` logged at the same steps the same losses and eval
+    metrics (up to summation order)."""
+    a, b = records(one), records(other)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        for key, value in ra.items():
+            if key.startswith(("loss/", "eval/")):
+                assert rb[key] == close_to(value), (ra["step"], key)
+
+
+def assert_same_final_metrics(single: dict, summary: dict) -> None:
+    for key, value in single["metrics"].items():
+        assert summary["metrics"][key] == close_to(value)
+
+
+def wait_until(ready: Callable[[], bool], seconds: float, poll: float) -> None:
+    """Asks ``ready`` every ``poll`` seconds until it holds or ``seconds`` have passed."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and not ready():
+        time.sleep(poll)
+
+
+def signal_each(pids: list[int], signum: signal.Signals) -> None:
+    """Sends ``signum`` to each of ``pids`` that is still alive."""
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def run_then_start_again(
+    args: list[str],
+    cwd: Path,
+    reference: str,
+    name: str,
+    checkpointed: Callable[[list[Path]], bool],
+) -> subprocess.Popen:
+    """Runs ``speedup run ARGS`` to the end in the run directory ``reference``, then starts
+    it again in ``name`` in the background (output discarded) and returns that process once
+    the checkpoints it has saved satisfy ``checkpointed``, still running."""
+    done = speedup_process("run", *args, f"run_dir={reference}", cwd=cwd)
+    assert done.returncode == 0, done.stderr[-3000:]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "speedup", "run", *args, f"run_dir={name}"],
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    folder = cwd / name / "checkpoints"
+    wait_until(
+        lambda: process.poll() is not None or checkpointed(list_checkpoints(folder)), 120, 0.005
+    )
+    assert process.poll() is None, f"the run finished before it could be interrupted: {name}"
+    return process
+
+
+def model_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The model's tensors in the run's latest checkpoint."""
+    return read_checkpoint(resolve_checkpoint(run_dir))[1]["model"]
+
+
+def assert_resumes_to_the_reference(args: list[str], name: str, reference: str, cwd: Path) -> None:
+    """``speedup run ARGS`` into the interrupted run directory ``name`` resumes it, and it
+    ends with the very weights of the uninterrupted run in ``reference``."""
+    resumed = speedup_process("run", *args, f"run_dir={name}", cwd=cwd)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr
+    a, b = model_weights(cwd / reference), model_weights(cwd / name)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path) -> None:
     single = run_config(load_config(RUN[0], [*RUN[2:], f"run_dir={tmp_path / 'one'}"], True))
-    done = speedup("run", *RUN, "--nproc", "2", "run_dir=two", cwd=tmp_path)
+    done = speedup_process("run", *RUN, "--nproc", "2", "run_dir=two", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "launching: -m torch.distributed.run" in done.stderr
     assert done.stdout.count("run dir:") == 1  # the summary is printed by rank 0 only
@@ -83,20 +156,14 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path) -> N
     assert summary["processes"] == 2 and summary["steps"] == single["steps"] == 24
     assert summary["samples"] == single["samples"]  # global samples, not one process's
 
-    a, b = records(tmp_path / "one"), records(two)
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for ra, rb in zip(a, b):
-        for key, value in ra.items():
-            if key.startswith(("loss/", "eval/")):
-                assert rb[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (ra["step"], key)
-    for key, value in single["metrics"].items():
-        assert summary["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6)
+    assert_logs_match(tmp_path / "one", two)
+    assert_same_final_metrics(single, summary)
     _, parts = read_checkpoint(resolve_checkpoint(two))
     assert parts["trainer"]["world_size"] == 2 and len(parts["trainer"]["rng"]) == 2
 
 
 def test_batch_size_must_divide_across_processes(tmp_path: Path) -> None:
-    done = speedup("run", *RUN, "--nproc", "3", "run_dir=x", cwd=tmp_path)
+    done = speedup_process("run", *RUN, "--nproc", "3", "run_dir=x", cwd=tmp_path)
     assert done.returncode == 2
     assert "data.batch_size: 8 is the global batch and must divide evenly" in done.stderr
     assert not (tmp_path / "x").exists()
@@ -170,72 +237,41 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_weights(tmp_path: P
         "log_interval=10ba",
         "eval_interval=100ba",
         "checkpoint.interval=3ba",
-        "deterministic=true",
-        "--nproc",
-        "2",
+        *EXACT_ON_TWO,
     ]
-    reference = speedup("run", *long_run, "run_dir=reference", cwd=tmp_path)
-    assert reference.returncode == 0, reference.stderr[-3000:]
 
-    run_dir = tmp_path / "killed"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "speedup", "run", *long_run, "run_dir=killed"],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    def trained_past_the_start(saved: list[Path]) -> bool:
+        return any(not p.name.endswith("-ba0") and not p.name.startswith("ep0-") for p in saved)
+
+    process = run_then_start_again(
+        long_run, tmp_path, "reference", "killed", trained_past_the_start
     )
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None:
-        saved = list_checkpoints(run_dir / "checkpoints")
-        if any(not p.name.endswith("-ba0") and not p.name.startswith("ep0-") for p in saved):
-            break
-        time.sleep(0.005)
-    assert process.poll() is None, "the run finished before it could be killed"
+    marker = "run_dir=killed"
     # torchrun starts its workers in sessions of their own: kill every process of this run,
     # as a lost machine would.
-    marker = "run_dir=killed"
-    for pid in [process.pid, *processes_with(marker)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    signal_each([process.pid, *processes_with(marker)], signal.SIGKILL)
     process.wait()
-    deadline = time.time() + 30
-    while processes_with(marker) and time.time() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: not processes_with(marker), 30, 0.05)
     assert not processes_with(marker)
 
-    resumed = speedup("run", *long_run, "run_dir=killed", cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stderr
-    a = read_checkpoint(resolve_checkpoint(tmp_path / "reference"))[1]["model"]
-    b = read_checkpoint(resolve_checkpoint(run_dir))[1]["model"]
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    assert_resumes_to_the_reference(long_run, "killed", "reference", tmp_path)
 
 
 def test_fsdp_two_processes_match_one_and_checkpoint_plain_tensors(tmp_path: Path) -> None:
     single = run_config(load_config(RUN[0], [*RUN[2:], f"run_dir={tmp_path / 'one'}"], True))
-    done = speedup(
+    done = speedup_process(
         "run", *RUN, "--nproc", "2", "run_dir=fsdp", "distributed.strategy=fsdp", cwd=tmp_path
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    a, b = records(tmp_path / "one"), records(tmp_path / "fsdp")
-    for ra, rb in zip(a, b, strict=True):
-        for key, value in ra.items():
-            if key.startswith(("loss/", "eval/")):
-                assert rb[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (ra["step"], key)
+    assert_logs_match(tmp_path / "one", tmp_path / "fsdp")
     summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
-    for key, value in single["metrics"].items():
-        assert summary["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6)
+    assert_same_final_metrics(single, summary)
     # The checkpoint holds whole, plain tensors (gathered from the shards), keyed by name.
-    _, parts = read_checkpoint(resolve_checkpoint(tmp_path / "fsdp"))
-    one = read_checkpoint(resolve_checkpoint(tmp_path / "one"))[1]
-    assert parts["model"].keys() == one["model"].keys()
-    for name, tensor in parts["model"].items():
-        assert type(tensor) is torch.Tensor and tensor.shape == one["model"][name].shape
-        assert torch.allclose(tensor, one["model"][name], atol=1e-5)
+    sharded, one = model_weights(tmp_path / "fsdp"), model_weights(tmp_path / "one")
+    assert sharded.keys() == one.keys()
+    for name, tensor in sharded.items():
+        assert type(tensor) is torch.Tensor and tensor.shape == one[name].shape
+        assert torch.allclose(tensor, one[name], atol=1e-5)
 
 
 @pytest.mark.slow
@@ -244,54 +280,25 @@ def test_fsdp_gpt2_blocks_stop_on_sigterm_and_resume_exactly(tmp_path: Path) -> 
     gpt = [
         "stdlib-gpt",
         "--smoke",
-        "device=cpu",
-        "threads=1",
-        "progress_bar=false",
+        *ON_CPU,
         "max_duration=40ba",
         "log_interval=5ba",
         "microbatch_size=2",
         "checkpoint.interval=5ba",
-        "deterministic=true",
         "distributed.strategy=fsdp",
-        "--nproc",
-        "2",
+        *EXACT_ON_TWO,
     ]
-    straight = speedup("run", *gpt, "run_dir=straight", cwd=tmp_path)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-
+    process = run_then_start_again(gpt, tmp_path, "straight", "stopped", bool)
     marker = "run_dir=stopped"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "speedup", "run", *gpt, marker],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    folder = tmp_path / "stopped" / "checkpoints"
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None and not list_checkpoints(folder):
-        time.sleep(0.005)
-    assert process.poll() is None, "the run finished before it could be stopped"
-    for pid in processes_with(marker):  # as a cluster scheduler signals every process of a job
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+    # As a cluster scheduler signals every process of a job:
+    signal_each(processes_with(marker), signal.SIGTERM)
     process.wait(timeout=120)
-    deadline = time.time() + 60
-    while processes_with(marker) and time.time() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: not processes_with(marker), 60, 0.05)
     assert not (tmp_path / "stopped" / "summary.json").exists()  # stopped before the end
     stopped_at = read_checkpoint(resolve_checkpoint(tmp_path / "stopped"))[0]["timestamp"]
     assert 0 < stopped_at["batch"] < 40
 
-    resumed = speedup("run", *gpt, marker, cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stderr
-    a = read_checkpoint(resolve_checkpoint(tmp_path / "straight"))[1]["model"]
-    b = read_checkpoint(resolve_checkpoint(tmp_path / "stopped"))[1]["model"]
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    assert_resumes_to_the_reference(gpt, "stopped", "straight", tmp_path)
 
 
 def _checkpoint_at(folder: Path, batch: int) -> Path:
@@ -309,7 +316,7 @@ def test_resume_on_another_process_count_continues_the_global_position(tmp_path:
     single = run_config(load_config(RUN[0], [*RUN[2:], *keep, f"run_dir={tmp_path / 'one'}"], True))
     halfway = _checkpoint_at(tmp_path / "one" / "checkpoints", 12)
 
-    done = speedup(
+    done = speedup_process(
         "run", *RUN, *keep, "--nproc", "2", "run_dir=two", f"resume={halfway}", cwd=tmp_path
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -317,16 +324,15 @@ def test_resume_on_another_process_count_continues_the_global_position(tmp_path:
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["processes"] == 2
     assert (summary["steps"], summary["samples"]) == (single["steps"], single["samples"])
-    for key, value in single["metrics"].items():
-        assert summary["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6)
+    assert_same_final_metrics(single, summary)
     losses = {r["step"]: r["loss/train"] for r in records(tmp_path / "two") if "loss/train" in r}
     reference = {r["step"]: r["loss/train"] for r in records(tmp_path / "one") if "loss/train" in r}
     assert min(losses) == 13  # it continued after the checkpoint, not from the start
     for step, loss in losses.items():
-        assert loss == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
+        assert loss == close_to(reference[step]), step
 
     # FSDP does not reshard a checkpoint onto another process count: it says so, exit 2.
-    done = speedup(
+    done = speedup_process(
         "run", *RUN, *keep, "--nproc", "2", "run_dir=fsdp", f"resume={halfway}",
         "distributed.strategy=fsdp", cwd=tmp_path,
     )  # fmt: skip

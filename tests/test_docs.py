@@ -36,12 +36,11 @@ from typing import TYPE_CHECKING
 
 import pytest
 import torch
-from conftest import loaders, make_blobs, tiny_model
+from conftest import algorithm_trainer, loaders, make_blobs, tiny_model
 
 from speedup.callback import Callback
 from speedup.engine import build_plan
 from speedup.event import Event
-from speedup.trainer import Trainer
 
 if TYPE_CHECKING:
     import argparse
@@ -181,6 +180,8 @@ def validate(argv: list[str], scratch: Path) -> str:
 
 
 def _validate_lottery(args: argparse.Namespace, cfg: DictConfig) -> None:
+    from dataclasses import fields
+
     from speedup.lottery.imp import IMPSettings
 
     from speedup.cli import _lottery_settings_errors
@@ -191,17 +192,10 @@ def _validate_lottery(args: argparse.Namespace, cfg: DictConfig) -> None:
 
         resolve_width_key(cfg, args.width_key)
     elif not (args.pai or args.instability):
-        IMPSettings(
-            levels=args.levels,
-            prune_fraction=args.prune_fraction,
-            conv_fraction=args.conv_fraction,
-            output_fraction=args.output_fraction,
-            scope=args.scope or "layerwise",
-            rewind=args.rewind,
-            mode=args.mode,
-            controls=tuple(args.controls),
-            finetune_lr=args.finetune_lr,
-        )
+        # Each IMP setting is the flag of its name; an unset flag (None) leaves the setting's
+        # default, as ``speedup lottery`` does. The settings check their values when built.
+        flags = {f.name: getattr(args, f.name, None) for f in fields(IMPSettings)}
+        IMPSettings(**{name: value for name, value in flags.items() if value is not None})
 
 
 def _validate_bench(args: argparse.Namespace, scratch: Path) -> str:
@@ -416,13 +410,14 @@ def test_writing_an_algorithm_tutorial_code_trains():
 
     tap = TargetTap()
     train, evaluation = loaders(make_blobs(n=64), batch_size=16)
-    Trainer(
+    algorithm_trainer(
         tiny_model(),
         train,
-        "2ba",
-        eval_dataloader=evaluation,
-        algorithms=[algorithm],
+        algorithm,
+        steps=2,
         callbacks=[tap],
+        optimizer=None,  # the Trainer's default
+        eval_dataloader=evaluation,
         data_kind="signal",
     ).fit()
     assert tap.seen.dtype.is_floating_point and tap.seen.shape == (16, 4)

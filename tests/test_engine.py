@@ -1,5 +1,8 @@
 """The engine's plan: ordering by declarations, conflicts, and dispatch."""
 
+from collections.abc import Collection
+from dataclasses import dataclass, field
+
 import pytest
 
 from speedup.algorithm import Access, Algorithm, Declaration
@@ -134,14 +137,17 @@ def test_unknown_state_field_is_rejected_at_declaration():
         Access(writes=["batch_targets"])
 
 
+@dataclass(eq=False, repr=False)  # compared and printed as an Algorithm, by identity and name
 class Recorder(Algorithm):
-    def __init__(self, name, events, log, runs_before=(), only_odd=False):
-        self.name = name
-        self.events = events
-        self.log = log
-        self.runs_before = runs_before
-        self.only_odd = only_odd
-        self.asked = 0
+    """Appends ``(event, name)`` to ``log`` at each of ``events``; with ``only_odd``, matches
+    only every other time it is asked."""
+
+    name: str = field()  # required: not Algorithm's class-level default
+    events: list
+    log: list
+    runs_before: Collection[str] = ()
+    only_odd: bool = False
+    asked: int = field(default=0, init=False)
 
     def declare(self):
         return Declaration({e: Access() for e in self.events}, runs_before=self.runs_before)

@@ -5,8 +5,9 @@ import math
 
 import pytest
 import torch
+from _helpers import GradTap
+from conftest import Losses
 
-from speedup.callback import Callback
 from speedup.config import ConfigError
 from speedup.data import DataInfo, DataPathError, TensorBatchLoader, build_dataloaders
 from speedup.data import text as T
@@ -25,29 +26,13 @@ def info(vocab=64, seq_len=16):
     )
 
 
-class GradTap(Callback):
-    def __init__(self):
-        self.grads = []
-
-    def after_train_batch(self, state, logger):
-        self.grads.append([p.grad.clone() for p in state.model.parameters()])
-
-
-class LossTap(Callback):
-    def __init__(self):
-        self.losses = []
-
-    def batch_end(self, state, logger):
-        self.losses.append(float(state.train_metrics["loss"]))
-
-
 @pytest.mark.parametrize(("objective", "builder"), [("clm", L.gpt2), ("mlm", L.bert)])
 def test_tiny_models_learn_the_stdlib_corpus(objective, builder):
     splits = T.stdlib_text(objective=objective, **SMALL)
     torch.manual_seed(0)
     model = builder(splits.info)
     train, evaluation = build_dataloaders(splits, batch_size=16, eval_batch_size=64)
-    tap = LossTap()
+    tap = Losses()
     trainer = Trainer(
         model,
         train,

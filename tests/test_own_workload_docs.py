@@ -11,13 +11,12 @@ this module's subprocesses see: other tests never meet ``tiny_mlp`` or ``noisy_s
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _helpers import pip_install_into, speedup_output
 
 from speedup.data import DATASETS
 from speedup.models import MODELS
@@ -71,39 +70,21 @@ def test_registered_from_python_the_recipe_trains(tmp_path, monkeypatch, capsys)
         load_config("my-recipe.yaml", ["data.noise=loud"])
 
 
-def speedup(env: dict[str, str], cwd: Path, *args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "speedup", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=300,
-    )
-    assert done.returncode == 0, f"speedup {' '.join(args)}: {done.stderr}"
-    return done.stdout
-
-
 @pytest.mark.slow
 def test_installed_with_entry_points_the_command_line_finds_them(tmp_path):
     source, site = tmp_path / "source", tmp_path / "site"
     source.mkdir()
     write_example(source)
-    command = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation"]
-    command += ["--no-index", "--quiet", "--target", str(site), str(source)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
+    env = pip_install_into(source, site)
     work = tmp_path / "work"
     work.mkdir()
     (work / "my-recipe.yaml").write_text(blocks("yaml")[0], encoding="utf-8")
 
-    listed = speedup(env, work, "list", "models", "datasets")
+    listed = speedup_output("list", "models", "datasets", env=env, cwd=work)
     assert re.search(r"tiny_mlp\s+One hidden layer over the flattened input\.", listed)
     assert re.search(r"noisy_sines\s+Sine waves of 1 to 4 periods per window", listed)
     assert "mnist1d" in listed  # the built-ins are still there
-    speedup(env, work, "run", "my-recipe.yaml", "--smoke", "run_dir=smoke")
+    speedup_output("run", "my-recipe.yaml", "--smoke", "run_dir=smoke", env=env, cwd=work)
     summary = json.loads((work / "smoke" / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["recipe"] == "my-recipe"
     assert "tiny_mlp" in (work / "smoke" / "config.yaml").read_text()

@@ -18,7 +18,13 @@ from speedup.event import Event
 from speedup.run import build_trainer, plan_config
 from speedup.trainer import Trainer
 
-SHORT = ["max_duration=2ba", "eval_interval=0ba", "data.train_samples=64", "data.batch_size=16", "threads=1"]
+SHORT = [
+    "max_duration=2ba",
+    "eval_interval=0ba",
+    "data.train_samples=64",
+    "data.batch_size=16",
+    "threads=1",
+]
 
 
 class CountedLabelSmoothing(LabelSmoothing):
@@ -59,9 +65,10 @@ def test_load_recipe_returns_the_algorithms_validation_built(counted):
     assert [a.name for a in algorithms] == ["counted_label_smoothing", "ema"]
     assert algorithms[0].alpha == 0.2
     assert counted.built == 1
-    assert load_config("quickstart", ["algorithms.ema={}"]) == load_recipe(
-        "quickstart", ["algorithms.ema={}"]
-    ).config
+    assert (
+        load_config("quickstart", ["algorithms.ema={}"])
+        == load_recipe("quickstart", ["algorithms.ema={}"]).config
+    )
 
 
 def test_a_refused_value_is_still_a_config_error_naming_the_key(counted):
@@ -83,7 +90,10 @@ def test_an_added_algorithm_is_planned_by_the_engine(counted, plans_made):
     cfg, algorithms = load_recipe("quickstart", [*SHORT, "algorithms.counted_label_smoothing={}"])
     plan, _ = plan_config(cfg, algorithms)
     trainer = build_trainer(
-        cfg, algorithms=algorithms, plan=plan, extra_algorithms=[ALGORITHMS.get("ema")(half_life="1ba")]
+        cfg,
+        algorithms=algorithms,
+        plan=plan,
+        extra_algorithms=[ALGORITHMS.get("ema")(half_life="1ba")],
     )
     assert trainer.engine.plan is not plan
     assert len(plans_made) == 2

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _helpers import rising_curve  # noqa: E402
 from speedup.benchmarks.analysis import analyze  # noqa: E402
 from speedup.benchmarks.report import plot_curves, plot_pareto  # noqa: E402
 from speedup.lottery.report import density_ticks, plot_accuracy_vs_density  # noqa: E402
-from test_bench_report import curve  # noqa: E402
 
 ALGORITHMS = ["label_smoothing", "progressive_resizing", "magnitude_pruning", "rewinding", "ema"]
 
@@ -41,7 +41,9 @@ def sweep(seed: int = 3) -> dict:
                     "config_hash": f"{configs.index(config):08d}",
                     "run_dir": f"runs/x/{configs.index(config)}",
                     "cached": False,
-                    "curve": curve(cross),
+                    "curve": rising_curve(
+                        cross, last=100, samples_per_step=64, seconds_per_step=0.25
+                    ),
                     "final": {"accuracy": final, "loss": 0.3},
                     "steps": 100,
                     "train_time_s": 25.0,

@@ -14,13 +14,17 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _helpers import (
+    environment_with_path,
+    pip_install_into,
+    speedup_output,
+    speedup_process,
+)
 
 from speedup.algorithm import ALGORITHMS
 from speedup.testing import check_algorithm
@@ -104,26 +108,13 @@ def installed(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("plugin")
     source, site = root / "source", root / "site"
     shutil.copytree(PLUGIN, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
-    command = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation"]
-    command += ["--no-index", "--quiet", "--target", str(site), str(source)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    env = pip_install_into(source, site)
     assert (site / "speedup_example_plugin-0.1.0.dist-info" / "entry_points.txt").is_file()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
     return env
 
 
 def speedup(env: dict[str, str], *args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "speedup", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert done.returncode == 0, f"speedup {' '.join(args)}: {done.stderr}"
-    return done.stdout
+    return speedup_output(*args, env=env)
 
 
 @pytest.mark.slow
@@ -192,20 +183,12 @@ def _broken_distribution(root: Path) -> dict:
     (info / "entry_points.txt").write_text(
         "[speedup.algorithms]\nghost_algo = broken_plugin_missing.module:Ghost\n"
     )
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return env
+    return environment_with_path(root)
 
 
 def test_a_broken_plugin_is_skipped_with_one_warning(tmp_path):
     env = _broken_distribution(tmp_path)
-    done = subprocess.run(
-        [sys.executable, "-m", "speedup", "list", "algorithms"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    done = speedup_process("list", "algorithms", env=env)
     assert done.returncode == 0, done.stderr
     assert "label_smoothing" in done.stdout and "ghost_algo" not in done.stdout
     warnings = [line for line in done.stderr.splitlines() if "ghost_algo" in line]
@@ -213,13 +196,7 @@ def test_a_broken_plugin_is_skipped_with_one_warning(tmp_path):
     assert "broken_plugin_missing" in warnings[0] and "broken-plugin" in warnings[0]
 
     # Using it by name is a one-line error naming the plugin, exit 2.
-    done = subprocess.run(
-        [sys.executable, "-m", "speedup", "describe", "ghost_algo"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    done = speedup_process("describe", "ghost_algo", env=env)
     assert done.returncode == 2
     assert "ghost_algo" in done.stderr and "cannot be loaded" in done.stderr
     assert "Traceback" not in done.stderr

@@ -41,28 +41,26 @@ def test_learns_separable_data():
     assert metrics["loss"] < 0.3
 
 
-def test_microbatches_4x16_give_the_gradient_of_one_batch_of_64():
-    data = make_blobs(n=64)
+def assert_microbatches_of_16_give_the_whole_batchs_gradient(n: int) -> None:
+    """One step on a batch of ``n`` accumulates, over microbatches of 16, the gradient that
+    the whole batch gives at once."""
+    data = make_blobs(n=n)
     grads = {}
     for micro in (None, 16):
         tap = GradTap()
-        train, _ = loaders(data, batch_size=64)
+        train, _ = loaders(data, batch_size=n)
         Trainer(tiny_model(seed=3), train, "1ba", microbatch_size=micro, callbacks=[tap]).fit()
         grads[micro] = tap.grads[0]
     for whole, accumulated in zip(grads[None], grads[16], strict=True):
         torch.testing.assert_close(accumulated, whole, atol=1e-6, rtol=0)
+
+
+def test_microbatches_4x16_give_the_gradient_of_one_batch_of_64():
+    assert_microbatches_of_16_give_the_whole_batchs_gradient(64)
 
 
 def test_uneven_microbatches_are_weighted_by_size():
-    data = make_blobs(n=40)
-    grads = {}
-    for micro in (None, 16):  # 16 + 16 + 8
-        tap = GradTap()
-        train, _ = loaders(data, batch_size=40)
-        Trainer(tiny_model(seed=3), train, "1ba", microbatch_size=micro, callbacks=[tap]).fit()
-        grads[micro] = tap.grads[0]
-    for whole, accumulated in zip(grads[None], grads[16], strict=True):
-        torch.testing.assert_close(accumulated, whole, atol=1e-6, rtol=0)
+    assert_microbatches_of_16_give_the_whole_batchs_gradient(40)  # 16 + 16 + 8
 
 
 def _final_weights(seed, deterministic=False):

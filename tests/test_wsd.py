@@ -4,12 +4,11 @@ the definition written out here, through the Trainer, the recipe validator and a
 from __future__ import annotations
 
 import math
-import re
 from typing import TYPE_CHECKING
 
 import pytest
 import torch
-from conftest import loaders, make_blobs, tiny_model
+from conftest import bad_overrides_test, loaders, make_blobs, tiny_model
 
 from speedup.callback import Callback
 from speedup.config import ConfigError, load_config
@@ -124,18 +123,15 @@ def test_wsd_drives_the_trainers_lr_and_survives_a_resume(tmp_path) -> None:
     assert first.lrs + rest.lrs == pytest.approx(whole.lrs)
 
 
-@pytest.mark.parametrize(
-    ("override", "message"),
+test_wsd_bad_values_fail_before_training = bad_overrides_test(
     [
         ("scheduler.shape=cosine", "scheduler.shape: unknown cooldown shape 'cosine'; allowed"),
         ("scheduler.decay=1.5", "scheduler.decay: the cooldown's share of the run, in (0, 1]"),
         ("scheduler.decay=0", "scheduler.decay"),
         ("scheduler.final_factor=-0.1", "scheduler.final_factor"),
     ],
+    base=["scheduler.name=wsd"],
 )
-def test_wsd_bad_values_fail_before_training(override: str, message: str) -> None:
-    with pytest.raises(ConfigError, match=re.escape(message)):
-        load_config("quickstart", ["scheduler.name=wsd", override])
 
 
 def test_wsd_recipe_keys_validate() -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import difflib
 import math
 import os
-from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -278,31 +277,28 @@ def _cifar_resnet(
     return _classifier(net, info, pretrained)
 
 
-def _cifar_resnet_builder(name: str, n: int, doc: str) -> Callable[..., Classifier]:
-    """The registered builder of a CIFAR ResNet with ``n`` blocks per stage: every depth takes
-    the same arguments, so their names, types and defaults are written here once."""
-
-    def build(
-        info,
-        width: int = 16,
-        shortcut: str = "zeros",
-        pretrained: str | None = None,
-        norm: Literal["batch", "group"] = "batch",
-    ) -> Classifier:
-        return _cifar_resnet(info, n, width, shortcut, pretrained, norm)
-
-    # ``speedup describe`` shows the qualified name and the docstring of what is registered.
-    build.__name__ = build.__qualname__ = name
-    build.__doc__ = doc
-    return MODELS.register(name, kind="cnn")(build)
+@MODELS.register("resnet20", kind="cnn")
+def resnet20(
+    info,
+    width: int = 16,
+    shortcut: str = "zeros",
+    pretrained: str | None = None,
+    norm: Literal["batch", "group"] = "batch",
+) -> Classifier:
+    """CIFAR ResNet-20 (He et al. 2016, n=3): 0.27M parameters, 8.75% CIFAR-10 error."""
+    return _cifar_resnet(info, 3, width, shortcut, pretrained, norm)
 
 
-resnet20 = _cifar_resnet_builder(
-    "resnet20", 3, "CIFAR ResNet-20 (He et al. 2016, n=3): 0.27M parameters, 8.75% CIFAR-10 error."
-)
-resnet56 = _cifar_resnet_builder(
-    "resnet56", 9, "CIFAR ResNet-56 (He et al. 2016, n=9): 0.85M parameters, 6.97% CIFAR-10 error."
-)
+@MODELS.register("resnet56", kind="cnn")
+def resnet56(
+    info,
+    width: int = 16,
+    shortcut: str = "zeros",
+    pretrained: str | None = None,
+    norm: Literal["batch", "group"] = "batch",
+) -> Classifier:
+    """CIFAR ResNet-56 (He et al. 2016, n=9): 0.85M parameters, 6.97% CIFAR-10 error."""
+    return _cifar_resnet(info, 9, width, shortcut, pretrained, norm)
 
 
 # -- the lottery-ticket Conv nets -----------------------------------------------------------

@@ -5,7 +5,7 @@ import weakref
 
 import pytest
 import torch
-import transformers
+from conftest import bad_arguments_test, text_info, tiny_language_model, token_ids
 from speedup.algorithms.alibi import (
     Alibi,
     NoPositionEmbedding,
@@ -16,32 +16,22 @@ from speedup.algorithms.alibi import (
 from torch import nn
 
 from speedup.callback import Callback
-from speedup.data import DataInfo, TensorBatchLoader
+from speedup.data import TensorBatchLoader
 from speedup.engine import PlanError
 from speedup.event import Event
-from speedup.models.language import BERT_SIZES, bert, gpt2
+from speedup.models.language import BERT_SIZES
 from speedup.trainer import Trainer
 
 SEQ, VOCAB = 32, 64
-INFO = DataInfo(kind="text", input_shape=(SEQ,), num_classes=VOCAB, tokens_per_sample=SEQ)
+INFO = text_info(SEQ, VOCAB)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(family, seed=0, attention=None, **kwargs):
-    """A tiny model; ``attention`` builds it with that implementation, as transformers
-    before 4.48 (GPT-2) and 5.0 (BERT) fix the attention class when the model is built."""
-    torch.manual_seed(seed)
-    model = {"gpt2": gpt2, "bert": bert}[family](INFO, size="tiny", **kwargs)
-    if attention is not None and model.net.config._attn_implementation != attention:
-        if attention == "sdpa" and not type(model.net)._supports_sdpa:
-            pytest.skip(f"transformers {transformers.__version__} has no SDPA {family}")
-        config = model.net.config
-        config._attn_implementation = attention
-        torch.manual_seed(seed)  # the same weights as the default build
-        model.net = type(model.net)(config)
-    return model
+    """A tiny model; ``attention`` builds it with that implementation."""
+    return tiny_language_model(INFO, family, attention, seed, **kwargs)
 
 
 def pretend_flash(model):
@@ -61,7 +51,7 @@ def attention_modules(model):
 
 
 def ids(rows=2, length=SEQ, seed=1):
-    return torch.randint(0, VOCAB, (rows, length), generator=torch.Generator().manual_seed(seed))
+    return token_ids(VOCAB, rows, length, seed)
 
 
 # -- slopes and bias --------------------------------------------------------------------------
@@ -368,17 +358,14 @@ def test_refuses_flash_attention_and_models_without_hf_attention():
         apply_alibi(nn.Sequential(nn.Linear(4, 4)))
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "needle"),
+test_bad_arguments_raise_naming_the_argument = bad_arguments_test(
+    Alibi,
     [
         ({"max_sequence_length": 0}, "alibi.max_sequence_length must be >= 1"),
         ({"train_sequence_length_scaling": 0.0}, r"alibi.train_sequence_length_scaling must be"),
         ({"train_sequence_length_scaling": 1.5}, r"in \(0, 1\], got 1.5"),
     ],
 )
-def test_bad_arguments_raise_naming_the_argument(kwargs, needle):
-    with pytest.raises(ValueError, match=needle):
-        Alibi(**kwargs)
 
 
 def test_declaration():

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import torch
+from conftest import algorithm_trainer
 from speedup.algorithms.alternating_flip import (
     AlternatingFlip,
     alternating_flip,
@@ -118,14 +119,13 @@ def _trainer(data, algorithm, steps, callbacks=(), transform=None) -> Trainer:
     loader = TensorBatchLoader(
         data, BATCH, shuffle=True, drop_last=True, seed=5, transform=transform
     )
-    return Trainer(
+    return algorithm_trainer(
         _model(),
         loader,
-        f"{steps}ba",
-        algorithms=[algorithm],
-        callbacks=list(callbacks),
-        optimizer={"name": "sgd", "lr": 0.01},
-        device="cpu",
+        algorithm,
+        steps,
+        callbacks,
+        lr=0.01,
         data_kind="image",
         seed=11,
         log_interval="0ba",

@@ -1,11 +1,10 @@
 import pytest
 import torch
-from conftest import SeenInputs, fit_small_cnn, random_images
+from conftest import SeenInputs, bad_arguments_test, fit_small_cnn, plan_of, random_images
 from speedup.algorithms.augmix import AugMix, augmix_batch, augmix_weights
 from speedup.algorithms.randaugment import MAX_ENHANCE, RandAugment
 
 from speedup.data import TensorBatchLoader
-from speedup.engine import build_plan
 from speedup.event import Event
 
 # -- the math ---------------------------------------------------------------------------------
@@ -62,8 +61,8 @@ def test_results_repeat_with_a_generator_and_stay_in_range():
     assert fixed.shape == x.shape and torch.isfinite(fixed).all()
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "needle"),
+test_bad_arguments_raise_naming_the_argument = bad_arguments_test(
+    AugMix,
     [
         ({"severity": 0}, r"augmix.severity must be in \(0, 10\], got 0"),
         ({"depth": 0}, "augmix.depth must be -1"),
@@ -72,14 +71,11 @@ def test_results_repeat_with_a_generator_and_stay_in_range():
         ({"augmentation_set": "wild"}, "augmix.augmentation_set 'wild'"),
     ],
 )
-def test_bad_arguments_raise_naming_the_argument(kwargs, needle):
-    with pytest.raises(ValueError, match=needle):
-        AugMix(**kwargs)
 
 
 def test_declaration_orders_it_after_randaugment():
     algorithms = [AugMix(), RandAugment()]
-    plan = build_plan({a.name: a.declare() for a in algorithms}, data_kind="image")
+    plan = plan_of(algorithms, data_kind="image")
     assert plan.conflicts == []
     assert plan.order[Event.AFTER_DATALOADER] == ["randaugment", "augmix"]
     declared = AugMix().declare()

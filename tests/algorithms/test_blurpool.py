@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import optimizer_parameter_ids, sgd_image_trainer, tiny_resnet
+from conftest import bad_arguments_test, optimizer_parameter_ids, sgd_image_trainer, tiny_resnet
 from speedup.algorithms.blurpool import (
     BlurConv2d,
     BlurMaxPool2d,
@@ -128,17 +128,14 @@ def test_pools_with_ceil_mode_or_indices_are_left_alone():
     assert apply_blurpool(seq) == {"convs": 0, "maxpools": 0}
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "needle"),
+test_bad_arguments_raise_naming_the_argument = bad_arguments_test(
+    BlurPool,
     [
         ({"min_channels": 0}, "blurpool.min_channels must be an integer >= 1, got 0"),
         ({"min_channels": 2.5}, "blurpool.min_channels"),
         ({"replace_convs": False, "replace_maxpools": False}, "at least one must be True"),
     ],
 )
-def test_bad_arguments_raise_naming_the_argument(kwargs, needle):
-    with pytest.raises(ValueError, match=needle):
-        BlurPool(**kwargs)
 
 
 def test_declaration_is_surgery_at_init_for_conv_nets_on_images():

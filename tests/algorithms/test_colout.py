@@ -2,7 +2,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import SeenInputs, fit_small_cnn, random_images
+from conftest import SeenInputs, bad_arguments_test, fit_small_cnn, random_images
 from speedup.algorithms.colout import ColOut, colout_batch, colout_indices
 
 from speedup.engine import build_plan
@@ -62,17 +62,14 @@ def test_segmentation_targets_lose_the_same_rows_and_columns():
     assert targets is masks
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "needle"),
+test_bad_arguments_raise_naming_the_argument = bad_arguments_test(
+    ColOut,
     [
         ({"p_row": 1.0}, r"colout.p_row must be in \[0, 1\), got 1.0"),
         ({"p_col": -0.1}, r"colout.p_col must be in \[0, 1\)"),
         ({"resize_target": "yes"}, "colout.resize_target must be 'auto', true or false"),
     ],
 )
-def test_bad_arguments_raise_naming_the_argument(kwargs, needle):
-    with pytest.raises(ValueError, match=needle):
-        ColOut(**kwargs)
 
 
 def test_declared_for_conv_nets_on_images_only():

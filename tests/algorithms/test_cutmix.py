@@ -2,14 +2,13 @@ import math
 
 import pytest
 import torch
-from conftest import random_images
+from conftest import plan_of, random_images
 from speedup.algorithms.cutmix import CutMix, cutmix_batch, cutmix_box
 from speedup.algorithms.label_smoothing import LabelSmoothing
 from speedup.algorithms.mixup import mix_targets
 
 from speedup.callback import Callback
 from speedup.data import TensorBatchLoader
-from speedup.engine import build_plan
 from speedup.event import Event
 from speedup.models import Classifier
 from speedup.models.nets import SmallCNN2d
@@ -93,7 +92,7 @@ def test_declaration():
     assert {"progressive_resizing", "label_smoothing"} <= declared.runs_before
     assert declared.data_kinds == {"image"}
     algorithms = [LabelSmoothing(), CutMix()]
-    plan = build_plan({a.name: a.declare() for a in algorithms}, data_kind="image")
+    plan = plan_of(algorithms, data_kind="image")
     assert plan.conflicts == [] and plan.order[Event.BEFORE_LOSS] == ["cutmix", "label_smoothing"]
 
 

@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from conftest import SeenInputs, fit_small_cnn
+from conftest import SeenInputs, bad_arguments_test, fit_small_cnn
 from speedup.algorithms.cutout import CutOut, cutout_batch, hole_side
 
 from speedup.engine import build_plan
@@ -77,8 +77,8 @@ def test_length_is_a_fraction_of_the_shorter_side_or_whole_pixels():
         hole_side(2.5, 32, 32)
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "needle"),
+test_bad_arguments_raise_naming_the_argument = bad_arguments_test(
+    CutOut,
     [
         ({"num_holes": 0}, "cutout.num_holes must be an integer >= 1, got 0"),
         ({"num_holes": 1.5}, "cutout.num_holes"),
@@ -87,9 +87,6 @@ def test_length_is_a_fraction_of_the_shorter_side_or_whole_pixels():
         ({"fill": math.nan}, "cutout.fill must be finite"),
     ],
 )
-def test_bad_arguments_raise_naming_the_argument(kwargs, needle):
-    with pytest.raises(ValueError, match=needle):
-        CutOut(**kwargs)
 
 
 def test_declaration_orders_it_between_the_policies_and_the_resizers():

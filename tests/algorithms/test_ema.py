@@ -1,10 +1,20 @@
 import copy
-import io
-import json
 
 import pytest
 import torch
-from conftest import loaders, make_blobs
+from conftest import (
+    SaveAt,
+    bad_arguments_test,
+    load_optimizer_and_time,
+    loaders,
+    make_blobs,
+    metrics_records,
+    plan_of,
+    smoke_run,
+    snapshot,
+    stand_in,
+    through_torch_save,
+)
 from speedup.algorithms.ema import EMA, compute_ema, smoothing_from_half_life
 from speedup.algorithms.label_smoothing import LabelSmoothing
 from speedup.algorithms.magnitude_pruning import MagnitudePruning
@@ -12,10 +22,9 @@ from speedup.algorithms.progressive_resizing import ProgressiveResizing
 from speedup.algorithms.rewinding import Rewinding
 from torch import nn
 
-from speedup.algorithm import ALGORITHMS, Access, Algorithm, Declaration
+from speedup.algorithm import ALGORITHMS, Access
 from speedup.callback import Callback
 from speedup.config import ConfigError, load_config
-from speedup.engine import build_plan
 from speedup.event import Event
 from speedup.models import Classifier
 from speedup.trainer import Trainer
@@ -330,32 +339,9 @@ def test_a_weight_rewind_restarts_the_average_from_the_rewound_weights(mode):
 # -- resume -----------------------------------------------------------------------------------
 
 
-class Checkpoint(Callback):
-    def __init__(self, at, ema):
-        self.at, self.ema, self.saved = at, ema, None
-
-    def batch_checkpoint(self, state, logger):
-        if state.timestamp.batch == self.at:
-            self.saved = snapshot(state, self.ema)
-
-
-def snapshot(state, ema):
-    return copy.deepcopy(
-        {
-            "model": state.model.state_dict(),
-            "optimizer": state.optimizer.state_dict(),
-            "timestamp": state.timestamp.state_dict(),
-            "ema": ema.state_dict(),
-        }
-    )
-
-
 def resume(saved, steps):
     ema = EMA(half_life="3ba", update_interval="2ba")
-    buffer = io.BytesIO()
-    torch.save(saved["ema"], buffer)  # tensors and plain containers only
-    buffer.seek(0)
-    ema.load_state_dict(torch.load(buffer, weights_only=True))
+    ema.load_state_dict(through_torch_save(saved["ema"]))
     train_loader, eval_loader = loaders(make_blobs(n=64), batch_size=8)
     net = model(seed=7, batchnorm=True)
     net.load_state_dict(saved["model"])
@@ -368,8 +354,7 @@ def resume(saved, steps):
         optimizer=SGD,
         eval_interval="0ba",
     )
-    trainer.state.optimizer.load_state_dict(saved["optimizer"])
-    trainer.state.timestamp.load_state_dict(saved["timestamp"])
+    load_optimizer_and_time(trainer, saved)
     trainer.fit()
     return trainer, ema
 
@@ -377,7 +362,7 @@ def resume(saved, steps):
 @pytest.mark.parametrize("where", ["mid-run", "after fit"])
 def test_resume_from_state_dict_is_exact(where):
     ema = EMA(half_life="3ba", update_interval="2ba")
-    checkpoint = Checkpoint(at=5, ema=ema)
+    checkpoint = SaveAt(5, lambda state: snapshot(state, ema=ema))
     full, _ = train([ema], 12, [checkpoint])
     if where == "mid-run":
         saved = checkpoint.saved
@@ -385,7 +370,7 @@ def test_resume_from_state_dict_is_exact(where):
     else:  # a run stopped at 5 batches: the model holds the average, the EMA the training
         first = EMA(half_life="3ba", update_interval="2ba")
         short, _ = train([first], 5)
-        saved = snapshot(short.state, first)
+        saved = snapshot(short.state, ema=first)
         assert saved["ema"]["model_holds_ema"] is True
     assert all(t.device.type == "cpu" for t in saved["ema"]["weights"].values())
     resumed, resumed_ema = resume(saved, 12)
@@ -396,8 +381,8 @@ def test_resume_from_state_dict_is_exact(where):
 # -- arguments, config and composition --------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "needle"),
+test_bad_arguments_raise_naming_the_argument = bad_arguments_test(
+    EMA,
     [
         ({"half_life": "0ba"}, "ema.half_life must be > 0"),
         ({"half_life": "10sec"}, "ema.half_life"),
@@ -410,9 +395,6 @@ def test_resume_from_state_dict_is_exact(where):
         ({"ema_start": "soon"}, "ema.ema_start"),
     ],
 )
-def test_bad_arguments_raise_naming_the_argument(kwargs, needle):
-    with pytest.raises(ValueError, match=needle):
-        EMA(**kwargs)
 
 
 def test_bad_values_in_a_recipe_are_config_errors():
@@ -437,52 +419,29 @@ def test_plan_with_the_named_four_has_no_conflict_and_orders_ema_last():
         MagnitudePruning(sparsity=0.5, at="100ba"),
         Rewinding(mode="weights", to="10ba"),
     ]
-    declarations = {a.name: a.declare() for a in algorithms}
-    plan = build_plan(
-        declarations,
-        model_kind="cnn",
-        data_kind="image",
-        algorithms=algorithms,
-        known_names=set(ALGORITHMS.names()),
-    )
+    plan = plan_of(algorithms, "cnn", "image", known_names=set(ALGORITHMS.names()))
     assert plan.conflicts == []
     assert not [w for w in plan.warnings if w.startswith("ema ")]  # its order names exist
     assert plan.order[Event.BATCH_END] == ["magnitude_pruning", "rewinding", "ema"]
     assert plan.order[Event.FIT_START][-1] == "ema"
     assert plan.order[Event.EVAL_START] == ["ema"] and plan.order[Event.FIT_END] == ["ema"]
-    access = declarations["ema"].events
+    access = algorithms[0].declare().events
     assert access[Event.BATCH_END].writes == frozenset()
     assert {"masks", "model.weights"} <= access[Event.BATCH_END].reads
     assert access[Event.FIT_END].writes == {"model.weights"}
 
 
 def test_swa_is_declared_incompatible():
-    class SWA(Algorithm):
-        name = "swa"
-
-        def declare(self):
-            return Declaration({Event.BATCH_END: Access(reads={"model.weights"})})
-
-    algorithms = [EMA(), SWA()]
-    plan = build_plan({a.name: a.declare() for a in algorithms}, algorithms=algorithms)
+    swa = stand_in("swa", {Event.BATCH_END: Access(reads={"model.weights"})})
+    algorithms = [EMA(), swa]
+    plan = plan_of(algorithms)
     assert [c.kind for c in plan.conflicts] == ["incompatible"]
     assert "ema and swa" in str(plan.conflicts[0])
 
 
 def test_smoke_run_of_a_recipe_with_ema(capsys, tmp_path):
-    from speedup.cli import main
-
-    code = main(
-        [
-            "run",
-            "quickstart",
-            "--smoke",
-            f"run_dir={tmp_path}",
-            "progress_bar=false",
-            "algorithms.ema.half_life=2ba",
-        ]
-    )
+    code = smoke_run(tmp_path, "algorithms.ema.half_life=2ba")
     assert code == 0, capsys.readouterr().err
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = metrics_records(tmp_path)
     smoothing = [r["ema/smoothing"] for r in records if "ema/smoothing" in r]
     assert smoothing == [pytest.approx(0.5**0.5)]

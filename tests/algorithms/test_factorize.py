@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import Losses
+from conftest import Losses, bad_arguments_test, text_info
 from speedup.algorithms.factorize import (
     Factorize,
     FactorizedConv2d,
@@ -167,8 +167,8 @@ def test_switches_and_tied_weights():
 # -- the algorithm ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
+test_rejects_invalid_arguments = bad_arguments_test(
+    Factorize,
     [
         ({"latent_features": 1.5}, "latent_features must be a fraction in"),
         ({"latent_channels": 0}, "latent_channels must be a fraction in"),
@@ -178,9 +178,6 @@ def test_switches_and_tied_weights():
         ({"factorize_convs": False, "factorize_linears": False}, "enable at least one"),
     ],
 )
-def test_rejects_invalid_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        Factorize(**kwargs)
 
 
 def test_declares_surgery_at_init_only():
@@ -273,11 +270,10 @@ def test_no_qualifying_layer_warns():
 
 
 def test_gpt2_attention_and_mlp_are_factorized_but_not_the_tied_head():
-    from speedup.data import DataInfo
     from speedup.models.language import gpt2
 
     torch.manual_seed(0)
-    info = DataInfo(kind="text", input_shape=(16,), num_classes=64, tokens_per_sample=16)
+    info = text_info(16, 64)
     model = gpt2(info, size="tiny")  # width 128, 2 layers, head tied to the embedding
     batch = {"input_ids": torch.randint(0, 64, (2, 16))}
     batch["attention_mask"] = torch.ones_like(batch["input_ids"])

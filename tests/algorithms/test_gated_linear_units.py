@@ -3,7 +3,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import Losses, masked_token_data
+from conftest import (
+    Losses,
+    algorithm_trainer,
+    bad_arguments_test,
+    masked_token_data,
+    text_info,
+    tiny_language_model,
+)
 from speedup.algorithms.gated_linear_units import (
     GatedFeedForward,
     GatedLinearUnits,
@@ -12,14 +19,14 @@ from speedup.algorithms.gated_linear_units import (
 )
 from torch import nn
 
-from speedup.data import DataInfo, TensorBatchLoader
+from speedup.data import TensorBatchLoader
 from speedup.engine import PlanError
 from speedup.event import Event
-from speedup.models.language import bert, gpt2
+from speedup.models.language import gpt2
 from speedup.trainer import Trainer
 
 SEQ, VOCAB = 16, 64
-INFO = DataInfo(kind="text", input_shape=(SEQ,), num_classes=VOCAB, tokens_per_sample=SEQ)
+INFO = text_info(SEQ, VOCAB)
 HIDDEN, FFN, LAYERS = 128, 512, 2  # BERT_SIZES["tiny"]
 
 
@@ -27,8 +34,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_bert(seed=0):
-    torch.manual_seed(seed)
-    return bert(INFO, size="tiny")
+    return tiny_language_model(INFO, "bert", seed=seed)
 
 
 def count(module):
@@ -118,17 +124,14 @@ def test_the_default_gate_is_the_models_activation_and_others_are_named():
         apply_gated_linear_units(tiny_bert(), act_fn="tanh")
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "needle"),
+test_bad_arguments_raise_naming_the_argument = bad_arguments_test(
+    GatedLinearUnits,
     [
         ({"act_fn": "squared_relu"}, "gated_linear_units.act_fn must be one of gelu"),
         ({"intermediate_scale": 0.0}, "gated_linear_units.intermediate_scale must be > 0"),
         ({"intermediate_scale": -1}, "intermediate_scale"),
     ],
 )
-def test_bad_arguments_raise_naming_the_argument(kwargs, needle):
-    with pytest.raises(ValueError, match=needle):
-        GatedLinearUnits(**kwargs)
 
 
 def test_declaration():
@@ -149,15 +152,8 @@ def test_twenty_steps_train_the_gated_bert_and_the_optimizer_holds_its_parameter
     loader = TensorBatchLoader(mlm_data(), 8, shuffle=True, drop_last=True, seed=0)
     algorithm = GatedLinearUnits()
     losses = Losses()
-    trainer = Trainer(
-        model,
-        loader,
-        "20ba",
-        algorithms=[algorithm],
-        callbacks=[losses],
-        optimizer={"name": "adamw", "lr": 1e-3},
-        data_kind="text",
-        device="cpu",
+    trainer = algorithm_trainer(
+        model, loader, algorithm, callbacks=[losses], lr=1e-3, optimizer="adamw", data_kind="text"
     )
     model = trainer.state.model
     assert algorithm.replaced == LAYERS and len(blocks(model)) == LAYERS

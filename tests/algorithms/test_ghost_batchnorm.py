@@ -1,7 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import image_loader, optimizer_parameter_ids
+from conftest import algorithm_trainer, image_loader, optimizer_parameter_ids
 from speedup.algorithms.ghost_batchnorm import (
     GhostBatchNorm,
     GhostBatchNorm1d,
@@ -17,7 +17,6 @@ from speedup.callback import Callback
 from speedup.event import Event
 from speedup.models import Classifier
 from speedup.models.nets import SmallCNN2d
-from speedup.trainer import Trainer
 
 
 def per_chunk(x, sizes, weight=None, bias=None, eps=1e-5):
@@ -229,16 +228,8 @@ def test_twenty_steps_normalise_per_ghost_batch():
     model = Classifier(SmallCNN2d(3, 4, channels=8), 4, kind="cnn")
     check = Check()
     ghost = GhostBatchNorm(ghost_batch_size=4)
-    trainer = Trainer(
-        model,
-        image_loader(n=64, batch_size=16),
-        "20ba",
-        algorithms=[ghost],
-        callbacks=[check],
-        optimizer={"name": "sgd", "lr": 0.05},
-        device="cpu",
-        data_kind="image",
-    )
+    loader = image_loader(n=64, batch_size=16)
+    trainer = algorithm_trainer(model, loader, ghost, callbacks=[check], data_kind="image")
     assert ghost.replaced == 4
     held = optimizer_parameter_ids(trainer)
     assert held == [id(p) for p in trainer.state.model.parameters()]

@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from conftest import loaders, make_blobs, tiny_model
+from conftest import algorithm_trainer, loaders, make_blobs, plan_of, stand_in, tiny_model
 from speedup.algorithms.gradient_clipping import (
     DEFAULT_THRESHOLDS,
     GradientClipping,
@@ -13,7 +13,6 @@ from speedup.algorithms.gradient_clipping import (
 from torch import nn
 
 from speedup.callback import Callback
-from speedup.engine import build_plan
 from speedup.event import Event
 from speedup.trainer import Trainer
 
@@ -119,16 +118,11 @@ def test_declaration():
 
 
 def test_another_grad_writer_without_order_is_a_plan_conflict():
-    from speedup.algorithm import Access, Algorithm, Declaration
+    from speedup.algorithm import Access
 
-    class Masker(Algorithm):
-        name = "grad_masker"
-
-        def declare(self):
-            return Declaration({Event.AFTER_TRAIN_BATCH: Access(writes={"model.grads"})})
-
-    algorithms = [GradientClipping(), Masker()]
-    plan = build_plan({a.name: a.declare() for a in algorithms}, algorithms=algorithms)
+    masker = stand_in("grad_masker", {Event.AFTER_TRAIN_BATCH: Access(writes={"model.grads"})})
+    algorithms = [GradientClipping(), masker]
+    plan = plan_of(algorithms)
     assert [c.kind for c in plan.conflicts] == ["write-write"]
 
 
@@ -160,14 +154,7 @@ def test_smoke_20_steps_clip_every_step(clipping_type):
     train_loader, _ = loaders(make_blobs(n=64), batch_size=8)
     norms = GradNorms()
     clipping = GradientClipping(clipping_type, 1e-3)
-    trainer = Trainer(
-        tiny_model(),
-        train_loader,
-        "20ba",
-        algorithms=[clipping],
-        callbacks=[norms],
-        optimizer={"name": "sgd", "lr": 0.1},
-    )
+    trainer = algorithm_trainer(tiny_model(), train_loader, clipping, callbacks=[norms], lr=0.1)
     trainer.fit()
     assert len(norms.after) == 20
     assert math.isfinite(float(trainer.state.train_metrics["loss"]))

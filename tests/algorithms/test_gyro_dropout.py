@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from conftest import SaveAt, algorithm_trainer, bad_arguments_test
 from speedup.algorithms.gyro_dropout import (
     GyroDropout,
     GyroDropoutLayer,
@@ -99,8 +100,8 @@ def test_apply_replaces_every_dropout_and_keeps_other_modules():
     assert type(model.channel) is nn.Dropout2d and type(model[0]) is nn.Linear
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
+test_rejects_invalid_arguments = bad_arguments_test(
+    GyroDropout,
     [
         ({"p": 1.0}, r"gyro_dropout.p must be in \[0, 1\)"),
         ({"sigma": 0}, "sigma must be an integer >= 1"),
@@ -111,9 +112,6 @@ def test_apply_replaces_every_dropout_and_keeps_other_modules():
         ({"period": "soon"}, "gyro_dropout.period"),
     ],
 )
-def test_rejects_invalid_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        GyroDropout(**kwargs)
 
 
 def test_declaration():
@@ -172,15 +170,7 @@ def distinct(rows):
 
 
 def run(algorithm, steps=20, callbacks=()):
-    trainer = Trainer(
-        mlp(),
-        loader(),
-        f"{steps}ba",
-        algorithms=[algorithm],
-        callbacks=list(callbacks),
-        optimizer={"name": "sgd", "lr": 0.1},
-        device="cpu",
-    )
+    trainer = algorithm_trainer(mlp(), loader(), algorithm, steps, callbacks, lr=0.1)
     trainer.fit()
     return trainer
 
@@ -228,28 +218,13 @@ def test_eval_is_deterministic_and_uses_the_whole_network():
     torch.testing.assert_close(model.eval_forward(batch), model.eval_forward(batch))
 
 
-class SaveAt(Callback):
-    def __init__(self, at, folder):
-        self.at, self.folder, self.path = at, folder, None
-
-    def batch_checkpoint(self, state, logger):
-        if state.timestamp.batch == self.at:
-            self.path = save_checkpoint(state, self.folder)
-
-
 def test_resume_from_a_checkpoint_is_exact(tmp_path):
-    saver = SaveAt(7, tmp_path)
+    saver = SaveAt(7, lambda state: save_checkpoint(state, tmp_path))
     full = run(GyroDropout(p=0.5, sigma=8, tau=2, period="3ba"), 20, [saver])
     resumed_algorithm = GyroDropout(p=0.5, sigma=8, tau=2, period="3ba")
-    trainer = Trainer(
-        mlp(seed=5),  # other initial weights: the checkpoint must restore everything
-        loader(),
-        "20ba",
-        algorithms=[resumed_algorithm],
-        optimizer={"name": "sgd", "lr": 0.1},
-        device="cpu",
-    )
-    trainer.load_checkpoint(saver.path)
+    # other initial weights: the checkpoint must restore everything
+    trainer = algorithm_trainer(mlp(seed=5), loader(), resumed_algorithm, lr=0.1)
+    trainer.load_checkpoint(saver.saved)
     trainer.fit()
     for name, value in full.state.model.state_dict().items():
         assert torch.equal(trainer.state.model.state_dict()[name], value), name

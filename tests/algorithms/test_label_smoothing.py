@@ -1,7 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import loaders, make_blobs, tiny_model
+from conftest import algorithm_trainer, loaders, make_blobs, tiny_model
 from speedup.algorithms.label_smoothing import LabelSmoothing, smooth_labels
 
 from speedup.callback import Callback
@@ -127,14 +127,7 @@ class Taps(Callback):
 def test_in_a_run_the_loss_is_smoothed_and_targets_restored():
     train, _ = loaders(make_blobs(n=32), batch_size=16)
     taps = Taps()
-    trainer = Trainer(
-        tiny_model(),
-        train,
-        "1ba",
-        algorithms=[LabelSmoothing(alpha=0.2)],
-        callbacks=[taps],
-        optimizer={"name": "sgd", "lr": 0.0},
-    )
+    trainer = algorithm_trainer(tiny_model(), train, LabelSmoothing(alpha=0.2), 1, [taps], lr=0.0)
     trainer.fit()
     batch = next(iter(train))
     expected = F.cross_entropy(trainer.state.model(batch), batch["targets"], label_smoothing=0.2)

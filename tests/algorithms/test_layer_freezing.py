@@ -1,9 +1,15 @@
 import copy
-import io
 import math
 
 import pytest
 import torch
+from conftest import (
+    SaveAt,
+    bad_arguments_test,
+    load_optimizer_and_time,
+    snapshot,
+    through_torch_save,
+)
 from speedup.algorithms.layer_freezing import (
     LayerFreezing,
     freezable_layers,
@@ -200,32 +206,14 @@ def test_smoke_20_steps_on_a_resnet_freezes_the_stem_first():
 
 
 def test_resume_restores_the_frozen_set_and_the_run_exactly():
-    class Checkpoint(Callback):
-        def __init__(self, freezing):
-            self.freezing, self.saved = freezing, None
-
-        def epoch_checkpoint(self, state, logger):
-            if state.timestamp.epoch == 6:
-                self.saved = copy.deepcopy(
-                    {
-                        "model": state.model.state_dict(),
-                        "optimizer": state.optimizer.state_dict(),
-                        "timestamp": state.timestamp.state_dict(),
-                        "algorithm": self.freezing.state_dict(),
-                    }
-                )
-
     freezing = LayerFreezing()
-    checkpoint = Checkpoint(freezing)
+    checkpoint = SaveAt(6, lambda state: snapshot(state, algorithm=freezing), unit="epoch")
     full = train(freezing, 8, [checkpoint])
     saved = checkpoint.saved
     assert saved["algorithm"] == {"frozen_layers": 1}
-    buffer = io.BytesIO()
-    torch.save(saved["algorithm"], buffer)
-    buffer.seek(0)
 
     resumed_alg = LayerFreezing()
-    resumed_alg.load_state_dict(torch.load(buffer, weights_only=True))
+    resumed_alg.load_state_dict(through_torch_save(saved["algorithm"]))
     model = four_layer_model(seed=3)
     model.load_state_dict(saved["model"])
     loader = TensorBatchLoader(data(), 8, shuffle=True, drop_last=True, seed=0)
@@ -239,8 +227,7 @@ def test_resume_restores_the_frozen_set_and_the_run_exactly():
         model, loader, "8ep", algorithms=[resumed_alg], callbacks=[Peek()], optimizer=SGD
     )
     # frozen params are still in the optimizer, so the saved optimizer state fits as it is
-    trainer.state.optimizer.load_state_dict(saved["optimizer"])
-    trainer.state.timestamp.load_state_dict(saved["timestamp"])
+    load_optimizer_and_time(trainer, saved)
     trainer.fit()
     assert seen["requires_grad"] == [False] * 2 + [True] * 6
     for name, value in full.state.model.state_dict().items():
@@ -251,8 +238,8 @@ def test_resume_restores_the_frozen_set_and_the_run_exactly():
 # -- arguments and declaration -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "needle"),
+test_bad_arguments_raise_naming_the_argument = bad_arguments_test(
+    LayerFreezing,
     [
         ({"freeze_level": 0.0}, r"layer_freezing.freeze_level must be in \(0, 1\], got 0"),
         ({"freeze_level": 1.5}, r"layer_freezing.freeze_level must be in \(0, 1\]"),
@@ -261,9 +248,6 @@ def test_resume_restores_the_frozen_set_and_the_run_exactly():
         ({"freeze_start": "10sec"}, "layer_freezing.freeze_start.*wall-clock"),
     ],
 )
-def test_bad_arguments_raise_naming_the_argument(kwargs, needle):
-    with pytest.raises(ValueError, match=needle):
-        LayerFreezing(**kwargs)
 
 
 def test_a_start_after_the_end_fails_at_fit_start():

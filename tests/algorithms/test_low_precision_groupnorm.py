@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import image_loader, optimizer_parameter_ids
+from conftest import algorithm_trainer, groupnorm_net, image_loader, optimizer_parameter_ids
 from speedup.algorithms.low_precision_groupnorm import (
     LowPrecisionGroupNorm,
     LPGroupNorm,
@@ -16,17 +16,7 @@ from speedup.trainer import Trainer
 
 
 def gn_net():
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.GroupNorm(2, 8),
-        nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1),
-        nn.GroupNorm(4, 8),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 4),
-    )
+    return groupnorm_net(2, 4)
 
 
 def affine_groupnorm(groups=2, channels=8):
@@ -108,15 +98,12 @@ def test_twenty_bf16_steps_run_groupnorm_in_bf16():
     model = Classifier(gn_net(), 4, kind="cnn")
     algorithm = LowPrecisionGroupNorm()
     dtypes = Dtypes()
-    trainer = Trainer(
+    trainer = algorithm_trainer(
         model,
         image_loader(size=8),
-        "20ba",
-        algorithms=[algorithm],
+        algorithm,
         callbacks=[dtypes],
-        optimizer={"name": "sgd", "lr": 0.05},
         precision="bf16",
-        device="cpu",
         data_kind="image",
     )
     assert algorithm.replaced == 2

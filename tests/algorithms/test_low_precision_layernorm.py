@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from conftest import masked_token_data
+from conftest import algorithm_trainer, masked_token_data, plan_of, text_info
 from speedup.algorithms.alibi import Alibi
 from speedup.algorithms.gated_linear_units import GatedFeedForward, GatedLinearUnits
 from speedup.algorithms.low_precision_layernorm import (
@@ -15,14 +15,13 @@ from torch import nn
 
 from speedup.algorithm import ALGORITHMS
 from speedup.callback import Callback
-from speedup.data import DataInfo, TensorBatchLoader
-from speedup.engine import build_plan
+from speedup.data import TensorBatchLoader
 from speedup.event import Event
 from speedup.models.language import bert, gpt2
 from speedup.trainer import Trainer
 
 SEQ, VOCAB = 16, 64
-INFO = DataInfo(kind="text", input_shape=(SEQ,), num_classes=VOCAB, tokens_per_sample=SEQ)
+INFO = text_info(SEQ, VOCAB)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -121,16 +120,15 @@ def test_twenty_bf16_steps_run_every_layer_norm_in_bf16():
     model = gpt2(INFO, size="tiny")
     loader = TensorBatchLoader(data(), 8, shuffle=True, drop_last=True, seed=0)
     algorithm, taps = LowPrecisionLayerNorm(), NormDtypes()
-    trainer = Trainer(
+    trainer = algorithm_trainer(
         model,
         loader,
-        "20ba",
-        algorithms=[algorithm],
+        algorithm,
         callbacks=[taps],
-        optimizer={"name": "adamw", "lr": 1e-3},
+        lr=1e-3,
+        optimizer="adamw",
         precision="bf16",
         data_kind="text",
-        device="cpu",
     )
     assert algorithm.replaced == 2 * 2 + 1  # ln_1, ln_2 per block, ln_f
     optimized = {id(p) for group in trainer.state.optimizer.param_groups for p in group["params"]}
@@ -152,11 +150,10 @@ def test_fp32_runs_warn_that_it_has_no_effect():
 
 def test_the_surgeries_order_themselves_whatever_the_recipe_order():
     algorithms = [LowPrecisionLayerNorm(), SeqLengthWarmup(), GatedLinearUnits(), Alibi()]
-    plan = build_plan(
-        {a.name: a.declare() for a in algorithms},
-        model_kind="bert",
-        data_kind="text",
-        algorithms=algorithms,
+    plan = plan_of(
+        algorithms,
+        "bert",
+        "text",
         known_names=set(ALGORITHMS.names()) | {a.name for a in algorithms},
     )
     assert plan.conflicts == [] and plan.warnings == []

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import loaders, make_blobs
+from conftest import algorithm_trainer, loaders, make_blobs, smoke_run
 from speedup.algorithms.magnitude_pruning import (
     MagnitudePruning,
     dense_state_dict,
@@ -107,14 +107,7 @@ def test_gradual_schedule_reaches_target_exactly_at_end():
     )
     track = Track()
     train, _ = loaders(make_blobs(n=64), batch_size=8)
-    Trainer(
-        model(),
-        train,
-        "50ba",
-        algorithms=[pruning],
-        callbacks=[track],
-        optimizer={"name": "sgd", "lr": 0.05},
-    ).fit()
+    algorithm_trainer(model(), train, pruning, 50, [track]).fit()
     s = track.sparsity
     assert s[9] == s[10] == 0.0  # the cubic starts at initial_sparsity (0) at start
     assert 0 < s[15] < s[20] < s[35] < 0.9
@@ -165,19 +158,8 @@ def test_sparsity_outside_unit_interval_is_a_config_error(value):
 
 
 def test_n_m_not_dividing_a_layer_fails_before_training_with_exit_2(capsys, tmp_path):
-    from speedup.cli import main
-
     # MNIST-1D's first conv has 1 input channel x kernel 5 = 5 inputs per output: not 4-divisible
-    code = main(
-        [
-            "run",
-            "quickstart",
-            "--smoke",
-            f"run_dir={tmp_path}",
-            "progress_bar=false",
-            "algorithms.magnitude_pruning.structure='2:4'",
-        ]
-    )
+    code = smoke_run(tmp_path, "algorithms.magnitude_pruning.structure='2:4'")
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert "not divisible by M=4" in err and "exclude" in err

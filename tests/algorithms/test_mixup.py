@@ -1,13 +1,14 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import fit_small_cnn, random_images
+from conftest import fit_small_cnn, plan_of, random_images, stand_in
 from speedup.algorithms.augmix import AugMix
 from speedup.algorithms.colout import ColOut
 from speedup.algorithms.cutmix import CutMix
 from speedup.algorithms.cutout import CutOut
 from speedup.algorithms.label_smoothing import LabelSmoothing, smooth_labels
 from speedup.algorithms.mixup import (
+    AUGMENTATION_ORDER,
     MixUp,
     mix_targets,
     mixup_batch,
@@ -17,10 +18,9 @@ from speedup.algorithms.mixup import (
 from speedup.algorithms.progressive_resizing import ProgressiveResizing
 from speedup.algorithms.randaugment import RandAugment
 
-from speedup.algorithm import Access, Algorithm, Declaration
+from speedup.algorithm import Access
 from speedup.callback import Callback
 from speedup.data import TensorBatchLoader
-from speedup.engine import build_plan
 from speedup.event import Event
 from speedup.models import Classifier
 from speedup.models.base import soft_cross_entropy
@@ -153,14 +153,8 @@ def test_targets_that_are_not_class_labels_are_rejected():
         mixup_batch(x, torch.zeros(4), CLASSES)  # float regression targets
 
 
-class SelectiveBackpropStub(Algorithm):
-    name = "selective_backprop"
-
-    def declare(self):
-        return Declaration({Event.AFTER_DATALOADER: Access(reads={"batch"}, writes={"batch"})})
-
-
-def test_the_augmentations_plan_in_one_fixed_order_whatever_the_recipe_order():
+@pytest.mark.parametrize("reverse", [False, True])
+def test_the_augmentations_plan_in_one_fixed_order_whatever_the_recipe_order(reverse):
     algorithms = [
         ProgressiveResizing(),
         MixUp(),
@@ -168,25 +162,28 @@ def test_the_augmentations_plan_in_one_fixed_order_whatever_the_recipe_order():
         CutOut(),
         ColOut(),
         AugMix(),
-        SelectiveBackpropStub(),
+        stand_in(
+            "selective_backprop",
+            {Event.AFTER_DATALOADER: Access(reads={"batch"}, writes={"batch"})},
+        ),
         RandAugment(),
     ]
-    plan = build_plan(
-        {a.name: a.declare() for a in algorithms},
-        model_kind="cnn",
-        data_kind="image",
-        algorithms=algorithms,
-    )
+    if reverse:
+        algorithms.reverse()
+    plan = plan_of(algorithms, "cnn", "image")
     assert plan.conflicts == []
-    assert plan.order[Event.AFTER_DATALOADER] == [
-        "selective_backprop",
-        "randaugment",
-        "augmix",
-        "cutout",
-        "colout",
-        "mixup",
-        "progressive_resizing",
-    ]
+    order = plan.order[Event.AFTER_DATALOADER]
+    # the one table's order, whatever the recipe's; cutmix is not in this recipe
+    assert order == [name for name in AUGMENTATION_ORDER if name != "cutmix"]
+    # pinned as the design fixes it, so that a change to the table is a change to this test
+    assert " < ".join(order) == (
+        "selective_backprop < randaugment < augmix < cutout < colout < mixup < progressive_resizing"
+    )
+    # and the table's order is the design's: the selection ranks the clean batch, ColOut
+    # shrinks what the per-image ops left, mixing sees the final pixels, resizing is last
+    assert order[0] == "selective_backprop" and order[-1] == "progressive_resizing"
+    assert order.index("colout") > max(map(order.index, ["randaugment", "augmix", "cutout"]))
+    assert order.index("mixup") == order.index("colout") + 1
     assert plan.order[Event.BEFORE_LOSS] == ["mixup", "label_smoothing"]
     assert plan.order[Event.BEFORE_BACKWARD] == ["mixup"]
 
@@ -221,7 +218,7 @@ def test_the_whole_stack_composes_in_a_run():
 
 def test_mixup_and_cutmix_are_declared_incompatible_and_image_only():
     algorithms = [MixUp(), CutMix()]
-    plan = build_plan({a.name: a.declare() for a in algorithms}, data_kind="text")
+    plan = plan_of(algorithms, data_kind="text")
     kinds = sorted(c.kind for c in plan.conflicts)
     assert kinds == ["incompatible", "not-applicable", "not-applicable"]
     assert "mixup and cutmix are declared incompatible" in str(plan.conflicts)

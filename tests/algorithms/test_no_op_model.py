@@ -3,7 +3,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import Losses
+from conftest import Losses, text_info
 from speedup.algorithms.factorize import Factorize
 from speedup.algorithms.gyro_dropout import GyroDropout
 from speedup.algorithms.magnitude_pruning import MagnitudePruning
@@ -16,7 +16,7 @@ from speedup.algorithms.no_op_model import (
 )
 from torch import nn
 
-from speedup.data import DataInfo, TensorBatchLoader
+from speedup.data import TensorBatchLoader
 from speedup.engine import PlanError
 from speedup.event import Event
 from speedup.models import Classifier
@@ -78,7 +78,7 @@ def test_an_image_classifier_becomes_one_parameter_and_trains_twenty_steps():
 
 def test_a_tiny_gpt2_becomes_one_parameter_and_trains_twenty_steps():
     torch.manual_seed(0)
-    info = DataInfo(kind="text", input_shape=(16,), num_classes=64, tokens_per_sample=16)
+    info = text_info(16, 64)
     original = gpt2(info, size="tiny")
     assert sum(p.numel() for p in trainable(original)) > 100_000
     losses = Losses()

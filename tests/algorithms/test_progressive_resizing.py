@@ -1,7 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_blobs
+from conftest import bad_arguments_test, make_blobs
 from speedup.algorithms.progressive_resizing import (
     INTERPOLATIONS,
     ProgressiveResizing,
@@ -162,8 +162,8 @@ def test_not_applicable_to_text_or_mlp():
     assert build_plan({"p": decl}, model_kind="mlp").conflicts
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "needle"),
+test_bad_arguments_name_the_key = bad_arguments_test(
+    ProgressiveResizing,
     [
         ({"initial_scale": 0}, r"progressive_resizing.initial_scale must be in \(0, 1\]"),
         ({"mode": "crop", "resize_targets": True}, "resize_targets needs mode 'resize'"),
@@ -177,9 +177,6 @@ def test_not_applicable_to_text_or_mlp():
         ({"delay": "10sec"}, "progressive_resizing.delay.*wall-clock"),
     ],
 )
-def test_bad_arguments_name_the_key(kwargs, needle):
-    with pytest.raises(ValueError, match=needle):
-        ProgressiveResizing(**kwargs)
 
 
 def test_a_schedule_filling_the_run_exactly_is_allowed():

@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from conftest import SeenInputs, fit_small_cnn, random_images
+from conftest import SeenInputs, bad_arguments_test, fit_small_cnn, random_images
 from speedup.algorithms.randaugment import (
     AUGMENTATION_SETS,
     MAX_ENHANCE,
@@ -204,17 +204,14 @@ def test_results_stay_in_the_batch_range_and_repeat_with_a_generator():
     assert half.dtype == torch.bfloat16 and torch.isfinite(half.float()).all()
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "needle"),
+test_bad_arguments_raise_naming_the_argument = bad_arguments_test(
+    RandAugment,
     [
         ({"depth": 0}, "randaugment.depth must be an integer >= 1, got 0"),
         ({"severity": 11}, r"randaugment.severity must be in \[0, 10\], got 11"),
         ({"augmentation_set": "spin"}, "randaugment.augmentation_set 'spin'"),
     ],
 )
-def test_bad_arguments_raise_naming_the_argument(kwargs, needle):
-    with pytest.raises(ValueError, match=needle):
-        RandAugment(**kwargs)
 
 
 def test_declaration():

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import text_info, tiny_language_model, token_ids
 from speedup.algorithms.relu_squared import (
     ReLUSquared,
     ReLUSquaredActivation,
@@ -10,25 +11,23 @@ from speedup.algorithms.relu_squared import (
 )
 from torch import nn
 
-from speedup.data import DataInfo, TensorBatchLoader
+from speedup.data import TensorBatchLoader
 from speedup.engine import PlanError
 from speedup.models import Classifier
-from speedup.models.language import bert, gpt2
 from speedup.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SEQ, VOCAB = 16, 64
-INFO = DataInfo(kind="text", input_shape=(SEQ,), num_classes=VOCAB, tokens_per_sample=SEQ)
+INFO = text_info(SEQ, VOCAB)
 
 
 def build(family, seed=0):
-    torch.manual_seed(seed)
-    return {"gpt2": gpt2, "bert": bert}[family](INFO, size="tiny")
+    return tiny_language_model(INFO, family, seed=seed)
 
 
 def ids(rows=2, seed=1):
-    return torch.randint(0, VOCAB, (rows, SEQ), generator=torch.Generator().manual_seed(seed))
+    return token_ids(VOCAB, rows, SEQ, seed)
 
 
 def test_the_activation_is_the_square_of_the_positive_part():

@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from conftest import loaders, make_blobs
+from conftest import loaders, make_blobs, plan_of
 from speedup.algorithms.magnitude_pruning import MagnitudePruning
 from speedup.algorithms.rewinding import Rewinding, replayed_step
 from speedup.benchmarks.lr_trace import main as lr_trace_main
@@ -14,7 +14,6 @@ from speedup.algorithm import Access, Algorithm, Declaration
 from speedup.callback import Callback
 from speedup.cli import main
 from speedup.config import ConfigError, load_config
-from speedup.engine import build_plan
 from speedup.event import Event
 from speedup.models import Classifier
 from speedup.run import plan_config
@@ -347,7 +346,7 @@ def test_rewinding_arguments_are_validated(override, expected):
 
 def test_rewind_point_after_pruning_is_a_plan_error():
     algorithms = [MagnitudePruning(at="100ba"), Rewinding(to="200ba")]
-    plan = build_plan({a.name: a.declare() for a in algorithms}, algorithms=algorithms)
+    plan = plan_of(algorithms)
     assert [c.kind for c in plan.conflicts] == ["invalid"]
     assert "to=200ba is later than magnitude_pruning's first pruning at 100ba" in str(
         plan.conflicts[0]

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-import transformers
+from conftest import capture, cli_refusal_test, text_info, tiny_language_model, token_ids
 from speedup.algorithms.qk_norm import apply_qk_norm
 from speedup.algorithms.rotary import (
     Rotary,
@@ -15,35 +15,23 @@ from speedup.algorithms.rotary import (
     rotate,
 )
 
-from speedup.cli import main
-from speedup.data import DataInfo, TensorBatchLoader
+from speedup.data import TensorBatchLoader
 from speedup.engine import PlanError
-from speedup.models.language import bert, gpt2
 from speedup.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SEQ, VOCAB = 12, 64
-INFO = DataInfo(kind="text", input_shape=(SEQ,), num_classes=VOCAB, tokens_per_sample=SEQ)
+INFO = text_info(SEQ, VOCAB)
 
 
 def build(family, attention="sdpa", seed=0, **kwargs):
-    """A tiny model computing attention with ``attention`` (rebuilt from its config, as
-    transformers before 4.48 (GPT-2) and 5.0 (BERT) fix the class when the model is built)."""
-    torch.manual_seed(seed)
-    model = {"gpt2": gpt2, "bert": bert}[family](INFO, size="tiny", **kwargs)
-    config = model.net.config
-    if config._attn_implementation != attention:
-        if attention == "sdpa" and not type(model.net)._supports_sdpa:
-            pytest.skip(f"transformers {transformers.__version__} has no SDPA {family}")
-        config._attn_implementation = attention
-        torch.manual_seed(seed)
-        model.net = type(model.net)(config)
-    return model.eval()
+    """A tiny model computing attention with ``attention``, in eval mode."""
+    return tiny_language_model(INFO, family, attention, seed, **kwargs).eval()
 
 
 def ids(rows=2, length=SEQ, seed=1):
-    return torch.randint(0, VOCAB, (rows, length), generator=torch.Generator().manual_seed(seed))
+    return token_ids(VOCAB, rows, length, seed)
 
 
 def by_hand_rotation(x, positions, pairing="interleaved", rotated=None, base=10000.0):
@@ -62,22 +50,6 @@ def by_hand_rotation(x, positions, pairing="interleaved", rotated=None, base=100
         z = torch.complex(part[..., : r // 2], part[..., r // 2 :]) * turn
         out = torch.cat((z.real, z.imag), dim=-1)
     return torch.cat((out.to(x.dtype), x[..., r:]), dim=-1)
-
-
-def capture(module, submodule):
-    """Records the input of ``submodule`` (the projection) and the output of ``module``
-    (hooks that return None, so the model runs unchanged)."""
-    seen = {}
-
-    def record_input(m, args):
-        seen["x"] = args[0]
-
-    def record_output(m, args, out):
-        seen["out"] = out[0]
-
-    submodule.register_forward_pre_hook(record_input)
-    module.register_forward_hook(record_output)
-    return seen
 
 
 def rotated_by_the_module(x, positions, pairing="interleaved", fraction=1.0):
@@ -255,17 +227,11 @@ def test_a_fraction_rotating_no_pair_is_refused():
         apply_rotary(build("gpt2"), fraction=0.01)  # 0.01 of 32 dimensions
 
 
-@pytest.mark.parametrize(
-    ("override", "needles"),
+test_bad_arguments_exit_2_with_one_line_naming_the_key = cli_refusal_test(
+    "stdlib-gpt",
     [
         ("algorithms.rotary.pairing=zigzag", ["algorithms.rotary", "interleaved, half"]),
         ("algorithms.rotary.fraction=0", ["algorithms.rotary", "fraction", "(0, 1]"]),
         ("algorithms.rotary.base=1", ["algorithms.rotary", "base", "> 1"]),
     ],
 )
-def test_bad_arguments_exit_2_with_one_line_naming_the_key(capsys, override, needles):
-    assert main(["plan", "stdlib-gpt", override]) == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert all(needle in lines[0] for needle in needles), lines[0]

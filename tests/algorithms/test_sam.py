@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from conftest import loaders, make_blobs
+from conftest import algorithm_trainer, bad_arguments_test, loaders, make_blobs, plan_of
 from speedup.algorithms.gradient_clipping import GradientClipping
 from speedup.algorithms.label_smoothing import LabelSmoothing
 from speedup.algorithms.sam import SAM, bn_stats_frozen, sam_gradient, sam_perturbation
@@ -10,7 +10,6 @@ from torch import nn
 
 from speedup.callback import Callback
 from speedup.data import TensorBatchLoader
-from speedup.engine import build_plan
 from speedup.event import Event
 from speedup.models import Classifier
 from speedup.models.base import Model
@@ -174,8 +173,8 @@ def test_second_pass_leaves_batchnorm_statistics_as_the_first_pass_left_them():
 # -- arguments and declaration -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "needle"),
+test_bad_arguments_raise_naming_the_argument = bad_arguments_test(
+    SAM,
     [
         ({"rho": 0.0}, "sam.rho must be > 0, got 0"),
         ({"rho": -1}, "sam.rho must be > 0, got -1"),
@@ -184,9 +183,6 @@ def test_second_pass_leaves_batchnorm_statistics_as_the_first_pass_left_them():
         ({"interval": 1.5}, "sam.interval must be an integer >= 1, got 1.5"),
     ],
 )
-def test_bad_arguments_raise_naming_the_argument(kwargs, needle):
-    with pytest.raises(ValueError, match=needle):
-        SAM(**kwargs)
 
 
 def test_declaration_orders_sam_before_clipping_and_after_target_rewrites():
@@ -198,7 +194,7 @@ def test_declaration_orders_sam_before_clipping_and_after_target_rewrites():
     assert {"label_smoothing", "mixup", "cutmix"} <= decl.runs_after
     assert decl.model_kinds is None and decl.data_kinds is None
     algorithms = [GradientClipping(), LabelSmoothing(), SAM()]
-    plan = build_plan({a.name: a.declare() for a in algorithms}, algorithms=algorithms)
+    plan = plan_of(algorithms)
     assert plan.conflicts == []
     assert plan.order[Event.AFTER_TRAIN_BATCH] == ["sam", "gradient_clipping"]
     assert plan.order[Event.BEFORE_LOSS] == ["label_smoothing", "sam"]
@@ -236,13 +232,9 @@ def test_smoke_20_steps_changes_the_gradient_on_sam_steps_only():
     train_loader, _ = loaders(make_blobs(n=64), batch_size=8)
     grads = Grads()
     sam = SAM(rho=0.05, interval=2)
-    trainer = Trainer(
-        bn_model(),
-        train_loader,
-        "20ba",
-        algorithms=[sam],
-        callbacks=[grads],
-        optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.9},
+    momentum = {"name": "sgd", "lr": 0.1, "momentum": 0.9}
+    trainer = algorithm_trainer(
+        bn_model(), train_loader, sam, callbacks=[grads], optimizer=momentum
     )
     trainer.fit()
     assert math.isfinite(float(trainer.state.train_metrics["loss"]))

@@ -3,18 +3,17 @@
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING
 
 import pytest
 import schedulefree
 import torch
-from conftest import loaders, make_blobs, tiny_model
+from conftest import bad_overrides_test, loaders, make_blobs, tiny_model
 from speedup.algorithms.schedule_free import ScheduleFree, schedule_free_optimizer
 
 from speedup.callback import Callback
 from speedup.checkpoint import CheckpointSaver, list_checkpoints
-from speedup.config import ConfigError, load_config
+from speedup.config import ConfigError
 from speedup.trainer import Trainer
 
 if TYPE_CHECKING:
@@ -144,14 +143,11 @@ def test_the_functional_twin_builds_the_packages_optimizers() -> None:
     assert sgd.param_groups[0]["momentum"] == 0.9 and sgd.param_groups[0]["lr"] == 1.0
 
 
-@pytest.mark.parametrize(
-    ("override", "message"),
+test_bad_schedule_free_arguments_fail_before_training = bad_overrides_test(
     [
         ("algorithms.schedule_free.optimizer=adam", "schedule_free.optimizer: unknown 'adam'"),
         ("algorithms.schedule_free.beta=1.0", "schedule_free.beta: in (0, 1)"),
         ("algorithms.schedule_free.warmup=5sec", "schedule_free.warmup"),
     ],
+    base=["scheduler.name=constant"],
 )
-def test_bad_schedule_free_arguments_fail_before_training(override: str, message: str) -> None:
-    with pytest.raises(ConfigError, match=re.escape(message)):
-        load_config("quickstart", ["scheduler.name=constant", override])

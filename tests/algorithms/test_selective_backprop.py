@@ -3,7 +3,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import loaders, make_blobs, tiny_model
+from conftest import (
+    SaveAt,
+    algorithm_trainer,
+    bad_arguments_test,
+    loaders,
+    make_blobs,
+    plan_of,
+    text_info,
+    tiny_model,
+)
 from speedup.algorithms.progressive_resizing import ProgressiveResizing
 from speedup.algorithms.selective_backprop import (
     SelectiveBackprop,
@@ -17,11 +26,11 @@ from speedup.algorithms.selective_backprop import (
 )
 from torch import nn
 
+from speedup.algorithm import ALGORITHMS
 from speedup.callback import Callback
 from speedup.checkpoint import save_checkpoint
 from speedup.config import ConfigError, load_config
-from speedup.data import DataInfo, TensorBatchLoader
-from speedup.engine import build_plan
+from speedup.data import TensorBatchLoader
 from speedup.event import Event
 from speedup.models import Classifier
 from speedup.models.base import Model
@@ -183,7 +192,7 @@ def test_language_model_per_sample_loss_is_each_sequences_token_mean():
     from speedup.models import language as L
 
     torch.manual_seed(0)
-    model = L.gpt2(DataInfo(kind="text", input_shape=(16,), num_classes=64, tokens_per_sample=16))
+    model = L.gpt2(text_info(16, 64))
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 64, (3, 16), generator=g)
     labels = ids.clone()
@@ -232,14 +241,7 @@ class BatchSizes(Callback):
 
 def run(algorithm, steps=20, batch_size=8, callbacks=()):
     train_loader, _ = loaders(make_blobs(n=64), batch_size=batch_size)
-    trainer = Trainer(
-        tiny_model(),
-        train_loader,
-        f"{steps}ba",
-        algorithms=[algorithm],
-        callbacks=list(callbacks),
-        optimizer={"name": "sgd", "lr": 0.1},
-    )
+    trainer = algorithm_trainer(tiny_model(), train_loader, algorithm, steps, callbacks, lr=0.1)
     trainer.fit()
     return trainer
 
@@ -331,37 +333,27 @@ def test_probabilistic_draws_follow_the_run_seed():
     assert kept_sizes(0) != kept_sizes(1)
 
 
-class SaveAt(Callback):
-    def __init__(self, at, folder):
-        self.at, self.folder, self.path = at, folder, None
-
-    def batch_checkpoint(self, state, logger):
-        if state.timestamp.batch == self.at:
-            self.path = save_checkpoint(state, self.folder)
-
-
 def test_resume_continues_the_draws_and_the_history_exactly(tmp_path):
     def algorithm():
         return SelectiveBackprop(
             start="0ba", end="20ba", interval=1, selection="probabilistic", history_size=50
         )
 
-    saver = SaveAt(7, tmp_path)
+    saver = SaveAt(7, lambda state: save_checkpoint(state, tmp_path))
     sizes = BatchSizes()
     full = run(algorithm(), 20, callbacks=[saver, sizes])
     resumed_sizes = BatchSizes()
     resumed_algorithm = algorithm()
     train_loader, _ = loaders(make_blobs(n=64), batch_size=8)
-    trainer = Trainer(
+    trainer = algorithm_trainer(
         tiny_model(seed=5),  # other weights: the checkpoint must restore everything
         train_loader,
-        "20ba",
-        algorithms=[resumed_algorithm],
+        resumed_algorithm,
         callbacks=[resumed_sizes],
-        optimizer={"name": "sgd", "lr": 0.1},
+        lr=0.1,
         seed=99,  # another seed too: the draws must continue from the saved generator
     )
-    trainer.load_checkpoint(saver.path)
+    trainer.load_checkpoint(saver.saved)
     trainer.fit()
     assert resumed_sizes.sizes == {b: sizes.sizes[b] for b in range(7, 20)}
     first = full.state.algorithms[0]
@@ -374,8 +366,8 @@ def test_resume_continues_the_draws_and_the_history_exactly(tmp_path):
 # -- arguments and declaration -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "needle"),
+test_bad_arguments_raise_naming_the_argument = bad_arguments_test(
+    SelectiveBackprop,
     [
         ({"selection": "topk", "keep": 0.0}, r"keep must be in \(0, 1\], got 0"),
         ({"selection": "topk", "keep": 1.5}, r"selective_backprop.keep must be in \(0, 1\]"),
@@ -402,9 +394,6 @@ def test_resume_continues_the_draws_and_the_history_exactly(tmp_path):
         ({"selection": "topk", "history_size": 9}, "history_size applies to selection 'prob"),
     ],
 )
-def test_bad_arguments_raise_naming_the_argument(kwargs, needle):
-    with pytest.raises(ValueError, match=needle):
-        SelectiveBackprop(**kwargs)
 
 
 def test_a_recipe_with_a_bad_selection_fails_at_validation():
@@ -415,25 +404,33 @@ def test_a_recipe_with_a_bad_selection_fails_at_validation():
         load_config("shapes2d-baseline", ["algorithms.selective_backprop.beta=2"])
 
 
+def pixel_rewriters():
+    """The built-in algorithms that rewrite the pixels of image batches after the data loader
+    (mix, erase, augment, resize), read from their own declarations. channels_last writes the
+    inputs too, but only their memory layout, so the selection need not precede it."""
+    names = set()
+    for name in ALGORITHMS.names():
+        cls = ALGORITHMS.get(name)
+        if name == "channels_last" or not cls.__module__.startswith("speedup.algorithms."):
+            continue
+        decl = cls().declare()
+        access = decl.events.get(Event.AFTER_DATALOADER)
+        if access and "batch.inputs" in access.writes and "image" in (decl.data_kinds or ()):
+            names.add(name)
+    return names
+
+
 def test_declaration_runs_before_batch_augmentations():
     decl = SelectiveBackprop().declare()
     access = decl.events[Event.AFTER_DATALOADER]
     assert access.writes == {"batch"} and {"batch", "model.weights"} <= access.reads
-    assert decl.runs_before == {
-        "mixup",
-        "cutmix",
-        "cutout",
-        "colout",
-        "randaugment",
-        "augmix",
-        "progressive_resizing",
-    }
+    # it ranks the clean, full-resolution batch: before each of them, and nothing else
+    assert decl.runs_before == pixel_rewriters()
+    assert len(decl.runs_before) == 7
     assert decl.runs_after == {"seq_length_warmup", "alibi"}
     assert decl.model_kinds is None and decl.data_kinds is None
     algorithms = [ProgressiveResizing(), SelectiveBackprop()]
-    plan = build_plan(
-        {a.name: a.declare() for a in algorithms}, "cnn", "image", algorithms=algorithms
-    )
+    plan = plan_of(algorithms, "cnn", "image")
     assert plan.conflicts == []
     assert plan.order[Event.AFTER_DATALOADER] == ["selective_backprop", "progressive_resizing"]
 
@@ -442,7 +439,7 @@ def test_selection_on_a_language_model_keeps_whole_sequences():
     from speedup.models import language as L
 
     torch.manual_seed(0)
-    model = L.gpt2(DataInfo(kind="text", input_shape=(8,), num_classes=32, tokens_per_sample=8))
+    model = L.gpt2(text_info(8, 32))
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 32, (8, 8), generator=g)
     data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}

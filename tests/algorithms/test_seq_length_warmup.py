@@ -2,13 +2,14 @@ import math
 
 import pytest
 import torch
+from conftest import bad_arguments_test, plan_of, stand_in, text_info
 from speedup.algorithms.seq_length_warmup import (
     SeqLengthWarmup,
     set_batch_sequence_length,
     warmup_sequence_length,
 )
 
-from speedup.algorithm import Access, Algorithm, Declaration
+from speedup.algorithm import Access
 from speedup.callback import Callback
 from speedup.config import ConfigError
 from speedup.data import DataInfo, TensorBatchLoader
@@ -104,8 +105,8 @@ def test_a_length_at_or_above_full_returns_the_batch_unchanged():
 # -- arguments and declaration ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "needle"),
+test_bad_arguments_raise_naming_the_argument = bad_arguments_test(
+    SeqLengthWarmup,
     [
         ({"duration": "-0.1dur"}, "seq_length_warmup.duration: .*negative"),
         ({"duration": "5sec"}, "wall-clock"),
@@ -115,9 +116,6 @@ def test_a_length_at_or_above_full_returns_the_batch_unchanged():
         ({"step_size": 4}, "seq_length_warmup.step_size must be a positive multiple of 8"),
     ],
 )
-def test_bad_arguments_raise_naming_the_argument(kwargs, needle):
-    with pytest.raises(ValueError, match=needle):
-        SeqLengthWarmup(**kwargs)
 
 
 def test_declaration_applies_to_text_and_writes_the_batch_after_the_dataloader():
@@ -131,14 +129,8 @@ def test_declaration_applies_to_text_and_writes_the_batch_after_the_dataloader()
 
 
 def test_another_batch_writer_needs_an_order():
-    class Masking(Algorithm):
-        name = "mlm_masking"
-
-        def declare(self):
-            return Declaration({Event.AFTER_DATALOADER: Access(writes={"batch.labels"})})
-
-    declarations = {"seq_length_warmup": SeqLengthWarmup().declare(), "m": Masking().declare()}
-    assert [c.kind for c in build_plan(declarations).conflicts] == ["write-write"]
+    masking = stand_in("mlm_masking", {Event.AFTER_DATALOADER: Access(writes={"batch.labels"})})
+    assert [c.kind for c in plan_of([SeqLengthWarmup(), masking]).conflicts] == ["write-write"]
 
 
 # -- in a run ---------------------------------------------------------------------------------
@@ -160,7 +152,7 @@ class Shapes(Callback):
 
 def run(algorithm, steps=20, batch_size=8):
     torch.manual_seed(0)
-    info = DataInfo(kind="text", input_shape=(SEQ,), num_classes=VOCAB, tokens_per_sample=SEQ)
+    info = text_info(SEQ, VOCAB)
     loader = TensorBatchLoader(token_data(), batch_size, shuffle=True, drop_last=True, seed=0)
     shapes = Shapes()
     trainer = Trainer(

@@ -3,7 +3,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import image_loader, optimizer_parameter_ids, sgd_image_trainer, tiny_resnet
+from conftest import (
+    bad_arguments_test,
+    image_loader,
+    optimizer_parameter_ids,
+    sgd_image_trainer,
+    tiny_resnet,
+)
 from speedup.algorithms.squeeze_excite import (
     SqueezeExcite,
     SqueezeExcite2d,
@@ -84,8 +90,8 @@ def test_the_gated_conv_keeps_the_original_convolution():
     torch.testing.assert_close(wrapped(x), wrapped.se(conv(x)))
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "needle"),
+test_bad_arguments_raise_naming_the_argument = bad_arguments_test(
+    SqueezeExcite,
     [
         ({"latent_channels": 0}, "squeeze_excite.latent_channels must be"),
         ({"latent_channels": -1}, "squeeze_excite.latent_channels"),
@@ -93,9 +99,6 @@ def test_the_gated_conv_keeps_the_original_convolution():
         ({"min_channels": 0}, "squeeze_excite.min_channels must be an integer >= 1, got 0"),
     ],
 )
-def test_bad_arguments_raise_naming_the_argument(kwargs, needle):
-    with pytest.raises(ValueError, match=needle):
-        SqueezeExcite(**kwargs)
 
 
 def test_declaration_orders_it_after_blurpool():

@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import optimizer_parameter_ids, sgd_image_trainer, tiny_resnet
+from conftest import bad_arguments_test, optimizer_parameter_ids, sgd_image_trainer, tiny_resnet
 from speedup.algorithms.stochastic_depth import (
     StochasticBlock,
     StochasticDepth,
@@ -167,8 +167,8 @@ def test_without_warmup_only_init_is_declared():
     assert decl.model_kinds == {"cnn"} and decl.data_kinds == {"image"}
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "needle"),
+test_bad_arguments_raise_naming_the_argument = bad_arguments_test(
+    StochasticDepth,
     [
         ({"drop_rate": 1.0}, r"stochastic_depth.drop_rate must be in \[0, 1\), got 1.0"),
         ({"drop_rate": -0.1}, "stochastic_depth.drop_rate"),
@@ -178,9 +178,6 @@ def test_without_warmup_only_init_is_declared():
         ({"drop_warmup": "soon"}, "stochastic_depth.drop_warmup"),
     ],
 )
-def test_bad_arguments_raise_naming_the_argument(kwargs, needle):
-    with pytest.raises(ValueError, match=needle):
-        StochasticDepth(**kwargs)
 
 
 def test_twenty_block_wise_steps_skip_branches_and_train():

@@ -1,10 +1,16 @@
-import copy
-import io
 import math
 
 import pytest
 import torch
-from conftest import make_blobs
+from conftest import (
+    SaveAt,
+    bad_arguments_test,
+    load_optimizer_and_time,
+    make_blobs,
+    plan_of,
+    snapshot,
+    through_torch_save,
+)
 from speedup.algorithms.ema import EMA
 from speedup.algorithms.magnitude_pruning import MagnitudePruning
 from speedup.algorithms.swa import SWA, average_weights, swa_lr_factor, update_bn
@@ -14,7 +20,6 @@ from torch.optim import swa_utils
 from speedup.callback import Callback
 from speedup.config import ConfigError
 from speedup.data import TensorBatchLoader
-from speedup.engine import build_plan
 from speedup.event import Event
 from speedup.models import Classifier
 from speedup.trainer import Trainer
@@ -226,42 +231,21 @@ def test_one_sample_at_the_last_batch_keeps_the_weights_and_recomputes_batchnorm
 
 
 def test_resume_from_state_dict_is_exact():
-    saved = {}
-
-    class Checkpoint(Callback):
-        def __init__(self, swa):
-            self.swa = swa
-
-        def batch_checkpoint(self, state, logger):
-            if state.timestamp.batch == 12:  # mid-average and mid-annealing
-                saved.update(
-                    copy.deepcopy(
-                        {
-                            "model": state.model.state_dict(),
-                            "optimizer": state.optimizer.state_dict(),
-                            "timestamp": state.timestamp.state_dict(),
-                            "swa": self.swa.state_dict(),
-                        }
-                    )
-                )
-
     def make():
         return SWA(swa_start="10ba", update_interval="2ba", swa_lr=0.05, anneal_steps="6ba")
 
     swa = make()
-    full = train(swa, "20ba", [Checkpoint(swa)])
+    checkpoint = SaveAt(12, lambda state: snapshot(state, swa=swa))  # mid-average and -annealing
+    full = train(swa, "20ba", [checkpoint])
+    saved = checkpoint.saved
     assert saved["swa"]["num_averaged"] == 2 and not saved["swa"]["finished"]
     assert saved["swa"]["anneal_from"] == [pytest.approx(0.1)]
-    buffer = io.BytesIO()
-    torch.save(saved["swa"], buffer)  # tensors and plain containers only
-    buffer.seek(0)
     resumed_swa = make()
-    resumed_swa.load_state_dict(torch.load(buffer, weights_only=True))
+    resumed_swa.load_state_dict(through_torch_save(saved["swa"]))
     model = bn_model(seed=5)
     model.load_state_dict(saved["model"])
     trainer = Trainer(model, loader(), "20ba", algorithms=[resumed_swa], optimizer=SGD)
-    trainer.state.optimizer.load_state_dict(saved["optimizer"])
-    trainer.state.timestamp.load_state_dict(saved["timestamp"])
+    load_optimizer_and_time(trainer, saved)
     trainer.fit()
     assert resumed_swa.num_averaged == swa.num_averaged == 6  # 10, 12, ..., 20
     for name, value in full.state.model.state_dict().items():
@@ -271,8 +255,8 @@ def test_resume_from_state_dict_is_exact():
 # -- arguments and declaration -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "needle"),
+test_bad_arguments_raise_naming_the_argument = bad_arguments_test(
+    SWA,
     [
         ({"swa_start": "1dur"}, r"swa.swa_start must be before the end \(< 1dur\)"),
         ({"swa_start": "soon"}, "swa.swa_start"),
@@ -283,9 +267,6 @@ def test_resume_from_state_dict_is_exact():
         ({"bn_batches": 0}, "swa.bn_batches must be >= 1"),
     ],
 )
-def test_bad_arguments_raise_naming_the_argument(kwargs, needle):
-    with pytest.raises(ValueError, match=needle):
-        SWA(**kwargs)
 
 
 def test_a_start_after_the_end_fails_at_fit_start():
@@ -301,8 +282,8 @@ def test_declaration_and_incompatibility_with_ema():
     assert SWA(swa_lr=0.01).declare().events[Event.BEFORE_TRAIN_BATCH].writes == {"lr"}
     assert decl.incompatible_with == {"ema"}
     algorithms = [EMA(), SWA()]
-    plan = build_plan({a.name: a.declare() for a in algorithms}, algorithms=algorithms)
+    plan = plan_of(algorithms)
     assert [c.kind for c in plan.conflicts] == ["incompatible"]
     pruning = [MagnitudePruning(), SWA()]
-    plan = build_plan({a.name: a.declare() for a in pruning}, algorithms=pruning)
+    plan = plan_of(pruning)
     assert plan.conflicts == [] and plan.order[Event.BATCH_END] == ["magnitude_pruning", "swa"]

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import bad_arguments_test
 from speedup.algorithms.test_time_augmentation import (
     TestTimeAugmentation,
     low_confidence,
@@ -212,8 +213,8 @@ def test_outputs_that_are_not_class_logits_are_refused():
         trainer.eval()
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "needle"),
+test_bad_arguments_name_the_key = bad_arguments_test(
+    TestTimeAugmentation,
     [
         ({"level": 3}, "test_time_augmentation.level must be one of 1, 2"),
         ({"level": 0}, "test_time_augmentation.level"),
@@ -224,9 +225,6 @@ def test_outputs_that_are_not_class_logits_are_refused():
         ({"uncertain_fraction": 1.5}, "test_time_augmentation.uncertain_fraction"),
     ],
 )
-def test_bad_arguments_name_the_key(kwargs, needle):
-    with pytest.raises(ValueError, match=needle):
-        TestTimeAugmentation(**kwargs)
 
 
 def test_bad_values_in_a_recipe_are_config_errors():

@@ -3,7 +3,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import optimizer_parameter_ids, sgd_image_trainer, tiny_resnet
+from conftest import (
+    bad_arguments_test,
+    optimizer_parameter_ids,
+    plan_of,
+    sgd_image_trainer,
+    tiny_resnet,
+)
 from speedup.algorithms.magnitude_pruning import MagnitudePruning
 from speedup.algorithms.weight_standardization import (
     WeightStandardization,
@@ -15,7 +21,6 @@ from speedup.algorithms.weight_standardization import (
 from torch import nn
 from torch.nn.utils import parametrize
 
-from speedup.engine import build_plan
 from speedup.event import Event
 from speedup.models.vision import CifarResNet
 
@@ -196,17 +201,14 @@ def test_gradients_flow_through_the_standardization_to_the_raw_weight():
     torch.testing.assert_close(conv.parametrizations.weight.original.grad, raw.grad)
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "needle"),
+test_bad_arguments_raise_naming_the_argument = bad_arguments_test(
+    WeightStandardization,
     [
         ({"n_last_layers_ignore": -1}, "n_last_layers_ignore must be an integer >= 0, got -1"),
         ({"n_last_layers_ignore": 1.5}, "weight_standardization.n_last_layers_ignore"),
         ({"eps": 0.0}, "weight_standardization.eps must be > 0"),
     ],
 )
-def test_bad_arguments_raise_naming_the_argument(kwargs, needle):
-    with pytest.raises(ValueError, match=needle):
-        WeightStandardization(**kwargs)
 
 
 def test_declared_incompatible_with_magnitude_pruning():
@@ -214,7 +216,7 @@ def test_declared_incompatible_with_magnitude_pruning():
     decl = algorithms[0].declare()
     assert decl.events[Event.INIT].writes == {"model.modules"}
     assert decl.model_kinds == {"cnn"} and decl.data_kinds == {"image", "signal"}
-    plan = build_plan({a.name: a.declare() for a in algorithms}, "cnn", "image")
+    plan = plan_of(algorithms, "cnn", "image")
     assert [c.kind for c in plan.conflicts] == ["incompatible"]
 
 

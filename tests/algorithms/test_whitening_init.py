@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import bad_arguments_test
 from speedup.algorithms.whitening_init import (
     WhiteningInit,
     init_whitening,
@@ -207,8 +208,8 @@ def test_declared_incompatible_with_weight_standardization():
     ]
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "needle"),
+test_bad_arguments_name_the_key = bad_arguments_test(
+    WhiteningInit,
     [
         ({"num_images": 0}, "whitening_init.num_images must be an integer >= 1"),
         ({"eps": -1.0}, "whitening_init.eps must be a number >= 0"),
@@ -216,9 +217,6 @@ def test_declared_incompatible_with_weight_standardization():
         ({"bias_phase": "soon"}, "whitening_init.bias_phase"),
     ],
 )
-def test_bad_arguments_name_the_key(kwargs, needle):
-    with pytest.raises(ValueError, match=needle):
-        WhiteningInit(**kwargs)
 
 
 def test_bad_values_in_a_recipe_are_config_errors():

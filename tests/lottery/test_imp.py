@@ -1,6 +1,7 @@
 """Iterative magnitude pruning: per-level pruning math, controls, resumption, reports."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,51 +122,26 @@ def test_train_run_holds_fixed_masks_and_skips_finished_runs(tmp_path):
     assert (tmp_path / "r" / "summary.json").stat().st_mtime_ns == stamp
 
 
+def lottery(out: Path, *flags: str) -> int:
+    """``speedup lottery quickstart --smoke FLAGS --out OUT``: its exit code."""
+    return main(["lottery", "quickstart", "--smoke", *flags, "--out", str(out)])
+
+
 def test_cli_lottery_smoke(capsys, tmp_path):
-    code = main(
-        [
-            "lottery",
-            "quickstart",
-            "--smoke",
-            "--levels",
-            "1",
-            "--controls",
-            "reinit",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+    code = lottery(tmp_path, "--levels", "1", "--controls", "reinit")
     out = capsys.readouterr().out
     assert code == 0
     assert "| level | density | ticket | reinit |" in out and f"experiment dir: {tmp_path}" in out
-    code = main(
-        ["lottery", "quickstart", "--smoke", "--prune-fraction", "2", "--out", str(tmp_path / "x")]
-    )
+    code = lottery(tmp_path / "x", "--prune-fraction", "2")
     assert code == 2 and "prune_fraction must be in (0, 1)" in capsys.readouterr().err
-    finetune = ["lottery", "quickstart", "--smoke", "--mode", "finetune", "--out"]
-    assert main([*finetune, str(tmp_path / "ft")]) == 2  # the quickstart's cosine ends at 0
+    assert lottery(tmp_path / "ft", "--mode", "finetune") == 2  # the quickstart's cosine ends at 0
     assert "scheduler 'cosine' ends at 0" in capsys.readouterr().err
-    assert main([*finetune[:-2], "lr", "--finetune-lr", "0.1", "--out", str(tmp_path)]) == 2
+    assert lottery(tmp_path, "--mode", "lr", "--finetune-lr", "0.1") == 2
     assert "finetune_lr is the LR of mode finetune only" in capsys.readouterr().err
 
 
 def test_cli_seeds_average_and_other_experiments(capsys, tmp_path):
-    code = main(
-        [
-            "lottery",
-            "quickstart",
-            "--smoke",
-            "--levels",
-            "1",
-            "--controls",
-            "random",
-            "--seeds",
-            "1",
-            "2",
-            "--out",
-            str(tmp_path / "imp"),
-        ]
-    )
+    code = lottery(tmp_path / "imp", "--levels", "1", "--controls", "random", "--seeds", "1", "2")
     out = capsys.readouterr().out
     summary = json.loads((tmp_path / "imp" / "summary.json").read_text())
     assert summary["levels"][1]["seeds"] == 2
@@ -181,39 +157,15 @@ def test_cli_seeds_average_and_other_experiments(capsys, tmp_path):
     assert code == 0 and f"{mean:.4f} ± {sample_std:.4f} (n=2)" in out
     assert (tmp_path / "imp" / "seed_1" / "level_1" / "random").is_dir()
 
-    code = main(
-        [
-            "lottery",
-            "quickstart",
-            "--smoke",
-            "--instability",
-            "--rewind-points",
-            "0ba",
-            "2ba",
-            "--points",
-            "3",
-            "--out",
-            str(tmp_path / "inst"),
-        ]
+    code = lottery(
+        tmp_path / "inst", "--instability", "--rewind-points", "0ba", "2ba", "--points", "3"
     )
     out = capsys.readouterr().out
     assert code == 0 and "rewind 0: error barrier" in out and "rewind 2: error barrier" in out
     assert (tmp_path / "inst" / "instability.json").exists()
     assert (tmp_path / "inst" / "instability.png").stat().st_size > 1000
 
-    code = main(
-        [
-            "lottery",
-            "quickstart",
-            "--smoke",
-            "--pai",
-            "magnitude",
-            "--densities",
-            "0.3",
-            "--out",
-            str(tmp_path / "pai"),
-        ]
-    )
+    code = lottery(tmp_path / "pai", "--pai", "magnitude", "--densities", "0.3")
     assert code == 0 and "magnitude density 0.3000" in capsys.readouterr().out
     assert json.loads((tmp_path / "pai" / "pai.json").read_text())[0]["method"] == "magnitude"
 

@@ -21,14 +21,8 @@ from speedup.lottery.runs import initial_weights
 from speedup.cli import main
 from speedup.config import ConfigError, load_config
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops: one intra-op thread is as fast and does not spin on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny ops: one intra-op thread is as fast and does not spin on a busy machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = [

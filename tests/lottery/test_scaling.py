@@ -22,14 +22,8 @@ from speedup.lottery.scaling import (
 from speedup.cli import main
 from speedup.config import ConfigError, load_config
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops: one intra-op thread is as fast and does not spin on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny ops: one intra-op thread is as fast and does not spin on a busy machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TRUE = {"eps_up": 0.9, "gamma": 1.5, "p": 0.02, "psi": 1.0}

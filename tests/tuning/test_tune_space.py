@@ -87,46 +87,46 @@ def test_applicable_algorithms_follow_the_workload_kinds() -> None:
         applicable_algorithms(load_config("quickstart"), ["mixup"])
 
 
-def test_suggest_turns_params_into_config_changes() -> None:
+def suggest_on_shapes2d(algorithms: list[str], params: dict) -> tuple[Space, dict]:
+    """The search space of the shapes2d baseline over ``algorithms``, and the config changes
+    one trial with the fixed ``params`` suggests in it."""
     cfg = load_config("shapes2d-baseline")
-    space = Space.for_workload(cfg, ["label_smoothing", "progressive_resizing"])
-    trial = optuna.trial.FixedTrial(
-        {
-            "lr": 0.05,
-            "budget": 0.5,
-            "use.label_smoothing": True,
-            "label_smoothing.alpha": 0.1,
-            "use.progressive_resizing": True,
-            "progressive_resizing.initial_scale": 0.5,
-            "progressive_resizing.delay": 0.45,
-            "progressive_resizing.finetune": 0.2,
-        }
-    )
-    changes = suggest(trial, space, cfg)
+    space = Space.for_workload(cfg, algorithms)
+    return space, suggest(optuna.trial.FixedTrial(params), space, cfg)
+
+
+def test_suggest_turns_params_into_config_changes() -> None:
+    params = {
+        "lr": 0.05,
+        "budget": 0.5,
+        "use.label_smoothing": True,
+        "label_smoothing.alpha": 0.1,
+        "use.progressive_resizing": True,
+        "progressive_resizing.initial_scale": 0.5,
+        "progressive_resizing.delay": 0.45,
+        "progressive_resizing.finetune": 0.2,
+    }
+    space, changes = suggest_on_shapes2d(["label_smoothing", "progressive_resizing"], params)
     assert changes["optimizer.lr"] == 0.05
     assert changes["scale_schedule_ratio"] == 0.5
     assert changes["algorithms"]["label_smoothing"] == {"alpha": 0.1}
     assert changes["algorithms"]["progressive_resizing"]["delay"] == "0.45dur"
-    lr = float(cfg.optimizer.lr)
+    lr = float(load_config("shapes2d-baseline").optimizer.lr)
     assert space.lr == pytest.approx((lr / 10, lr * 10))
     assert space.baseline().algorithms == {} and space.baseline().lr == space.lr
 
 
 def test_conflicting_compositions_are_never_run() -> None:
-    cfg = load_config("shapes2d-baseline")
-    space = Space.for_workload(cfg, ["mixup", "cutmix"])
-    trial = optuna.trial.FixedTrial(
-        {
-            "lr": 0.05,
-            "budget": 1.0,
-            "use.mixup": True,
-            "mixup.alpha": 0.2,
-            "use.cutmix": True,
-            "cutmix.alpha": 1.0,
-        }
-    )
+    params = {
+        "lr": 0.05,
+        "budget": 1.0,
+        "use.mixup": True,
+        "mixup.alpha": 0.2,
+        "use.cutmix": True,
+        "cutmix.alpha": 1.0,
+    }
     with pytest.raises(Infeasible, match="mixup|cutmix"):
-        suggest(trial, space, cfg)
+        suggest_on_shapes2d(["mixup", "cutmix"], params)
 
 
 def test_an_algorithm_that_replaces_the_schedule_gets_a_constant_one() -> None:

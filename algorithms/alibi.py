@@ -66,6 +66,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 import torch
+from speedup.algorithms._init_order import init_neighbours
 from speedup.algorithms.qk_norm import self_attention_modules
 from speedup.algorithms.seq_length_warmup import set_batch_sequence_length
 from torch import nn
@@ -413,16 +414,10 @@ class Alibi(Algorithm):
             events[Event.AFTER_DATALOADER] = Access(reads={"batch"}, writes={"batch"})
         return Declaration(
             events=events,
-            # Surgery order at INIT: ALiBi patches HF attention modules before the FFN and
-            # LayerNorm swaps; the warmup ramps up to the reshaped length.
-            runs_before={
-                "gated_linear_units",
-                "low_precision_layernorm",
-                "seq_length_warmup",
-                # vision surgery never meets a transformer; a total order keeps plans quiet
-                "stochastic_depth",
-                "blurpool",
-            },
+            # Surgery order at INIT: first in the one total order (_init_order), so ALiBi
+            # patches HF attention modules before the FFN and LayerNorm swaps; the warmup
+            # ramps up to the reshaped length.
+            runs_before={*init_neighbours("alibi")["runs_before"], "seq_length_warmup"},
             model_kinds={"bert", "gpt2"},
             data_kinds={"text"},
         )

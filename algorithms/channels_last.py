@@ -31,6 +31,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+from speedup.algorithms._init_order import init_neighbours
 from torch import nn
 
 from speedup.algorithm import Access, Algorithm, Declaration
@@ -42,16 +43,8 @@ if TYPE_CHECKING:
 
 __all__ = ["ChannelsLast", "apply_channels_last", "to_channels_last"]
 
-#: Surgery that must be finished before the model is converted (all write model.modules at
-#: INIT), and the algorithms that rewrite ``batch.inputs`` at AFTER_DATALOADER.
-_SURGERY = (
-    "stochastic_depth",
-    "blurpool",
-    "squeeze_excite",
-    "weight_standardization",
-    "ghost_batchnorm",
-    "low_precision_groupnorm",
-)
+#: The algorithms that rewrite ``batch.inputs`` at AFTER_DATALOADER: the layout is changed
+#: after them. (At INIT the conversion takes its place in the one order of model surgery.)
 _INPUT_WRITERS = ("progressive_resizing", "cutout", "colout", "selective_backprop")
 
 
@@ -89,7 +82,8 @@ class ChannelsLast(Algorithm):
                 Event.INIT: Access(reads={"model.modules"}, writes={"model.weights"}),
                 Event.AFTER_DATALOADER: Access(reads={"batch.inputs"}, writes={"batch.inputs"}),
             },
-            runs_after={*_SURGERY, *_INPUT_WRITERS},
+            runs_after={*init_neighbours("channels_last")["runs_after"], *_INPUT_WRITERS},
+            runs_before=init_neighbours("channels_last")["runs_before"],
             model_kinds={"cnn"},
             data_kinds={"image"},
         )

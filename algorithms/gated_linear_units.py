@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from speedup.algorithms._init_order import init_neighbours
 from torch import nn
 
 from speedup.algorithm import Access, Algorithm, Declaration
@@ -216,9 +217,10 @@ class GatedLinearUnits(Algorithm):
     def declare(self) -> Declaration:
         return Declaration(
             events={Event.INIT: Access(writes={"model.modules"})},
-            runs_after={"alibi"},
-            # LayerNorm surgery last: it then sees every LayerNorm, whichever module holds it.
-            runs_before={"low_precision_layernorm", "stochastic_depth", "blurpool"},
+            # Its place in the one total order of INIT surgery (_init_order): after the
+            # activation swap, whose activation it inherits; before the LayerNorm surgery,
+            # which then sees every LayerNorm, whichever module holds it.
+            **init_neighbours("gated_linear_units"),
             model_kinds={"bert"},
         )
 

@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from speedup.algorithms._init_order import init_neighbours
 from torch import nn
 
 from speedup.algorithm import Access, Algorithm, Declaration
@@ -264,7 +265,7 @@ class GhostBatchNorm(Algorithm):
     def declare(self) -> Declaration:
         return Declaration(
             events={Event.INIT: Access(reads={"model.modules"}, writes={"model.modules"})},
-            runs_after={"stochastic_depth", "blurpool", "squeeze_excite", "weight_standardization"},
+            **init_neighbours("ghost_batchnorm"),  # the one total order of INIT surgery
             model_kinds={"cnn"},
             data_kinds={"image", "signal"},  # BatchNorm1d in 1-D conv nets too
         )

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
+from speedup.algorithms._init_order import init_neighbours
 from torch import nn
 
 from speedup.algorithm import Access, Algorithm, Declaration
@@ -51,23 +52,9 @@ __all__ = ["NoOpModel", "OneParameterModel", "output_shape_fn", "to_no_op_model"
 Batch = dict[str, torch.Tensor]
 ShapeFn = Callable[[Batch], tuple[int, ...]]
 
-#: Surgery algorithms that act at INIT; the stand-in replaces the model after all of them.
-SURGERY = frozenset(
-    {
-        "alibi",
-        "blurpool",
-        "channels_last",
-        "factorize",
-        "gated_linear_units",
-        "ghost_batchnorm",
-        "gyro_dropout",
-        "low_precision_groupnorm",
-        "low_precision_layernorm",
-        "squeeze_excite",
-        "stochastic_depth",
-        "weight_standardization",
-    }
-)
+#: Surgery algorithms that act at INIT; the stand-in replaces the model after all of them
+#: (it is last in the one total order of INIT surgery, :mod:`._init_order`).
+SURGERY = frozenset(init_neighbours("no_op_model")["runs_after"])
 
 
 def _rows(batch: Batch) -> int:

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from speedup.algorithms._init_order import init_neighbours
 from torch import nn
 
 from speedup.algorithm import Access, Algorithm, Declaration
@@ -152,7 +153,7 @@ class SqueezeExcite(Algorithm):
     def declare(self) -> Declaration:
         return Declaration(
             events={Event.INIT: Access(reads={"model.modules"}, writes={"model.modules"})},
-            runs_after={"stochastic_depth", "blurpool"},
+            **init_neighbours("squeeze_excite"),  # the one total order of INIT surgery
             model_kinds={"cnn"},
             data_kinds={"image"},
         )

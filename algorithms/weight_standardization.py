@@ -46,6 +46,7 @@ import warnings
 from typing import TYPE_CHECKING
 
 import torch
+from speedup.algorithms._init_order import init_neighbours
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -178,7 +179,7 @@ class WeightStandardization(Algorithm):
     def declare(self) -> Declaration:
         return Declaration(
             events={Event.INIT: Access(reads={"model.modules"}, writes={"model.modules"})},
-            runs_after={"stochastic_depth", "blurpool", "squeeze_excite"},
+            **init_neighbours("weight_standardization"),  # the one total order of INIT surgery
             incompatible_with={"magnitude_pruning"},
             model_kinds={"cnn"},
             data_kinds={"image", "signal"},  # Conv1d nets on signals (MNIST-1D) too

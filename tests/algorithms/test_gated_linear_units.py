@@ -139,7 +139,7 @@ def test_declaration():
     assert declaration.events == {Event.INIT: declaration.events[Event.INIT]}
     assert declaration.events[Event.INIT].writes == {"model.modules"}
     assert declaration.model_kinds == {"bert"}
-    assert declaration.runs_after == {"alibi"}
+    assert declaration.runs_after == {"alibi", "relu_squared"}  # the activation swap first
     assert "low_precision_layernorm" in declaration.runs_before
 
 

@@ -137,7 +137,7 @@ def test_declaration_runs_after_all_surgery_and_refuses_pruning():
     assert set(decl.events) == {Event.INIT}
     assert decl.events[Event.INIT].writes == {"model.modules", "model.weights"}
     assert decl.runs_after == SURGERY and "no_op_model" not in SURGERY
-    assert len(SURGERY) == 12
+    assert len(SURGERY) == 15
     with pytest.raises(PlanError, match="no_op_model and magnitude_pruning"):
         Trainer(
             Classifier(SmallCNN2d(3, 4, channels=8), 4),

@@ -13,6 +13,12 @@ surgery on a transformer) are ordered anyway, for one total order.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from speedup.algorithm import Access, Declaration
+from speedup.event import Event
+
 # Private to the algorithms package: no algorithm and no functional twin lives here.
 __all__: list[str] = []
 
@@ -43,3 +49,18 @@ def init_neighbours(name: str) -> dict[str, set[str]]:
         "runs_after": set(INIT_SURGERY_ORDER[:at]),
         "runs_before": set(INIT_SURGERY_ORDER[at + 1 :]),
     }
+
+
+def init_surgery(
+    name: str,
+    *,
+    reads: Iterable[str] = ("model.modules",),
+    events: Mapping[Event, Access] | None = None,
+    **declaration: Any,
+) -> Declaration:
+    """The declaration of the INIT surgery ``name``: it rewrites ``model.modules`` at INIT
+    (reading ``reads``), in its place of :data:`INIT_SURGERY_ORDER`. ``events`` are its other
+    events; ``declaration`` the rest (``model_kinds``, ``data_kinds``, ``incompatible_with``,
+    ``unused_parameters``)."""
+    init = {Event.INIT: Access(reads=set(reads), writes={"model.modules"})}
+    return Declaration(events={**init, **(events or {})}, **init_neighbours(name), **declaration)

@@ -44,10 +44,10 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from speedup.algorithms._init_order import init_neighbours
+from speedup.algorithms._init_order import init_surgery
 from torch import nn
 
-from speedup.algorithm import Access, Algorithm, Declaration
+from speedup.algorithm import Algorithm, Declaration
 from speedup.event import Event
 from speedup.surgery import replace_modules
 
@@ -271,14 +271,9 @@ class BlurPool(Algorithm):
         self.replaced: dict[str, int] = {}
 
     def declare(self) -> Declaration:
-        return Declaration(
-            events={Event.INIT: Access(reads={"model.modules"}, writes={"model.modules"})},
-            # Its place in the one total order of INIT surgery (_init_order): after the
-            # block rewrite, before the surgery that copies or gates the new convolutions.
-            **init_neighbours("blurpool"),
-            model_kinds={"cnn"},
-            data_kinds={"image"},
-        )
+        # Its place in the one total order of INIT surgery (_init_order): after the block
+        # rewrite, before the surgery that copies or gates the new convolutions.
+        return init_surgery("blurpool", model_kinds={"cnn"}, data_kinds={"image"})
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         self.replaced = apply_blurpool(

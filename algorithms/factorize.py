@@ -51,10 +51,10 @@ import warnings
 from typing import TYPE_CHECKING
 
 import torch
-from speedup.algorithms._init_order import init_neighbours
+from speedup.algorithms._init_order import init_surgery
 from torch import nn
 
-from speedup.algorithm import Access, Algorithm, Declaration
+from speedup.algorithm import Algorithm, Declaration
 from speedup.event import Event
 
 if TYPE_CHECKING:
@@ -409,18 +409,11 @@ class Factorize(Algorithm):
         self.transposed: list[str] = []
 
     def declare(self) -> Declaration:
-        return Declaration(
-            events={
-                Event.INIT: Access(
-                    reads={"model.modules", "model.weights"}, writes={"model.modules"}
-                )
-            },
-            # Its place in the one total order of INIT surgery (_init_order): surgery that
-            # needs the original layers goes first; what acts on the factors (SE after the
-            # pair, WS on each factor, norms and dropout elsewhere, channels_last on the new
-            # convs) goes after; no_op_model replaces the model last.
-            **init_neighbours("factorize"),
-        )
+        # Its place in the one total order of INIT surgery (_init_order): surgery that needs
+        # the original layers goes first; what acts on the factors (SE after the pair, WS on
+        # each factor, norms and dropout elsewhere, channels_last on the new convs) goes
+        # after; no_op_model replaces the model last.
+        return init_surgery("factorize", reads={"model.modules", "model.weights"})
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         self.replaced = apply_factorization(

@@ -41,10 +41,10 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from speedup.algorithms._init_order import init_neighbours
+from speedup.algorithms._init_order import init_surgery
 from torch import nn
 
-from speedup.algorithm import Access, Algorithm, Declaration
+from speedup.algorithm import Algorithm, Declaration
 from speedup.event import Event
 
 if TYPE_CHECKING:
@@ -215,14 +215,10 @@ class GatedLinearUnits(Algorithm):
         self.replaced = 0
 
     def declare(self) -> Declaration:
-        return Declaration(
-            events={Event.INIT: Access(writes={"model.modules"})},
-            # Its place in the one total order of INIT surgery (_init_order): after the
-            # activation swap, whose activation it inherits; before the LayerNorm surgery,
-            # which then sees every LayerNorm, whichever module holds it.
-            **init_neighbours("gated_linear_units"),
-            model_kinds={"bert"},
-        )
+        # Its place in the one total order of INIT surgery (_init_order): after the activation
+        # swap, whose activation it inherits; before the LayerNorm surgery, which then sees
+        # every LayerNorm, whichever module holds it.
+        return init_surgery("gated_linear_units", reads=(), model_kinds={"bert"})
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         self.replaced = apply_gated_linear_units(

@@ -52,10 +52,10 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from speedup.algorithms._init_order import init_neighbours
+from speedup.algorithms._init_order import init_surgery
 from torch import nn
 
-from speedup.algorithm import Access, Algorithm, Declaration
+from speedup.algorithm import Algorithm, Declaration
 from speedup.event import Event
 from speedup.surgery import replace_modules
 
@@ -263,12 +263,8 @@ class GhostBatchNorm(Algorithm):
         self.replaced = 0
 
     def declare(self) -> Declaration:
-        return Declaration(
-            events={Event.INIT: Access(reads={"model.modules"}, writes={"model.modules"})},
-            **init_neighbours("ghost_batchnorm"),  # the one total order of INIT surgery
-            model_kinds={"cnn"},
-            data_kinds={"image", "signal"},  # BatchNorm1d in 1-D conv nets too
-        )
+        # BatchNorm1d in 1-D conv nets (signals) too.
+        return init_surgery("ghost_batchnorm", model_kinds={"cnn"}, data_kinds={"image", "signal"})
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         self.replaced = apply_ghost_batchnorm(state.model, self.ghost_batch_size)

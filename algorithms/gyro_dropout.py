@@ -44,7 +44,7 @@ import warnings
 from typing import TYPE_CHECKING
 
 import torch
-from speedup.algorithms._init_order import init_neighbours
+from speedup.algorithms._init_order import init_surgery
 from torch import nn
 
 from speedup.algorithm import Access, Algorithm, Declaration
@@ -210,17 +210,16 @@ class GyroDropout(Algorithm):
         self._active_period: int | None = None
 
     def declare(self) -> Declaration:
-        return Declaration(
+        # Its place in the one total order of INIT surgery (_init_order): after the surgery
+        # that creates or moves dropout modules (GLU, ALiBi, stochastic depth), so their
+        # dropouts are replaced too; the rest is independent of dropout.
+        return init_surgery(
+            "gyro_dropout",
             events={
-                Event.INIT: Access(reads={"model.modules"}, writes={"model.modules"}),
                 Event.FIT_START: Access(reads={"timestamp", "max_duration"}),
                 # Which subnetworks train is a training-mode setting of the dropout layers.
                 Event.BEFORE_TRAIN_BATCH: Access(reads={"timestamp"}, writes={"model.mode"}),
             },
-            # Its place in the one total order of INIT surgery (_init_order): after the surgery
-            # that creates or moves dropout modules (GLU, ALiBi, stochastic depth), so their
-            # dropouts are replaced too; the rest is independent of dropout.
-            **init_neighbours("gyro_dropout"),
         )
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:

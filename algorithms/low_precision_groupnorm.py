@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from speedup.algorithms._init_order import init_neighbours
+from speedup.algorithms._init_order import init_surgery
 from torch import nn
 
-from speedup.algorithm import Access, Algorithm, Declaration
+from speedup.algorithm import Algorithm, Declaration
 from speedup.event import Event
 from speedup.surgery import replace_modules
 
@@ -109,13 +109,11 @@ class LowPrecisionGroupNorm(Algorithm):
         self.replaced = 0
 
     def declare(self) -> Declaration:
-        return Declaration(
-            events={
-                Event.INIT: Access(reads={"model.modules", "precision"}, writes={"model.modules"})
-            },
-            # Its place in the one total order of INIT surgery (_init_order): after the vision
-            # surgery that creates or moves GroupNorms, so it replaces those too.
-            **init_neighbours("low_precision_groupnorm"),
+        # Its place in the one total order of INIT surgery (_init_order): after the vision
+        # surgery that creates or moves GroupNorms, so it replaces those too.
+        return init_surgery(
+            "low_precision_groupnorm",
+            reads={"model.modules", "precision"},
             model_kinds={"cnn"},
             data_kinds={"image"},
         )

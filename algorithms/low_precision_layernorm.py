@@ -34,10 +34,10 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from speedup.algorithms._init_order import init_neighbours
+from speedup.algorithms._init_order import init_surgery
 from torch import nn
 
-from speedup.algorithm import Access, Algorithm, Declaration
+from speedup.algorithm import Algorithm, Declaration
 from speedup.event import Event
 from speedup.surgery import replace_modules
 
@@ -100,12 +100,9 @@ class LowPrecisionLayerNorm(Algorithm):
         self.replaced = 0
 
     def declare(self) -> Declaration:
-        return Declaration(
-            events={Event.INIT: Access(reads={"precision"}, writes={"model.modules"})},
-            # Its place in the one total order of INIT surgery (_init_order): after the
-            # surgeries that leave or create LayerNorms, so it sees every one of them.
-            **init_neighbours("low_precision_layernorm"),
-        )
+        # Its place in the one total order of INIT surgery (_init_order): after the surgeries
+        # that leave or create LayerNorms, so it sees every one of them.
+        return init_surgery("low_precision_layernorm", reads={"precision"})
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         self.replaced = apply_low_precision_layernorm(state.model)

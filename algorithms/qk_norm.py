@@ -55,10 +55,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-from speedup.algorithms._init_order import init_neighbours
+from speedup.algorithms._init_order import init_surgery
 from torch import nn
 
-from speedup.algorithm import Access, Algorithm, Declaration
+from speedup.algorithm import Algorithm, Declaration
 from speedup.event import Event
 
 if TYPE_CHECKING:
@@ -310,12 +310,7 @@ class QKNorm(Algorithm):
         self.patched = 0
 
     def declare(self) -> Declaration:
-        return Declaration(
-            events={Event.INIT: Access(writes={"model.modules"})},
-            # Its place in the one total order of INIT surgery (_init_order).
-            **init_neighbours("qk_norm"),
-            model_kinds={"gpt2", "bert"},
-        )
+        return init_surgery("qk_norm", reads=(), model_kinds={"gpt2", "bert"})
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         self.patched = apply_qk_norm(state.model, self.norm, self.scale, self.eps)

@@ -40,10 +40,10 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from speedup.algorithms._init_order import init_neighbours
+from speedup.algorithms._init_order import init_surgery
 from torch import nn
 
-from speedup.algorithm import Access, Algorithm, Declaration
+from speedup.algorithm import Algorithm, Declaration
 from speedup.event import Event
 
 if TYPE_CHECKING:
@@ -114,12 +114,7 @@ class ReLUSquared(Algorithm):
         self.replaced = 0
 
     def declare(self) -> Declaration:
-        return Declaration(
-            events={Event.INIT: Access(writes={"model.modules"})},
-            # Its place in the one total order of INIT surgery (_init_order).
-            **init_neighbours("relu_squared"),
-            model_kinds={"gpt2", "bert"},
-        )
+        return init_surgery("relu_squared", reads=(), model_kinds={"gpt2", "bert"})
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         self.replaced = apply_relu_squared(state.model)

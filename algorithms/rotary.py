@@ -57,11 +57,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from speedup.algorithms._init_order import init_neighbours
+from speedup.algorithms._init_order import init_surgery
 from speedup.algorithms.qk_norm import add_qk_transform, self_attention_modules
 from torch import nn
 
-from speedup.algorithm import Access, Algorithm, Declaration
+from speedup.algorithm import Algorithm, Declaration
 from speedup.event import Event
 
 if TYPE_CHECKING:
@@ -260,10 +260,9 @@ class Rotary(Algorithm):
         self.patched = 0
 
     def declare(self) -> Declaration:
-        return Declaration(
-            events={Event.INIT: Access(writes={"model.modules"})},
-            # Its place in the one total order of INIT surgery (_init_order).
-            **init_neighbours("rotary"),
+        return init_surgery(
+            "rotary",
+            reads=(),
             incompatible_with={"alibi"},  # ordered anyway, so that is the only conflict
             model_kinds={"gpt2", "bert"},
             data_kinds={"text"},

@@ -46,10 +46,10 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from speedup.algorithms._init_order import init_neighbours
+from speedup.algorithms._init_order import init_surgery
 from torch import nn
 
-from speedup.algorithm import Access, Algorithm, Declaration
+from speedup.algorithm import Algorithm, Declaration
 from speedup.event import Event
 from speedup.surgery import replace_modules
 
@@ -151,12 +151,7 @@ class SqueezeExcite(Algorithm):
         self.added = 0
 
     def declare(self) -> Declaration:
-        return Declaration(
-            events={Event.INIT: Access(reads={"model.modules"}, writes={"model.modules"})},
-            **init_neighbours("squeeze_excite"),  # the one total order of INIT surgery
-            model_kinds={"cnn"},
-            data_kinds={"image"},
-        )
+        return init_surgery("squeeze_excite", model_kinds={"cnn"}, data_kinds={"image"})
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         self.added = apply_squeeze_excite(state.model, self.latent_channels, self.min_channels)

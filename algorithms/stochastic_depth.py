@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from speedup.algorithms._init_order import init_neighbours
+from speedup.algorithms._init_order import init_surgery
 from torch import nn
 
 from speedup.algorithm import Access, Algorithm, Declaration
@@ -262,15 +262,15 @@ class StochasticDepth(Algorithm):
         return {"drop_warmup": self.drop_warmup} if self.warms_up else {}
 
     def declare(self) -> Declaration:
-        events = {Event.INIT: Access(reads={"model.modules"}, writes={"model.modules"})}
+        # Its place in the one total order of INIT surgery (_init_order): it wraps whole
+        # blocks, so the layer swaps inside them come after.
+        events = {}
         if self.warms_up:
             # The blocks' current drop rates follow the clock; set before each batch's forward.
             events[Event.BEFORE_TRAIN_BATCH] = Access(reads={"timestamp"}, writes={"model.mode"})
-        return Declaration(
+        return init_surgery(
+            "stochastic_depth",
             events=events,
-            # Its place in the one total order of INIT surgery (_init_order): it wraps whole
-            # blocks, so the layer swaps inside them come after.
-            **init_neighbours("stochastic_depth"),
             model_kinds={"cnn"},
             data_kinds={"image"},
             # A block-wise drop skips the branch: its parameters get no gradient that step.

@@ -46,11 +46,11 @@ import warnings
 from typing import TYPE_CHECKING
 
 import torch
-from speedup.algorithms._init_order import init_neighbours
+from speedup.algorithms._init_order import init_surgery
 from torch import nn
 from torch.nn.utils import parametrize
 
-from speedup.algorithm import Access, Algorithm, Declaration
+from speedup.algorithm import Algorithm, Declaration
 from speedup.event import Event
 
 if TYPE_CHECKING:
@@ -177,9 +177,8 @@ class WeightStandardization(Algorithm):
         return standardized_state_dict(weights, self.eps)
 
     def declare(self) -> Declaration:
-        return Declaration(
-            events={Event.INIT: Access(reads={"model.modules"}, writes={"model.modules"})},
-            **init_neighbours("weight_standardization"),  # the one total order of INIT surgery
+        return init_surgery(
+            "weight_standardization",
             incompatible_with={"magnitude_pruning"},
             model_kinds={"cnn"},
             data_kinds={"image", "signal"},  # Conv1d nets on signals (MNIST-1D) too

@@ -33,6 +33,7 @@ _EXPORTS = {
     "Classifier": "speedup.model",
     "Logger": "speedup.logger",
     "load_config": "speedup.config",
+    "load_recipe": "speedup.config",
     "ConfigError": "speedup.errors",
     "run_recipe": "speedup.run",
 }

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 import speedup.algorithms
+import speedup.functional as sf
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
-import speedup.functional as sf
 from speedup.adapters import (
     DictBatchLoader,
     EvalMetrics,

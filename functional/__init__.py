@@ -13,6 +13,9 @@ events, no state, no schedule (the schedule is the caller's loop). Here is every
 of every module of :mod:`speedup.algorithms` (its ``__all__``) except the Algorithm classes,
 which are in :mod:`speedup.algorithms` itself. Each is imported from its module on first use
 (a module ``__getattr__``, PEP 562), so importing this module imports no torch.
+
+It is a facade over the algorithms, so its source sits beside them (``functional/``, installed
+as ``speedup.functional``): the core under ``speedup/`` imports no algorithm.
 """
 
 from __future__ import annotations
